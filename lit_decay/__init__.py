@@ -1,0 +1,29 @@
+"""lit_decay: Adam parameter groups, decay modes and a weight-decay monitor for PyTorch Lightning.
+
+Example:
+    >>> import torch
+    >>> import lit_decay
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    >>> [g["name"] for g in lit_decay.param_groups(model, weight_decay=0.1)]
+    ['decay', 'no_decay']
+"""
+
+from lit_decay.grouping import GroupingReport, explain, param_groups
+from lit_decay.modes import MODES
+from lit_decay.monitor import WeightDecayMonitor
+from lit_decay.optim import configure_adam
+from lit_decay.schedule import WeightDecayScheduler
+from lit_decay.stats import group_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "GroupingReport",
+    "WeightDecayMonitor",
+    "WeightDecayScheduler",
+    "configure_adam",
+    "explain",
+    "group_stats",
+    "param_groups",
+]

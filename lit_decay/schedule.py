@@ -1,0 +1,2 @@
+"""Placeholder while the module is being written."""
+WeightDecayScheduler = None  # type: ignore
