@@ -12,16 +12,16 @@ from lit_decay.grouping import GroupingReport, explain, param_groups
 from lit_decay.modes import MODES
 from lit_decay.monitor import WeightDecayMonitor
 from lit_decay.optim import configure_adam
-from lit_decay.schedule import WeightDecayScheduler
-from lit_decay.stats import group_stats
+from lit_decay.stats import METRICS, StepStatistics, group_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METRICS",
     "MODES",
     "GroupingReport",
+    "StepStatistics",
     "WeightDecayMonitor",
-    "WeightDecayScheduler",
     "configure_adam",
     "explain",
     "group_stats",

@@ -14,7 +14,7 @@ def check_mode(mode: Any, *, what: str = "mode") -> Mode:
     if not isinstance(mode, str) or mode not in MODES:
         valid = ", ".join(repr(m) for m in MODES)
         raise ValueError(f"{what}={mode!r} is not a decay mode; valid modes are {valid}")
-    return mode  # type: ignore[return-value]
+    return mode
 
 
 def check_non_negative(name: str, value: Any) -> float:

@@ -1,2 +1,163 @@
-"""Placeholder while the module is being written."""
-configure_adam = None  # type: ignore
+"""``configure_adam``: the helper a LightningModule returns from ``configure_optimizers``.
+
+It builds a plain ``torch.optim.Adam`` over :func:`lit_decay.param_groups`, picks torch's fused kernel where every
+parameter allows it, and attaches the L1 hooks of :mod:`lit_decay.penalties` for the modes torch has no key for.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.optim import Optimizer
+
+from lit_decay._checks import check_betas, check_mode, check_non_negative
+from lit_decay._tensors import local
+from lit_decay.grouping import GroupingReport, plan
+from lit_decay.penalties import attach
+
+_REPORTS: weakref.WeakKeyDictionary[Optimizer, GroupingReport] = weakref.WeakKeyDictionary()
+
+# Where torch's multi-tensor (foreach) kernels are real kernels; elsewhere its per-tensor loop is as fast.
+_FOREACH_DEVICES = frozenset({"cuda", "xpu"})
+
+
+def _fused_devices() -> frozenset[str]:
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    return frozenset(_get_fused_kernels_supported_devices())
+
+
+def _unfusable(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, torch.Tensor] | None:
+    """The first parameter torch's fused Adam kernel cannot take, or None."""
+    devices = _fused_devices()
+    for name, tensor in named:
+        if tensor.device.type not in devices or not torch.is_floating_point(tensor) or local(tensor).is_sparse:
+            return name, tensor
+    return None
+
+
+def choose_implementation(groups: Iterable[Mapping[str, Any]], fused: bool | None) -> dict[str, Any]:
+    """Torch's Adam implementation keywords (``fused``, ``foreach``) for these groups.
+
+    ``fused=None`` takes the fused kernel whenever every parameter's device and dtype allow it, else torch's
+    multi-tensor kernels on CUDA/XPU and its per-tensor loop elsewhere. ``fused=True`` raises, naming the first
+    parameter that rules the fused kernel out.
+
+    Example:
+        >>> groups = [{"params": [("w", torch.zeros(2, requires_grad=True))]}]
+        >>> choose_implementation(groups, None)
+        {'fused': True, 'foreach': False}
+    """
+    if fused not in (None, True, False):
+        raise ValueError(f"fused={fused!r} is not valid; use None (fused where possible), True (require it) or False")
+    named = [(n, t) for g in groups for n, t in g["params"]]
+    if fused is False:
+        blocker: tuple[str, torch.Tensor] | None = ("", torch.empty(0))
+    else:
+        blocker = _unfusable(named)
+    if blocker is None:
+        return {"fused": True, "foreach": False}
+    if fused:
+        name, tensor = blocker
+        raise ValueError(
+            f"fused=True but torch's fused Adam kernel cannot take parameter {name!r} "
+            f"(device={tensor.device.type}, dtype={tensor.dtype}, layout={tensor.layout}); "
+            "it needs dense floating-point "
+            f"tensors on one of {', '.join(sorted(_fused_devices()))}. Use fused=None to fall back where it cannot run."
+        )
+    foreach = all(t.device.type in _FOREACH_DEVICES for _, t in named)
+    return {"fused": False, "foreach": foreach}
+
+
+def describe_implementation(optimizer: Optimizer) -> str:
+    """In words, which Adam kernel ``optimizer`` runs: ``"fused"``, ``"foreach"`` or ``"for-loop"``.
+
+    Example:
+        >>> describe_implementation(torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True))
+        'fused'
+    """
+    if optimizer.defaults.get("fused"):
+        return "fused"
+    return "foreach" if optimizer.defaults.get("foreach") else "for-loop"
+
+
+def report_of(optimizer: Optimizer) -> GroupingReport | None:
+    """The grouping report :func:`configure_adam` made for ``optimizer`` (None for an optimizer built elsewhere)."""
+    return _REPORTS.get(optimizer)
+
+
+def _check_scheduler(scheduler: Any) -> None:
+    if scheduler is None or callable(scheduler):
+        return
+    if isinstance(scheduler, Mapping) and callable(scheduler.get("scheduler")):
+        return
+    raise TypeError(
+        "scheduler must be a callable taking the optimizer (e.g. lambda opt: CosineAnnealingLR(opt, T_max=100)) or a "
+        f"Lightning scheduler config dict with such a callable under 'scheduler'; got {scheduler!r}"
+    )
+
+
+def configure_adam(
+    module: nn.Module,
+    *,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    mode: str = "decoupled",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    amsgrad: bool = False,
+    fused: bool | None = None,
+    exclude_embeddings: bool = False,
+    exclude_1d: bool = True,
+    overrides: Iterable[Mapping[str, Any]] | None = (),
+    scheduler: Callable[[Optimizer], Any] | Mapping[str, Any] | None = None,
+) -> Any:
+    """A ``torch.optim.Adam`` over well-grouped parameters, with the decay ``mode`` applied where it belongs.
+
+    Returns the optimizer itself, or Lightning's ``{"optimizer": ..., "lr_scheduler": ...}`` when ``scheduler`` is
+    given (a callable taking the optimizer, or a Lightning scheduler config dict with such a callable under
+    ``"scheduler"``). The fused kernel is used whenever the parameters allow it (``fused=None``); the choice is in
+    ``optimizer.defaults["fused"]`` and in the grouping summary logged on rank zero.
+
+    Example:
+        >>> import lightning as L
+        >>> class Net(L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+        ...     def configure_optimizers(self):
+        ...         return configure_adam(self, lr=3e-4, weight_decay=0.1, mode="decoupled")
+        >>> optimizer = Net().configure_optimizers()
+        >>> [(g["name"], g["weight_decay"]) for g in optimizer.param_groups], optimizer.defaults["fused"]
+        ([('decay', 0.1), ('no_decay', 0.0)], True)
+    """
+    lr = check_non_negative("lr", lr)
+    eps = check_non_negative("eps", eps)
+    betas = check_betas(betas)
+    check_mode(mode)
+    _check_scheduler(scheduler)
+    grouping = plan(
+        module,
+        weight_decay=weight_decay,
+        mode=mode,
+        exclude_embeddings=exclude_embeddings,
+        exclude_1d=exclude_1d,
+        overrides=overrides,
+    )
+    groups = grouping.groups(lr)
+    implementation = choose_implementation(groups, fused)
+    optimizer = torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=bool(amsgrad), **implementation)
+    attach(optimizer)
+    report = grouping.report().with_implementation(describe_implementation(optimizer))
+    _REPORTS[optimizer] = report
+    rank_zero_info(f"lit_decay: {report.summary()}")
+    if scheduler is None:
+        return optimizer
+    if isinstance(scheduler, Mapping):
+        return {"optimizer": optimizer, "lr_scheduler": {**scheduler, "scheduler": scheduler["scheduler"](optimizer)}}
+    return {"optimizer": optimizer, "lr_scheduler": scheduler(optimizer)}

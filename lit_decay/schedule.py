@@ -1,2 +1,1 @@
 """Placeholder while the module is being written."""
-WeightDecayScheduler = None  # type: ignore

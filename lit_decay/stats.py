@@ -1,2 +1,466 @@
-"""Placeholder while the module is being written."""
-group_stats = None  # type: ignore
+"""Per-group figures of what weight decay is doing, as plain tensor functions usable without Lightning.
+
+For each param group, right after ``optimizer.step()``:
+
+- ``weight_norm`` ‖w‖₂, ``grad_norm`` ‖g‖₂ (the gradient the optimizer used, unscaled, after clipping; for ``l1``
+  groups it includes the penalty's ``wd·sign(w)``, since that is what Adam was given),
+- ``update_ratio`` ‖Δw‖₂/‖w‖₂,
+- ``effective_decay`` d = −⟨Δw_reg, w⟩/‖w‖², the fraction of the weight norm the penalty removes per step,
+- ``decay_timescale`` 1/d in steps (absent when d = 0), and ``sparsity`` (L1 groups).
+
+Every figure of a tensor comes from one pass that reads its weights, gradient and Adam moments once (a compiled
+kernel for large tensors), the update is read from Adam's state rather than from a copy of the weights, and all
+groups of all optimizers leave the device in a single transfer. Only where the update cannot be read from the state
+(``decoupled_l1``, low-precision weights, optimizers other than Adam) is a snapshot taken before the step, on
+logging steps alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lit_decay._compile import compiled_or_eager, wants_compiled
+from lit_decay._tensors import is_dtensor, local
+
+METRICS: tuple[str, ...] = (
+    "weight_norm",
+    "grad_norm",
+    "update_ratio",
+    "effective_decay",
+    "decay_timescale",
+    "sparsity",
+)
+PER_PARAMETER_METRICS: tuple[str, ...] = ("weight_norm", "grad_norm", "update_ratio")
+L1_MODES = frozenset({"l1", "decoupled_l1"})
+
+# What the penalty term of a group is, for the effective-decay formula (see `Rule`).
+_NONE, _DECOUPLED, _ADAM_L2, _ADAM_L1, _PROXIMAL_L1, _SGD, _UNKNOWN = range(7)
+# Columns of the per-tensor sums: Σw², Σg², Σ(Δw)², Σ(penalty term), number of exact zeros.
+_W2, _G2, _D2, _REG, _ZEROS = range(5)
+
+
+def check_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
+    """``metrics`` as a tuple in canonical order (all of them for None), or raise naming the unknown ones.
+
+    Example:
+        >>> check_metrics(["sparsity", "weight_norm"])
+        ('weight_norm', 'sparsity')
+    """
+    if metrics is None:
+        return METRICS
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    chosen = list(metrics)
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(map(repr, unknown))}; valid metrics are {', '.join(METRICS)}")
+    if not chosen:
+        raise ValueError(f"metrics is empty; choose some of {', '.join(METRICS)} (or None for all)")
+    return tuple(m for m in METRICS if m in chosen)
+
+
+def group_names(optimizers: Sequence[Optimizer]) -> list[list[str]]:
+    """Tag names of every group: its ``"name"`` key, else ``pg1``, ``pg2``... as Lightning's LearningRateMonitor
+    names them; a name seen before gets ``-1``, ``-2``... so several optimizers never share a tag.
+
+    Example:
+        >>> a = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "name": "decay"}], lr=0.1)
+        >>> b = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> group_names([a, b, a])
+        [['decay'], ['pg1'], ['decay-1']]
+    """
+    seen: dict[str, int] = defaultdict(int)
+    names: list[list[str]] = []
+    for optimizer in optimizers:
+        current = []
+        for index, group in enumerate(optimizer.param_groups):
+            base = str(group.get("name", f"pg{index + 1}"))
+            count = seen[base]
+            seen[base] += 1
+            current.append(base if count == 0 else f"{base}-{count}")
+        names.append(current)
+    return names
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a group's penalty acts, read from lit_decay's keys or else from torch's own.
+
+    ``kind`` picks the effective-decay formula; ``mode`` is the lit_decay mode name (``"sgd"`` or ``"unknown"`` for
+    what the contract has no mode for); ``coefficient`` is the strength.
+    """
+
+    mode: str
+    coefficient: float
+    kind: int
+
+
+def group_rule(optimizer: Optimizer, group: Mapping[str, Any]) -> Rule:
+    """The decay rule of ``group``: lit_decay's ``decay_mode`` if present, else what torch's keys mean.
+
+    Example:
+        >>> w = torch.zeros(2, requires_grad=True)
+        >>> group_rule(torch.optim.AdamW([w], weight_decay=0.1), {"weight_decay": 0.1}).mode
+        'decoupled'
+        >>> group_rule(torch.optim.Adam([w], weight_decay=0.1), {"weight_decay": 0.1}).mode
+        'l2'
+    """
+    adam = isinstance(optimizer, torch.optim.Adam)
+    if "decay_mode" in group:
+        mode = str(group["decay_mode"])
+        coefficient = float(group.get("decay_coefficient", 0.0))
+    else:
+        coefficient = float(group.get("weight_decay", 0.0) or 0.0)
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+        if decoupled:
+            mode = "decoupled"
+        elif adam:
+            mode = "l2"
+        elif isinstance(optimizer, torch.optim.SGD):
+            mode = "sgd"
+        else:
+            mode = "unknown"
+    if coefficient == 0.0 or mode == "none":
+        return Rule(mode, coefficient, _NONE)
+    kinds = {"decoupled": _DECOUPLED, "sgd": _SGD, "decoupled_l1": _PROXIMAL_L1}
+    if adam:
+        kinds.update({"l2": _ADAM_L2, "l1": _ADAM_L1})
+    return Rule(mode, coefficient, kinds.get(mode, _UNKNOWN))
+
+
+def _as_float(value: Any) -> float:
+    # A tensor lr (capturable Adam) is read once per logging step, on the host side of the single transfer.
+    return float(value) if not isinstance(value, torch.Tensor) else float(value.detach().cpu())
+
+
+def update_from_state(optimizer: Optimizer, group: Mapping[str, Any], rule: Rule) -> bool:
+    """Whether the step's update of ``group`` can be read from Adam's state (else a snapshot is needed).
+
+    True for torch's Adam/AdamW in every mode but ``decoupled_l1`` (whose proximal step leaves no trace in the
+    state), with float32/float64 weights (lower precision rounds the applied update away from Adam's).
+    """
+    if not isinstance(optimizer, torch.optim.Adam) or rule.kind in (_PROXIMAL_L1, _UNKNOWN, _SGD):
+        return False
+    if rule.kind == _DECOUPLED and _as_float(group["lr"]) * rule.coefficient >= 0.5:
+        return False
+    return all(p.dtype in (torch.float32, torch.float64) for p in group["params"])
+
+
+def _tensor_sums(
+    w: torch.Tensor,
+    g: torch.Tensor | None,
+    m: torch.Tensor | None,
+    v: torch.Tensor | None,
+    w_old: torch.Tensor | None,
+    step_size: torch.Tensor | None,
+    inv_sqrt_bias2: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    grad_factor: torch.Tensor | None,
+    eps: float,
+    decay: float,
+    kind: int,
+) -> torch.Tensor:
+    """Σw², Σg², Σ(Δw)², Σ(penalty term), number of zeros, for one (local, flat) tensor, in one pass.
+
+    ``Δw`` is ``w − w_old`` with a snapshot, else rebuilt from Adam's moments: ``Δw = −step_size·m/D`` with
+    ``D = √v·inv_sqrt_bias2 + eps`` (plus AdamW's decay), zeroed by ``keep`` on a step the grad scaler skipped;
+    ``decay`` is lr·wd. Scalars that depend on the step count come in precomputed, so the pass does no scalar work.
+    """
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    wf = w.to(acc)
+    w2 = (wf * wf).sum()
+    zeros = (w == 0).to(acc).sum()
+    g2 = torch.zeros((), dtype=acc, device=w.device)
+    if g is not None:
+        gf = g.to(acc) if grad_factor is None else g.to(acc) * grad_factor
+        g2 = (gf * gf).sum()
+    denom = None
+    if v is not None and inv_sqrt_bias2 is not None:
+        denom = torch.sqrt(v.to(acc)) * inv_sqrt_bias2 + eps
+    d2 = torch.zeros((), dtype=acc, device=w.device)
+    if w_old is not None:
+        delta = wf - w_old.to(acc)
+        d2 = (delta * delta).sum()
+    elif m is not None and denom is not None and step_size is not None:
+        update = step_size * m.to(acc) / denom
+        if kind == _DECOUPLED:
+            # AdamW: w = w_old·(1 − lr·wd) − update, so w_old = (w + update)/(1 − lr·wd).
+            delta = -update - (decay / (1.0 - decay)) * (wf + update)
+        else:
+            delta = -update
+        if keep is not None:
+            delta = delta * keep
+        d2 = (delta * delta).sum()
+    reg = torch.zeros((), dtype=acc, device=w.device)
+    if kind == _ADAM_L2 and denom is not None:
+        reg = (wf * wf / denom).sum()
+    elif kind == _ADAM_L1 and denom is not None:
+        reg = (wf.abs() / denom).sum()
+    elif kind == _PROXIMAL_L1:
+        reg = (wf.abs() * torch.clamp(wf.abs(), max=decay)).sum()
+    return torch.stack([w2, g2, d2, reg, zeros])
+
+
+def _bias_corrections(
+    steps: Sequence[torch.Tensor], lr: float, beta1: float, beta2: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Adam's ``lr/(1 − β₁ᵗ)`` and ``1/√(1 − β₂ᵗ)`` for each step count, in a few device ops for the whole group."""
+    if not steps:
+        return [], []
+    t = torch.stack([s.detach().to(torch.float64 if s.device.type != "mps" else torch.float32) for s in steps])
+    step_size = lr / (1 - beta1**t)
+    inv_sqrt_bias2 = (1 - beta2**t).rsqrt()
+    return list(step_size.unbind()), list(inv_sqrt_bias2.unbind())
+
+
+_tensor_sums_fast = compiled_or_eager(_tensor_sums)
+
+
+@dataclass
+class _Pending:
+    """Per-tensor sums of one step, on device, with what is needed to turn them into figures."""
+
+    sums: list[torch.Tensor] = field(default_factory=list)
+    # (group tag, rule, lr, numel, has_update, rows into `sums`, param names)
+    groups: list[tuple[str, Rule, float, int, bool, list[int], list[str]]] = field(default_factory=list)
+    # rows of `sums` that come from DTensor shards, by the process groups their partial sums must be reduced over
+    sharded: dict[tuple[Any, ...], list[int]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _shard_groups(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """The process groups over which a DTensor's per-shard sums add up to the whole tensor's."""
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    return tuple(mesh.get_group(dim) for dim, p in enumerate(tensor.placements) if p.is_shard())  # type: ignore[attr-defined]
+
+
+class StepStatistics:
+    """Takes the figures of one or more optimizers right after their steps; :meth:`collect` turns them into floats
+    with a single device-to-host transfer.
+
+    Call :meth:`before_step` before ``optimizer.step()`` (only needed where the update cannot be read from Adam's
+    state: it snapshots those groups' weights), :meth:`after_step` right after it, and :meth:`collect` once per
+    logging step. :class:`lit_decay.WeightDecayMonitor` does all three from optimizer step hooks.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
+        >>> statistics = StepStatistics([optimizer])
+        >>> model(torch.ones(3, 4)).sum().backward()
+        >>> statistics.before_step(optimizer); optimizer.step(); statistics.after_step(optimizer)
+        >>> figures = statistics.collect()
+        >>> round(figures["effective_decay/pg1"], 6)
+        0.001
+    """
+
+    def __init__(
+        self,
+        optimizers: Sequence[Optimizer],
+        *,
+        metrics: Iterable[str] | None = None,
+        per_parameter: bool = False,
+        parameter_names: Mapping[int, str] | None = None,
+    ) -> None:
+        self.optimizers = list(optimizers)
+        self.metrics = check_metrics(metrics)
+        self.per_parameter = per_parameter
+        self.names = group_names(self.optimizers)
+        self._parameter_names = dict(parameter_names or {})
+        self._snapshots: dict[int, list[torch.Tensor | None]] = {}
+        self._pending = _Pending()
+
+    def _index(self, optimizer: Optimizer) -> int:
+        for index, known in enumerate(self.optimizers):
+            if known is optimizer:
+                return index
+        raise ValueError("this optimizer was not given to StepStatistics")
+
+    def _param_names(self, group: Mapping[str, Any]) -> list[str]:
+        names = group.get("param_names")
+        if names and len(names) == len(group["params"]):
+            return [str(n) for n in names]
+        return [self._parameter_names.get(id(p), f"p{i}") for i, p in enumerate(group["params"])]
+
+    @torch.no_grad()
+    def before_step(self, optimizer: Optimizer) -> None:
+        """Snapshot the weights of the groups whose update cannot be read from Adam's state after the step."""
+        self._index(optimizer)
+        if not self._wants_update():
+            return
+        for group in optimizer.param_groups:
+            if not update_from_state(optimizer, group, group_rule(optimizer, group)):
+                self._snapshots[id(group)] = [local(p).detach().clone() for p in group["params"]]
+
+    def _wants_update(self) -> bool:
+        return "update_ratio" in self.metrics
+
+    @torch.no_grad()
+    def after_step(self, optimizer: Optimizer) -> None:
+        """Reduce this optimizer's weights, gradients and state to per-tensor sums, on device (no host sync)."""
+        index = self._index(optimizer)
+        found_inf = getattr(optimizer, "found_inf", None)
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        keep = None if found_inf is None else 1.0 - found_inf.float()
+        grad_factor = None
+        if grad_scale is not None and found_inf is not None:
+            # The fused kernel unscales gradients in place, except on a step it skips.
+            grad_factor = torch.where(found_inf > 0, 1.0 / grad_scale, torch.ones_like(grad_scale))
+        pending = self._pending
+        for name, group in zip(self.names[index], optimizer.param_groups):
+            rule = group_rule(optimizer, group)
+            lr = _as_float(group["lr"])
+            beta1, beta2 = (float(b) for b in group.get("betas", (0.0, 0.0)))
+            eps = float(group.get("eps", 0.0))
+            snapshots = self._snapshots.pop(id(group), None)
+            from_state = snapshots is None and self._wants_update() and update_from_state(optimizer, group, rule)
+            wants_denominator = from_state or rule.kind in (_ADAM_L2, _ADAM_L1)
+            params = group["params"]
+            states = [optimizer.state.get(p, {}) for p in params]
+            with_state = [i for i, st in enumerate(states) if wants_denominator and "exp_avg_sq" in st]
+            step_sizes, inv_sqrt_bias2s = _bias_corrections(
+                [local(states[i]["step"]) for i in with_state], lr, beta1, beta2
+            )
+            scalars = dict(zip(with_state, zip(step_sizes, inv_sqrt_bias2s)))
+            rows: list[int] = []
+            for p_index, (param, state) in enumerate(zip(params, states)):
+                grad = None if param.grad is None else local(param.grad)
+                stepped = grad is not None
+                w_old = snapshots[p_index] if (snapshots is not None and stepped) else None
+                step_size, inv_sqrt_bias2 = scalars.get(p_index, (None, None))
+                use_state = from_state and stepped and step_size is not None
+                v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
+                w = local(param.detach())
+                m = local(state["exp_avg"]) if use_state else None
+                if v is not None and inv_sqrt_bias2 is not None:
+                    v = local(v)
+                else:
+                    v = None
+                kernel = _tensor_sums
+                if wants_compiled(w) and all(t is None or t.is_contiguous() for t in (w, grad, m, v, w_old)):
+                    kernel = _tensor_sums_fast
+                    w = w.view(-1)
+                    grad, m, v, w_old = (None if t is None else t.view(-1) for t in (grad, m, v, w_old))
+                sums = kernel(
+                    w,
+                    grad,
+                    m,
+                    v,
+                    w_old,
+                    step_size=step_size if use_state else None,
+                    inv_sqrt_bias2=inv_sqrt_bias2,
+                    keep=keep if use_state else None,
+                    grad_factor=grad_factor if stepped else None,
+                    eps=eps,
+                    decay=lr * rule.coefficient,
+                    kind=rule.kind,
+                )
+                rows.append(len(pending.sums))
+                if is_dtensor(param):
+                    pending.sharded[_shard_groups(param)].append(len(pending.sums))
+                pending.sums.append(sums)
+            has_update = snapshots is not None or from_state
+            numel = sum(p.numel() for p in params)
+            pending.groups.append((name, rule, lr, numel, has_update, rows, self._param_names(group)))
+
+    def collect(self) -> dict[str, float]:
+        """The figures since the last call, keyed ``{metric}/{group}`` (and ``{metric}/{group}/{param}`` per
+        parameter), after one device-to-host transfer. Empty if no step was measured."""
+        pending, self._pending = self._pending, _Pending()
+        self._snapshots.clear()
+        if not pending.sums:
+            return {}
+        device = pending.sums[0].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        table = torch.stack([s.to(device, dtype, non_blocking=True) for s in pending.sums])
+        if pending.sharded:
+            import torch.distributed as dist
+
+            for process_groups, rows in pending.sharded.items():
+                index = torch.tensor(rows, device=device)
+                part = table.index_select(0, index)
+                for process_group in process_groups:
+                    dist.all_reduce(part, group=process_group)
+                table = table.index_copy(0, index, part)
+        return self._figures(pending, to_host(table))
+
+    def _figures(self, pending: _Pending, table: list[list[float]]) -> dict[str, float]:
+        figures: dict[str, float] = {}
+        wanted = set(self.metrics)
+        for name, rule, lr, numel, has_update, rows, param_names in pending.groups:
+            total = [sum(table[r][c] for r in rows) for c in range(5)]
+            group_figures = _figures_of(total, rule, lr, numel, has_update)
+            figures.update({f"{metric}/{name}": value for metric, value in group_figures.items() if metric in wanted})
+            if self.per_parameter:
+                for row, param_name in zip(rows, param_names):
+                    single = _figures_of(table[row], rule, lr, 0, has_update)
+                    for metric in PER_PARAMETER_METRICS:
+                        if metric in wanted and metric in single:
+                            figures[f"{metric}/{name}/{param_name}"] = single[metric]
+        return figures
+
+
+def to_host(table: torch.Tensor) -> list[list[float]]:
+    """The one device-to-host transfer of a logging step."""
+    return table.tolist()
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if denominator == 0.0:
+        return 0.0 if numerator == 0.0 else math.inf
+    return numerator / denominator
+
+
+def _figures_of(sums: Sequence[float], rule: Rule, lr: float, numel: int, has_update: bool) -> dict[str, float]:
+    w2, g2, d2, reg, zeros = sums
+    figures = {"weight_norm": math.sqrt(w2), "grad_norm": math.sqrt(g2)}
+    if has_update:
+        figures["update_ratio"] = _ratio(math.sqrt(d2), math.sqrt(w2))
+    decay = lr * rule.coefficient
+    effective: float | None
+    if rule.kind == _NONE:
+        effective = 0.0
+    elif rule.kind in (_DECOUPLED, _SGD):
+        effective = decay
+    elif rule.kind in (_ADAM_L2, _ADAM_L1):
+        effective = decay * _ratio(reg, w2)
+    elif rule.kind == _PROXIMAL_L1:
+        effective = _ratio(reg, w2)
+    else:
+        effective = None
+    if effective is not None:
+        figures["effective_decay"] = effective
+        if effective != 0.0:
+            figures["decay_timescale"] = 1.0 / effective
+    if rule.mode in L1_MODES and numel:
+        figures["sparsity"] = zeros / numel
+    return figures
+
+
+def group_stats(optimizer: Optimizer, *, metrics: Iterable[str] | None = None) -> dict[str, float]:
+    """The monitor's figures for ``optimizer``, without Lightning: call it right after ``optimizer.step()``.
+
+    Keys are ``{metric}/{group}``. ``update_ratio`` is read from Adam's state, so it is there for torch's Adam and
+    AdamW in every mode but ``decoupled_l1``; for those, and for other optimizers, use :class:`StepStatistics`
+    (which snapshots the weights before the step).
+
+    Example:
+        >>> import lit_decay
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> optimizer = lit_decay.configure_adam(model, lr=0.01, weight_decay=0.1, mode="decoupled")
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> optimizer.step()
+        >>> figures = lit_decay.group_stats(optimizer)
+        >>> sorted(figures)[:3]
+        ['decay_timescale/decay', 'effective_decay/decay', 'effective_decay/no_decay']
+        >>> round(figures["effective_decay/decay"], 6)
+        0.001
+    """
+    statistics = StepStatistics([optimizer], metrics=metrics)
+    statistics.after_step(optimizer)
+    return statistics.collect()

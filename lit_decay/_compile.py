@@ -1,0 +1,68 @@
+"""Single-pass kernels for large tensors through ``torch.compile``, with the eager form everywhere else.
+
+An elementwise formula written with torch ops reads and writes a temporary per op; compiled, it is one pass over
+memory. That matters only for large tensors (the L1 term over a 50M-parameter model, the monitor's statistics), so
+small tensors and anything compile cannot handle take the eager form, which computes the same formula.
+
+``LIT_DECAY_COMPILE=0`` turns compilation off; ``LIT_DECAY_COMPILE=always`` compiles whatever the size (tests use
+it to check the compiled form against the eager one).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Tensors with at least this many elements go through the compiled kernel.
+MIN_COMPILED_NUMEL = 1 << 20
+
+_failed: set[str] = set()
+
+
+def _setting() -> str:
+    return os.environ.get("LIT_DECAY_COMPILE", "auto").strip().lower()
+
+
+def wants_compiled(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` should go through a compiled kernel: large, contiguous, on a device compile supports."""
+    setting = _setting()
+    if setting in ("0", "off", "false", "no") or torch.compiler.is_compiling():
+        return False
+    if tensor.device.type not in ("cpu", "cuda", "xpu") or not tensor.is_contiguous():
+        return False
+    return setting == "always" or tensor.numel() >= MIN_COMPILED_NUMEL
+
+
+def compiled_or_eager(eager: F) -> F:
+    """Wrap ``eager(first_tensor, ...)``: big tensors call its compiled form, the rest call it as it is.
+
+    If compiling fails (no C++ compiler, an unsupported platform), a warning says so once and the eager form is used
+    from then on. The first compiled call of a process pays compile time (seconds); later calls do not.
+    """
+    name = eager.__name__
+    compiled = torch.compile(eager, dynamic=True, fullgraph=True)
+
+    @functools.wraps(eager)
+    def run(first: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if name in _failed or not wants_compiled(first):
+            return eager(first, *args, **kwargs)
+        try:
+            return compiled(first, *args, **kwargs)
+        except Exception as error:
+            _failed.add(name)
+            warnings.warn(
+                f"lit_decay could not compile {name} ({type(error).__name__}: {error}); using the eager form, "
+                "which gives the same numbers with more memory traffic. Set LIT_DECAY_COMPILE=0 to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return eager(first, *args, **kwargs)
+
+    return run  # type: ignore[return-value]

@@ -1,0 +1,186 @@
+"""The decay terms torch's Adam does not apply by itself, as hooks around its step.
+
+Where a penalty sits around Adam is what makes it L2 or decoupled (optax's view): ``l2`` and ``decoupled`` are
+torch's own group keys, applied inside the fused kernel. The two L1 modes are added here:
+
+- ``l1``, before Adam: ``g ← g + wd·sign(p)``, so the term goes through Adam's moments like an L1 loss would;
+- ``decoupled_l1``, after Adam: the proximal step ``p ← sign(p)·max(|p| − lr·wd, 0)``, which leaves exact zeros.
+
+Both read the group's ``"decay_mode"`` and ``"decay_coefficient"`` at every step (so a schedule can move them), and
+stay right in the three places a step pre-hook alone gets wrong:
+
+- Lightning's closure-based ``optimizer.step(closure=...)``: the gradients only exist once the closure has run, so
+  the hook runs it (once) and hands Adam its loss;
+- a ``GradScaler`` with the fused kernel: gradients are still scaled by ``optimizer.grad_scale``, so the L1 term is
+  scaled alike, and the proximal step is masked by ``optimizer.found_inf`` on device (no host sync): a skipped step
+  changes nothing;
+- gradient clipping, which Lightning does inside the closure: the term is added after it, as torch's own weight
+  decay is.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lit_decay._compile import compiled_or_eager, wants_compiled
+from lit_decay._tensors import local
+
+_ATTACHED: weakref.WeakKeyDictionary[Optimizer, DecayTerms] = weakref.WeakKeyDictionary()
+
+
+@compiled_or_eager
+def _add_scaled_sign_(grad: torch.Tensor, param: torch.Tensor, coefficient: torch.Tensor) -> None:
+    grad.add_(torch.sign(param) * coefficient)
+
+
+@compiled_or_eager
+def _shrink_by_tensor_(param: torch.Tensor, threshold: torch.Tensor) -> None:
+    param.sub_(torch.clamp(param, -threshold, threshold))
+
+
+def add_l1_gradient(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], coefficient: float | torch.Tensor
+) -> None:
+    """``g ← g + coefficient·sign(p)`` in place, one pass over each large tensor.
+
+    Example:
+        >>> p, g = torch.tensor([2.0, -1.0, 0.0]), torch.zeros(3)
+        >>> add_l1_gradient([p], [g], 0.1); g
+        tensor([ 0.1000, -0.1000,  0.0000])
+    """
+    small_p: list[torch.Tensor] = []
+    small_g: list[torch.Tensor] = []
+    for param, grad in zip(params, grads):
+        param, grad = local(param), local(grad)
+        if wants_compiled(grad) and param.is_contiguous():
+            c = (
+                coefficient.to(grad.device, grad.dtype, non_blocking=True)
+                if isinstance(coefficient, torch.Tensor)
+                else torch.full((), coefficient, device=grad.device, dtype=grad.dtype)
+            )
+            _add_scaled_sign_(grad.view(-1), param.view(-1), c)
+        else:
+            small_p.append(param)
+            small_g.append(grad)
+    if small_p:
+        signs = torch._foreach_sign(small_p)
+        if isinstance(coefficient, torch.Tensor):
+            torch._foreach_mul_(signs, coefficient.to(small_g[0].device, non_blocking=True))
+            torch._foreach_add_(small_g, signs)
+        else:
+            torch._foreach_add_(small_g, signs, alpha=coefficient)
+
+
+def soft_threshold(params: Sequence[torch.Tensor], threshold: float | torch.Tensor) -> None:
+    """The proximal L1 step ``p ← sign(p)·max(|p| − threshold, 0)`` in place: exact zeros where ``|p| ≤ threshold``.
+
+    Example:
+        >>> p = torch.tensor([0.5, -0.05, 0.02, -2.0])
+        >>> soft_threshold([p], 0.1); p.abs()
+        tensor([0.4000, 0.0000, 0.0000, 1.9000])
+    """
+    for param in params:
+        param = local(param)
+        if isinstance(threshold, torch.Tensor):
+            t = threshold.to(param.device, param.dtype, non_blocking=True)
+            _shrink_by_tensor_(param.view(-1) if param.is_contiguous() else param, t)
+        elif threshold > 0:
+            # One pass, in place: softshrink is exactly the soft-threshold operator.
+            torch.ops.aten.softshrink.out(param, threshold, out=param)
+
+
+def _returning(value: Any) -> Any:
+    return value
+
+
+class DecayTerms:
+    """The step hooks that apply ``l1`` and ``decoupled_l1`` groups' penalties on one optimizer.
+
+    Use :func:`attach` rather than this class directly.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self._handles = [
+            optimizer.register_step_pre_hook(self.before_step),
+            optimizer.register_step_post_hook(self.after_step),
+        ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    @staticmethod
+    def _active(optimizer: Optimizer, mode: str) -> list[dict[str, Any]]:
+        return [
+            g for g in optimizer.param_groups if g.get("decay_mode") == mode and g.get("decay_coefficient", 0.0) > 0
+        ]
+
+    def before_step(
+        self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        groups = self._active(optimizer, "l1")
+        if not groups:
+            return None
+        # torch passes step's own arguments, the optimizer first: (self, closure) or (self,) with closure in kwargs.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is not None:
+            # The gradients do not exist before the closure's backward: run it here, once, and give Adam its loss.
+            with torch.enable_grad():
+                loss = closure()
+            args = args[:1]
+            kwargs = {**kwargs, "closure": functools.partial(_returning, loss)}
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        with torch.no_grad():
+            for group in groups:
+                stepped = [p for p in group["params"] if p.grad is not None]
+                if not stepped:
+                    continue
+                coefficient: float | torch.Tensor = float(group["decay_coefficient"])
+                if grad_scale is not None:
+                    # The fused kernel unscales gradients itself; the term must be in the same (scaled) units.
+                    coefficient = grad_scale * coefficient
+                add_l1_gradient(stepped, [p.grad for p in stepped], coefficient)
+        return args, kwargs
+
+    def after_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        groups = self._active(optimizer, "decoupled_l1")
+        if not groups:
+            return
+        found_inf = getattr(optimizer, "found_inf", None)
+        with torch.no_grad():
+            for group in groups:
+                stepped = [p for p in group["params"] if p.grad is not None]
+                if not stepped:
+                    continue
+                lr = group["lr"]
+                threshold: float | torch.Tensor = lr * float(group["decay_coefficient"])
+                if found_inf is not None:
+                    # A step the scaler skipped must change nothing; decided on device, without a host sync.
+                    threshold = (1.0 - found_inf.float()) * threshold
+                soft_threshold(stepped, threshold)
+
+
+def attach(optimizer: Optimizer) -> DecayTerms:
+    """Attach the L1 step hooks to ``optimizer`` (once; a second call returns the same hooks).
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> opt = torch.optim.Adam([{"params": list(layer.parameters()), "decay_mode": "l1", "decay_coefficient": 0.1}])
+        >>> terms = attach(opt); is_attached(opt)
+        True
+    """
+    terms = _ATTACHED.get(optimizer)
+    if terms is None:
+        terms = _ATTACHED[optimizer] = DecayTerms(optimizer)
+    return terms
+
+
+def is_attached(optimizer: Optimizer) -> bool:
+    """Whether the L1 hooks are attached to ``optimizer`` (if not, torch applies no L1 penalty at all)."""
+    return optimizer in _ATTACHED

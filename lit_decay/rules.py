@@ -1,0 +1,347 @@
+"""The decay rules: which trainable tensor goes to which group, and why.
+
+A pure function of the module: :func:`place_parameters` walks the module once and returns one :class:`Placement` per
+trainable tensor (tied tensors once, with their aliases) and the frozen ones apart. The rules, first match wins:
+
+1. ``requires_grad=False`` → frozen, not in the optimizer;
+2. an override whose fnmatch pattern matches the dotted name → that override's group;
+3. a name returned by ``no_weight_decay()`` of the model or a submodule → no decay;
+4. a parameter owned by a normalization layer → no decay;
+5. a bias (``bias``, ``bias_*``, ``*_bias``) → no decay;
+6. an embedding table → decay, or no decay with ``exclude_embeddings=True``;
+7. any other parameter with ``ndim <= 1`` → no decay, unless ``exclude_1d=False``;
+8. everything else → decay.
+
+Wrappers (DDP, DataParallel, FSDP1, ``torch.compile``, activation checkpointing, Lightning's strategy wrapper) are
+seen through, so names are the ones the user wrote.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_decay._checks import check_mode, check_non_negative
+from lit_decay.modes import Mode
+
+DECAY = "decay"
+NO_DECAY = "no_decay"
+
+# Private attribute names under which wrappers keep the module they wrap. A plain ``module`` attribute is only taken
+# for data-parallel wrappers (DDP, DataParallel and look-alikes), since a user's model may well have one.
+_ROOT_WRAPPER_ATTRIBUTES = ("_orig_mod", "_forward_module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+# Name segments that wrappers insert inside a model; they never belong to the name a user wrote.
+_INNER_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+_TORCH_NORMS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm and their lazy forms
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+_EMBEDDINGS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+OVERRIDE_KEYS = ("pattern", "name", "weight_decay", "lr_scale", "mode")
+
+# The rules' numbers, as in the module docstring (1, frozen, never makes a placement).
+RULE_OVERRIDE, RULE_NO_WEIGHT_DECAY, RULE_NORMALIZATION, RULE_BIAS, RULE_EMBEDDING, RULE_1D, RULE_DEFAULT = range(2, 9)
+
+
+@dataclass(frozen=True)
+class Override:
+    """One validated entry of ``overrides=``: parameters whose dotted name matches ``pattern`` form group ``name``."""
+
+    pattern: str
+    name: str
+    weight_decay: float | None = None
+    lr_scale: float | None = None
+    mode: Mode | None = None
+
+    @property
+    def settings(self) -> tuple[float | None, float | None, str | None]:
+        return (self.weight_decay, self.lr_scale, self.mode)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one trainable tensor goes: its group, and the rule that decided (its number above, and in words)."""
+
+    name: str
+    tensor: torch.Tensor
+    group: str
+    reason: str
+    aliases: tuple[str, ...] = ()
+    rule: int = RULE_DEFAULT
+
+
+@dataclass(frozen=True)
+class _Decision:
+    group: str
+    reason: str
+    rule: int
+    override_index: int = -1
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module a wrapper (DDP, DataParallel, FSDP1, ``torch.compile``, Lightning's wrapper) holds, else ``module``.
+
+    A root is treated as a wrapper when it has no parameters of its own and exactly one child, kept under one of the
+    private attribute names such wrappers use, or under ``module`` in a class named ``*DataParallel``.
+
+    Example:
+        >>> inner = nn.Linear(2, 2)
+        >>> unwrap(torch.compile(inner)) is inner
+        True
+    """
+    while True:
+        children = dict(module.named_children())
+        if len(children) != 1 or any(True for _ in module.parameters(recurse=False)):
+            return module
+        (attribute, child) = next(iter(children.items()))
+        data_parallel = attribute == "module" and type(module).__name__.endswith("DataParallel")
+        if attribute not in _ROOT_WRAPPER_ATTRIBUTES and not data_parallel:
+            return module
+        module = child
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the segments wrappers insert inside a model.
+
+    Example:
+        >>> clean_name("blocks.0._checkpoint_wrapped_module.attn.weight")
+        'blocks.0.attn.weight'
+    """
+    return ".".join(part for part in name.split(".") if part not in _INNER_WRAPPER_SEGMENTS)
+
+
+def is_normalization(module: nn.Module) -> bool:
+    """True for torch's normalization layers and for any module class whose name contains ``"Norm"``.
+
+    Example:
+        >>> is_normalization(nn.LayerNorm(4)), is_normalization(nn.Linear(4, 4))
+        (True, False)
+    """
+    return isinstance(module, _TORCH_NORMS) or "Norm" in type(module).__name__
+
+
+def is_bias_name(leaf: str) -> bool:
+    """True for the leaf names torch and common models give biases: ``bias``, ``bias_*`` and ``*_bias``.
+
+    Example:
+        >>> [is_bias_name(n) for n in ("bias", "in_proj_bias", "bias_ih_l0", "weight")]
+        [True, True, True, False]
+    """
+    return leaf == "bias" or leaf.startswith("bias_") or leaf.endswith("_bias")
+
+
+def parse_overrides(overrides: Iterable[Mapping[str, Any]] | None) -> tuple[Override, ...]:
+    """Validate ``overrides=`` entries into :class:`Override` objects, or raise naming the bad entry.
+
+    Example:
+        >>> parse_overrides([{"pattern": "head.*", "lr_scale": 10.0}])[0].name
+        'head.*'
+    """
+    if overrides is None:
+        return ()
+    if isinstance(overrides, (Mapping, str)):
+        raise TypeError(f"overrides must be a sequence of dicts, e.g. [{{'pattern': 'head.*'}}]; got {overrides!r}")
+    parsed: list[Override] = []
+    by_name: dict[str, Override] = {}
+    for index, entry in enumerate(overrides):
+        where = f"overrides[{index}]"
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"{where} must be a dict with keys {', '.join(OVERRIDE_KEYS)}; got {entry!r}")
+        unknown = sorted(set(entry) - set(OVERRIDE_KEYS))
+        if unknown:
+            raise ValueError(
+                f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; valid keys are {', '.join(OVERRIDE_KEYS)}"
+            )
+        pattern = entry.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(
+                f"{where} needs a 'pattern' (an fnmatch pattern on dotted parameter names, e.g. 'head.*'); "
+                f"got {entry!r}"
+            )
+        name = entry.get("name", pattern)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where} 'name' must be a non-empty string; got {name!r}")
+        if name in (DECAY, NO_DECAY):
+            raise ValueError(f"{where} 'name'={name!r} is reserved for the built-in groups; choose another name")
+        override = Override(
+            pattern=pattern,
+            name=name,
+            weight_decay=None
+            if "weight_decay" not in entry
+            else check_non_negative(f"{where} weight_decay", entry["weight_decay"]),
+            lr_scale=None if "lr_scale" not in entry else check_non_negative(f"{where} lr_scale", entry["lr_scale"]),
+            mode=None if "mode" not in entry else check_mode(entry["mode"], what=f"{where} mode"),
+        )
+        previous = by_name.setdefault(name, override)
+        if previous.settings != override.settings:
+            raise ValueError(
+                f"two overrides name group {name!r} differently: {_describe(previous)} vs {_describe(override)}; "
+                "give them different names or the same settings"
+            )
+        parsed.append(override)
+    return tuple(parsed)
+
+
+def _describe(override: Override) -> str:
+    keys = ("weight_decay", "lr_scale", "mode")
+    return "{" + ", ".join(f"{k}={getattr(override, k)!r}" for k in keys if getattr(override, k) is not None) + "}"
+
+
+def _no_weight_decay_names(root: nn.Module) -> dict[str, str]:
+    """Full dotted names (and module-name prefixes or fnmatch patterns) from every ``no_weight_decay()``, with the
+    module path that declared each."""
+    declared: dict[str, str] = {}
+    for path, module in root.named_modules():
+        hook = getattr(module, "no_weight_decay", None)
+        if not callable(hook):
+            continue
+        names = hook()
+        if isinstance(names, str) or not isinstance(names, Iterable):
+            raise TypeError(
+                f"no_weight_decay() of {path or type(module).__name__} must return a set of names; got {names!r}"
+            )
+        prefix = clean_name(path) + "." if path else ""
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"no_weight_decay() of {path or type(module).__name__} returned {name!r}, not a name")
+            declared.setdefault(prefix + clean_name(name), clean_name(path))
+    return declared
+
+
+def _match_no_weight_decay(name: str, declared: Mapping[str, str]) -> str | None:
+    for entry, path in declared.items():
+        if (
+            name == entry
+            or name.startswith(entry + ".")
+            or (any(c in entry for c in "*?[") and fnmatch.fnmatchcase(name, entry))
+        ):
+            return f"no_weight_decay() of {path}" if path else "no_weight_decay() of the root module"
+    return None
+
+
+def _decide(
+    name: str,
+    tensor: torch.Tensor,
+    owner: nn.Module,
+    *,
+    overrides: Sequence[Override],
+    declared: Mapping[str, str],
+    exclude_embeddings: bool,
+    exclude_1d: bool,
+) -> _Decision:
+    for index, override in enumerate(overrides):
+        if fnmatch.fnmatchcase(name, override.pattern):
+            return _Decision(override.name, f"override {override.name!r} ({override.pattern})", RULE_OVERRIDE, index)
+    reason = _match_no_weight_decay(name, declared)
+    if reason:
+        return _Decision(NO_DECAY, reason, RULE_NO_WEIGHT_DECAY)
+    if is_normalization(owner):
+        return _Decision(NO_DECAY, f"normalization layer {type(owner).__name__}", RULE_NORMALIZATION)
+    if is_bias_name(name.rpartition(".")[2]):
+        return _Decision(NO_DECAY, "bias", RULE_BIAS)
+    if isinstance(owner, _EMBEDDINGS):
+        if exclude_embeddings:
+            return _Decision(NO_DECAY, "embedding (exclude_embeddings=True)", RULE_EMBEDDING)
+        return _Decision(DECAY, "embedding", RULE_EMBEDDING)
+    if tensor.ndim <= 1:
+        if exclude_1d:
+            return _Decision(NO_DECAY, f"ndim={tensor.ndim} parameter", RULE_1D)
+        return _Decision(DECAY, f"ndim={tensor.ndim} parameter (exclude_1d=False)", RULE_DEFAULT)
+    return _Decision(DECAY, f"ndim={tensor.ndim} weight", RULE_DEFAULT)
+
+
+def _combine(names: Sequence[str], decisions: Sequence[_Decision]) -> tuple[_Decision, str]:
+    """One decision for a tensor seen under several names: an override wins (first override in order), then any
+    exclusion, else the first name's decision. Returns it with the alias that decided."""
+    candidates = list(zip(decisions, names))
+    overrides = [c for c in candidates if c[0].rule == RULE_OVERRIDE]
+    if overrides:
+        return min(overrides, key=lambda c: c[0].override_index)
+    excluded = [c for c in candidates if c[0].group == NO_DECAY]
+    if excluded:
+        return min(excluded, key=lambda c: c[0].rule)
+    return candidates[0]
+
+
+def place_parameters(
+    module: nn.Module,
+    *,
+    overrides: Sequence[Override] = (),
+    exclude_embeddings: bool = False,
+    exclude_1d: bool = True,
+) -> tuple[list[Placement], list[tuple[str, torch.Tensor]]]:
+    """Place every trainable tensor of ``module`` once; return the placements and the frozen ``(name, tensor)`` pairs.
+
+    Raises ``ValueError`` for an override pattern that matches no trainable parameter.
+
+    Example:
+        >>> placements, frozen = place_parameters(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+        >>> [(p.name, p.group, p.reason) for p in placements]  # doctest: +NORMALIZE_WHITESPACE
+        [('0.weight', 'decay', 'ndim=2 weight'), ('0.bias', 'no_decay', 'bias'),
+         ('1.weight', 'no_decay', 'normalization layer LayerNorm'),
+         ('1.bias', 'no_decay', 'normalization layer LayerNorm')]
+    """
+    root = unwrap(module)
+    declared = _no_weight_decay_names(root)
+    owners = {}
+    for path, sub in root.named_modules(remove_duplicate=False):
+        for leaf, tensor in sub.named_parameters(recurse=False, remove_duplicate=False):
+            owners[clean_name(f"{path}.{leaf}" if path else leaf)] = (sub, tensor)
+
+    names_by_tensor: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for raw_name, tensor in root.named_parameters(remove_duplicate=False):
+        name = clean_name(raw_name)
+        aliases = names_by_tensor.setdefault(id(tensor), [])
+        if name not in aliases:
+            aliases.append(name)
+        tensors[id(tensor)] = tensor
+
+    placements: list[Placement] = []
+    frozen: list[tuple[str, torch.Tensor]] = []
+    for key, names in names_by_tensor.items():
+        tensor = tensors[key]
+        if not tensor.requires_grad:
+            frozen.append((names[0], tensor))
+            continue
+        decisions = [
+            _decide(
+                n,
+                tensor,
+                owners[n][0],
+                overrides=overrides,
+                declared=declared,
+                exclude_embeddings=exclude_embeddings,
+                exclude_1d=exclude_1d,
+            )
+            for n in names
+        ]
+        decision, deciding_name = _combine(names, decisions)
+        reason = decision.reason if deciding_name == names[0] else f"{decision.reason} (via alias {deciding_name})"
+        placements.append(Placement(names[0], tensor, decision.group, reason, tuple(names[1:]), decision.rule))
+
+    trainable_names = [n for key, names in names_by_tensor.items() if tensors[key].requires_grad for n in names]
+    for override in overrides:
+        if not any(fnmatch.fnmatchcase(n, override.pattern) for n in trainable_names):
+            sample = ", ".join(trainable_names[:5]) + (", ..." if len(trainable_names) > 5 else "")
+            raise ValueError(
+                f"override pattern {override.pattern!r} matches no trainable parameter; "
+                f"patterns are fnmatch patterns on full dotted names such as {sample}"
+            )
+    return placements, frozen
+
+
+def numel(tensor: torch.Tensor) -> int:
+    """Number of elements of the whole tensor (a DTensor's global size, not its shard)."""
+    return math.prod(tensor.shape)
