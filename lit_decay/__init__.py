@@ -12,6 +12,7 @@ from lit_decay.grouping import GroupingReport, explain, param_groups
 from lit_decay.modes import MODES
 from lit_decay.monitor import WeightDecayMonitor
 from lit_decay.optim import configure_adam
+from lit_decay.schedule import WeightDecayScheduler
 from lit_decay.stats import METRICS, StepStatistics, group_stats
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "GroupingReport",
     "StepStatistics",
     "WeightDecayMonitor",
+    "WeightDecayScheduler",
     "configure_adam",
     "explain",
     "group_stats",

@@ -1,1 +1,287 @@
-"""Placeholder while the module is being written."""
+"""Weight-decay schedules, and decay given as a timescale instead of a coefficient.
+
+A schedule is a factor of each group's base coefficient as a function of the optimizer step, written into the group
+before every step (``"decay_coefficient"`` and torch's ``"weight_decay"``, so the fused kernel and the L1 hooks use
+it). Shapes: ``"constant"``, ``"linear"`` and ``"cosine"`` from ``start_factor`` to ``end_factor`` over the run, an
+optional linear warmup from 0, or any callable of the step.
+
+A timescale τ fixes how many steps decoupled decay takes to shrink the weights by e: lr·wd = 1/τ, so wd = 1/(lr·τ).
+Given in epochs, τ_steps = τ_epochs · (optimizer steps per epoch) = τ_epochs · N/B for N samples in batches of B
+(Wang & Aitchison, 2024). ``hold_timescale=True`` recomputes wd from the current lr at every step, which keeps τ fixed
+while an lr scheduler moves lr: the decay coefficient is then proportional to 1/lr.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch.optim import Optimizer
+
+from lit_decay._checks import check_non_negative
+from lit_decay.modes import set_decay_coefficient
+from lit_decay.stats import group_names, group_rule
+
+SHAPES = ("constant", "linear", "cosine")
+
+Schedule = str | Callable[[int], float]
+
+
+def schedule_factor(
+    shape: str,
+    step: int,
+    total_steps: int,
+    *,
+    start_factor: float = 1.0,
+    end_factor: float = 1.0,
+    warmup_steps: int = 0,
+) -> float:
+    """The factor of the base coefficient at optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Warmup ramps linearly from 0 to ``start_factor`` over ``warmup_steps``; then ``"linear"`` and ``"cosine"`` go from
+    ``start_factor`` to ``end_factor`` by the last step, ``"constant"`` stays at ``start_factor``.
+
+    Example:
+        >>> [round(schedule_factor("cosine", s, 5, start_factor=1.0, end_factor=0.0), 3) for s in range(5)]
+        [1.0, 0.854, 0.5, 0.146, 0.0]
+        >>> [schedule_factor("linear", s, 6, end_factor=3.0, warmup_steps=2) for s in range(6)]
+        [0.0, 0.5, 1.0, 1.6666666666666665, 2.333333333333333, 3.0]
+    """
+    if warmup_steps and step < warmup_steps:
+        return start_factor * step / warmup_steps
+    if shape == "constant":
+        return start_factor
+    span = total_steps - 1 - warmup_steps
+    progress = 1.0 if span <= 0 else min(1.0, (step - warmup_steps) / span)
+    if shape == "linear":
+        return start_factor + (end_factor - start_factor) * progress
+    if shape == "cosine":
+        return end_factor + (start_factor - end_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule={shape!r} is not a schedule shape; valid shapes are {', '.join(SHAPES)} or a callable")
+
+
+def _positive(name: str, value: Any) -> float:
+    value = check_non_negative(name, value)
+    if value == 0:
+        raise ValueError(f"{name} must be > 0; got {value!r}")
+    return value
+
+
+class WeightDecayScheduler(Callback):
+    r"""Schedule each param group's weight decay over training, or set it from a decay timescale.
+
+    The factor multiplies each scheduled group's base coefficient (its ``"decay_coefficient"``, or torch's
+    ``"weight_decay"`` for a hand-built optimizer, at the start of training; or ``1/(lr·τ)`` with a timescale) and is
+    written into the group before every optimizer step. Groups with mode ``"none"`` or a zero coefficient are left
+    alone unless named in ``groups``. The base coefficients are saved in checkpoints, so a resumed run continues the
+    schedule where it stopped. :class:`lit_decay.WeightDecayMonitor` shows the result in ``effective_decay``.
+
+    Args:
+        schedule: ``"constant"``, ``"linear"``, ``"cosine"``, or a callable ``factor(step)`` of the 0-based
+            optimizer step.
+        start_factor: factor after warmup (shapes only).
+        end_factor: factor at the last step (``"linear"`` and ``"cosine"``).
+        warmup_steps: linear ramp of the factor from 0 to ``start_factor`` over these many steps.
+        total_steps: length of the schedule; None takes ``trainer.estimated_stepping_batches``.
+        groups: names of the groups to schedule (``"name"`` key, else ``pg1``, ``pg2``...); None for every decayed
+            group.
+        timescale_steps: give decay as τ in optimizer steps: wd = 1/(lr·τ) (decoupled groups only).
+        timescale_epochs: give decay as τ in epochs: τ_steps = τ_epochs · steps per epoch.
+        steps_per_epoch: optimizer steps per epoch for ``timescale_epochs`` (e.g. dataset_size / batch_size); None
+            takes it from the Trainer.
+        hold_timescale: recompute wd = 1/(lr·τ) from the current lr at every step (decay ∝ 1/lr), instead of once
+            from the lr at the start.
+
+    Example::
+
+        # DINO-style: cosine ramp of weight decay from 0.04 to 0.4 over training.
+        trainer = L.Trainer(callbacks=[lit_decay.WeightDecayScheduler("cosine", start_factor=1.0, end_factor=10.0)])
+        # with configure_adam(self, weight_decay=0.04, mode="decoupled") in the LightningModule
+
+        # decay timescale of 5 epochs, whatever lr and batch size:
+        trainer = L.Trainer(callbacks=[lit_decay.WeightDecayScheduler(timescale_epochs=5.0)])
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule = "constant",
+        *,
+        start_factor: float = 1.0,
+        end_factor: float = 1.0,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        groups: Sequence[str] | None = None,
+        timescale_steps: float | None = None,
+        timescale_epochs: float | None = None,
+        steps_per_epoch: float | None = None,
+        hold_timescale: bool = False,
+    ) -> None:
+        if not callable(schedule) and schedule not in SHAPES:
+            raise ValueError(f"schedule={schedule!r} is not valid; valid values are {', '.join(SHAPES)} or a callable")
+        self.schedule = schedule
+        self.start_factor = check_non_negative("start_factor", start_factor)
+        self.end_factor = check_non_negative("end_factor", end_factor)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0; got {warmup_steps!r}")
+        self.warmup_steps = warmup_steps
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(f"total_steps must be a positive int or None (from the Trainer); got {total_steps!r}")
+        self.total_steps = total_steps
+        if isinstance(groups, str):
+            groups = [groups]
+        self.groups = None if groups is None else list(groups)
+        if timescale_steps is not None and timescale_epochs is not None:
+            raise ValueError(
+                f"give the decay timescale once: timescale_steps={timescale_steps!r} and "
+                f"timescale_epochs={timescale_epochs!r} were both set"
+            )
+        self.timescale_steps = None if timescale_steps is None else _positive("timescale_steps", timescale_steps)
+        self.timescale_epochs = None if timescale_epochs is None else _positive("timescale_epochs", timescale_epochs)
+        if steps_per_epoch is not None and self.timescale_epochs is None:
+            raise ValueError(
+                f"steps_per_epoch={steps_per_epoch!r} is only used with timescale_epochs, which is not set"
+            )
+        self.steps_per_epoch = None if steps_per_epoch is None else _positive("steps_per_epoch", steps_per_epoch)
+        if hold_timescale and self.timescale_steps is None and self.timescale_epochs is None:
+            raise ValueError("hold_timescale=True needs a timescale: set timescale_steps or timescale_epochs")
+        self.hold_timescale = bool(hold_timescale)
+        # Plain data, saved in checkpoints: the base coefficient of each scheduled group, keyed "optimizer/group".
+        self._base: dict[str, float] = {}
+        self._timescale: float | None = self.timescale_steps
+        self._total: int | None = None
+
+    # ---- Lightning hooks -------------------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_groups(trainer.optimizers)
+        self._total = None
+        self._timescale = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._total is None:
+            self._resolve(trainer)
+        self.apply(trainer.optimizers, trainer.global_step)
+
+    def _resolve(self, trainer: pl.Trainer) -> None:
+        """Run length and timescale in steps, once the training data is set up (after any checkpoint restore)."""
+        self._total = self.total_steps or 1
+        if self.total_steps is None and not callable(self.schedule) and self.schedule != "constant":
+            estimated = trainer.estimated_stepping_batches
+            if not math.isfinite(estimated):
+                raise ValueError(
+                    f"schedule={self.schedule!r} needs the run's length, but the Trainer has no max_steps or "
+                    "max_epochs; pass total_steps="
+                )
+            self._total = int(estimated)
+        self._timescale = self.timescale_steps
+        if self.timescale_epochs is not None:
+            per_epoch = self.steps_per_epoch or _optimizer_steps_per_epoch(trainer)
+            self._timescale = self.timescale_epochs * per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": dict(self._base)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._base = {str(k): float(v) for k, v in state_dict.get("base", {}).items()}
+
+    # ---- the schedule ----------------------------------------------------------------------------------------------
+
+    def factor(self, step: int) -> float:
+        """The schedule's factor at optimizer step ``step`` (0-based); raises if a callable returns a bad value.
+
+        Example:
+            >>> WeightDecayScheduler("linear", end_factor=0.0, total_steps=3).factor(1)
+            0.5
+        """
+        if callable(self.schedule):
+            value = self.schedule(step)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"the weight-decay schedule returned {value!r} at step {step}; it must be a finite number >= 0"
+                )
+            return float(value)
+        return schedule_factor(
+            self.schedule,
+            step,
+            self._total or self.total_steps or 1,
+            start_factor=self.start_factor,
+            end_factor=self.end_factor,
+            warmup_steps=self.warmup_steps,
+        )
+
+    def apply(self, optimizers: Sequence[Optimizer], step: int) -> dict[str, float]:
+        """Write the coefficients of ``step`` into the scheduled groups; returns them keyed ``"optimizer/group"``."""
+        factor = self.factor(step)
+        written: dict[str, float] = {}
+        for index, (optimizer, names) in enumerate(zip(optimizers, group_names(list(optimizers)))):
+            for name, group in zip(names, optimizer.param_groups):
+                key = f"{index}/{name}"
+                if not self._scheduled(optimizer, group, name, key):
+                    continue
+                if self._timescale is not None and (self.hold_timescale or key not in self._base):
+                    # Held: the current lr. Otherwise the lr the run starts from, before any lr warmup.
+                    lr = float(group["lr"] if self.hold_timescale else group.get("initial_lr", group["lr"]))
+                    # lr = 0 applies no decoupled decay whatever wd is (e.g. the last step of a cosine lr schedule).
+                    self._base[key] = 1.0 / (lr * self._timescale) if lr > 0 else 0.0
+                self._base.setdefault(key, group_rule(optimizer, group).coefficient)
+                coefficient = self._base[key] * factor
+                if "decay_mode" in group:
+                    set_decay_coefficient(group, coefficient)
+                else:
+                    group["weight_decay"] = coefficient
+                written[key] = coefficient
+        return written
+
+    @property
+    def _uses_timescale(self) -> bool:
+        return self.timescale_steps is not None or self.timescale_epochs is not None
+
+    def _scheduled(self, optimizer: Optimizer, group: dict[str, Any], name: str, key: str) -> bool:
+        if self.groups is not None:
+            return name in self.groups
+        if key in self._base:
+            return True
+        rule = group_rule(optimizer, group)
+        if self._uses_timescale:
+            return rule.mode == "decoupled"
+        return rule.mode != "none" and rule.coefficient > 0
+
+    def _check_groups(self, optimizers: Sequence[Optimizer]) -> None:
+        all_names = group_names(list(optimizers))
+        known = [n for names in all_names for n in names]
+        if self.groups is not None:
+            unknown = [g for g in self.groups if g not in known]
+            if unknown:
+                raise ValueError(
+                    f"WeightDecayScheduler groups {unknown!r} are not param groups of the optimizers; "
+                    f"valid group names are {known!r}"
+                )
+        if not self._uses_timescale:
+            return
+        for optimizer, names in zip(optimizers, all_names):
+            for name, group in zip(names, optimizer.param_groups):
+                rule = group_rule(optimizer, group)
+                named = self.groups is not None and name in self.groups
+                decayed = self.groups is None and rule.mode != "none" and rule.coefficient > 0
+                if (named or decayed) and rule.mode != "decoupled":
+                    raise ValueError(
+                        f"a decay timescale τ = 1/(lr·wd) describes decoupled decay, but group {name!r} has mode "
+                        f"{rule.mode!r}; use mode='decoupled' or leave this group out with groups="
+                    )
+
+
+def _optimizer_steps_per_epoch(trainer: pl.Trainer) -> float:
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches) or batches <= 0:
+        raise ValueError(
+            "timescale_epochs needs the number of optimizer steps per epoch, which the Trainer cannot tell "
+            f"(num_training_batches={batches!r}); pass steps_per_epoch= (dataset_size / batch_size)"
+        )
+    return math.ceil(batches / trainer.accumulate_grad_batches)

@@ -1,0 +1,236 @@
+"""WeightDecayScheduler: hand-computed schedules through real fits, resume mid-schedule, and bad input."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+import lit_decay
+from lit_decay.schedule import schedule_factor
+
+BATCHES_PER_EPOCH = 8
+
+
+class Recorder(L.Callback):
+    """Records, at every batch end, each group's coefficient and torch weight_decay (what the kernel used)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, tuple[float, float]]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        groups = trainer.optimizers[0].param_groups
+        self.seen.append(
+            {
+                g.get("name", f"pg{i + 1}"): (float(g.get("decay_coefficient", g["weight_decay"])), g["weight_decay"])
+                for i, g in enumerate(groups)
+            }
+        )
+
+
+class Net(L.LightningModule):
+    def __init__(self, mode: str = "decoupled", weight_decay: float = 0.04, lr: float = 0.01, scheduler: Any = None):
+        super().__init__()
+        self.mode, self.weight_decay, self.lr, self.lr_scheduler = mode, weight_decay, lr, scheduler
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return lit_decay.configure_adam(
+            self, lr=self.lr, weight_decay=self.weight_decay, mode=self.mode, scheduler=self.lr_scheduler
+        )
+
+
+def loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(4 * BATCHES_PER_EPOCH, 4, generator=generator), torch.arange(32) % 2)
+    return DataLoader(data, batch_size=4, shuffle=False)
+
+
+def fit(
+    tmp_path: Path, scheduler: lit_decay.WeightDecayScheduler, model: Net | None = None, **trainer: Any
+) -> Recorder:
+    recorder = Recorder()
+    options = {"max_epochs": 2, "log_every_n_steps": 1, **trainer}
+    L.Trainer(
+        callbacks=[scheduler, recorder],
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **options,
+    ).fit(model or Net(), loader())
+    return recorder
+
+
+def test_factor_shapes_by_hand() -> None:
+    total = 11
+    cosine = [schedule_factor("cosine", s, total, start_factor=2.0, end_factor=0.5) for s in range(total)]
+    assert cosine[0] == pytest.approx(2.0) and cosine[-1] == pytest.approx(0.5)
+    assert cosine[5] == pytest.approx((2.0 + 0.5) / 2)
+    linear = [schedule_factor("linear", s, total, start_factor=1.0, end_factor=3.0) for s in range(total)]
+    assert linear == pytest.approx([1.0 + 0.2 * s for s in range(total)])
+    warm = [schedule_factor("constant", s, total, start_factor=1.0, warmup_steps=4) for s in range(6)]
+    assert warm == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    # Past the end the factor stays at end_factor.
+    assert schedule_factor("linear", 50, total, end_factor=0.0) == 0.0
+
+
+def test_cosine_ramp_through_fit_matches_hand_computed(tmp_path: Path) -> None:
+    recorder = fit(tmp_path, lit_decay.WeightDecayScheduler("cosine", start_factor=1.0, end_factor=10.0))
+    total = 2 * BATCHES_PER_EPOCH
+    expected = [0.04 * (10.0 + (1.0 - 10.0) * 0.5 * (1 + math.cos(math.pi * s / (total - 1)))) for s in range(total)]
+    decay = [seen["decay"] for seen in recorder.seen]
+    assert [c for c, _ in decay] == pytest.approx(expected)
+    # The fused kernel reads torch's key, so it must carry the same value; the no_decay group is untouched.
+    assert [w for _, w in decay] == pytest.approx(expected)
+    assert all(seen["no_decay"] == (0.0, 0.0) for seen in recorder.seen)
+
+
+def test_callable_schedule_with_l1_writes_only_the_coefficient(tmp_path: Path) -> None:
+    recorder = fit(
+        tmp_path, lit_decay.WeightDecayScheduler(lambda step: 1.0 / (1 + step)), Net(mode="l1"), max_epochs=1
+    )
+    decay = [seen["decay"] for seen in recorder.seen]
+    assert [c for c, _ in decay] == pytest.approx([0.04 / (1 + s) for s in range(BATCHES_PER_EPOCH)])
+    assert all(w == 0.0 for _, w in decay)  # torch applies no L1 term: the hook reads decay_coefficient
+
+
+def test_schedule_is_what_the_monitor_reports(tmp_path: Path) -> None:
+    scheduler = lit_decay.WeightDecayScheduler("linear", end_factor=0.0, warmup_steps=2)
+    monitor = lit_decay.WeightDecayMonitor(log_every_n_steps=1, metrics=["effective_decay"])
+    L.Trainer(
+        callbacks=[scheduler, monitor],
+        logger=CSVLogger(tmp_path, name="m"),
+        max_epochs=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(Net(), loader())
+    rows = (tmp_path / "m" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    column, step_column = header.index("decay/effective_decay/decay"), header.index("step")
+    logged = {int(r.split(",")[step_column]): float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]}
+    total = BATCHES_PER_EPOCH
+    # The figure at global step s+1 describes optimizer step s: effective decay of decoupled = lr·wd.
+    expected = {
+        s + 1: 0.01 * 0.04 * schedule_factor("linear", s, total, end_factor=0.0, warmup_steps=2) for s in range(total)
+    }
+    assert logged == pytest.approx(expected)
+
+
+def test_timescale_epochs_derives_weight_decay(tmp_path: Path) -> None:
+    recorder = fit(tmp_path, lit_decay.WeightDecayScheduler(timescale_epochs=2.0), Net(weight_decay=0.0), max_epochs=1)
+    tau_steps = 2.0 * BATCHES_PER_EPOCH
+    assert all(seen["decay"][0] == pytest.approx(1.0 / (0.01 * tau_steps)) for seen in recorder.seen)
+    # With explicit dataset and batch sizes: τ_steps = τ_epochs · N / B.
+    recorder = fit(
+        tmp_path, lit_decay.WeightDecayScheduler(timescale_epochs=2.0, steps_per_epoch=1000 / 10), max_epochs=1
+    )
+    assert recorder.seen[0]["decay"][0] == pytest.approx(1.0 / (0.01 * 2.0 * 100))
+
+
+def test_hold_timescale_follows_the_lr_scheduler(tmp_path: Path) -> None:
+    def halve_every_step(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {"scheduler": torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.5), "interval": "step"}
+
+    held = fit(
+        tmp_path,
+        lit_decay.WeightDecayScheduler(timescale_steps=50.0, hold_timescale=True),
+        Net(scheduler=halve_every_step),
+        max_epochs=1,
+    )
+    fixed = fit(
+        tmp_path, lit_decay.WeightDecayScheduler(timescale_steps=50.0), Net(scheduler=halve_every_step), max_epochs=1
+    )
+    lrs = [0.01 * 0.5**s for s in range(BATCHES_PER_EPOCH)]
+    assert [seen["decay"][0] for seen in held.seen] == pytest.approx([1.0 / (lr * 50.0) for lr in lrs])
+    assert all(seen["decay"][0] == pytest.approx(1.0 / (0.01 * 50.0)) for seen in fixed.seen)
+
+
+def test_resume_mid_schedule_continues_exactly(tmp_path: Path) -> None:
+    def scheduler() -> lit_decay.WeightDecayScheduler:
+        return lit_decay.WeightDecayScheduler("cosine", end_factor=0.0, total_steps=2 * BATCHES_PER_EPOCH)
+
+    straight = fit(tmp_path / "straight", scheduler())
+
+    first = Recorder()
+    trainer = L.Trainer(
+        callbacks=[scheduler(), first],
+        logger=False,
+        max_epochs=1,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Net(), loader())
+    checkpoint = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    state = torch.load(checkpoint, weights_only=True)  # plain data only
+    assert any("WeightDecayScheduler" in key for key in state["callbacks"])
+
+    second = Recorder()
+    L.Trainer(
+        callbacks=[scheduler(), second],
+        logger=False,
+        max_epochs=2,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(Net(), loader(), ckpt_path=checkpoint)
+    resumed = [s["decay"] for s in first.seen + second.seen]
+    assert len(resumed) == len(straight.seen) == 2 * BATCHES_PER_EPOCH
+    # The checkpoint holds the coefficient of step 7; the schedule must continue from the saved base, not from it.
+    for (coefficient, torch_key), (expected, _) in zip(resumed, (s["decay"] for s in straight.seen)):
+        assert coefficient == pytest.approx(expected) and torch_key == pytest.approx(expected)
+
+
+def test_hand_built_optimizer_uses_torch_key() -> None:
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.2)
+    written = lit_decay.WeightDecayScheduler("linear", end_factor=0.0, total_steps=3).apply([optimizer], 1)
+    assert written == {"0/pg1": pytest.approx(0.1)}
+    assert optimizer.param_groups[0]["weight_decay"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"schedule": "exponential"}, "'exponential'.*constant, linear, cosine"),
+        ({"start_factor": -1.0}, "start_factor.*-1.0"),
+        ({"end_factor": float("nan")}, "end_factor.*nan"),
+        ({"warmup_steps": -2}, "warmup_steps.*-2"),
+        ({"total_steps": 0}, "total_steps.*0"),
+        ({"timescale_steps": 0.0}, "timescale_steps must be > 0"),
+        ({"timescale_epochs": float("inf")}, "timescale_epochs.*inf"),
+        ({"timescale_steps": 10.0, "timescale_epochs": 1.0}, "timescale_steps=10.0 and timescale_epochs=1.0"),
+        ({"hold_timescale": True}, "hold_timescale=True needs a timescale"),
+        ({"steps_per_epoch": 10.0}, "steps_per_epoch=10.0 is only used with timescale_epochs"),
+    ],
+)
+def test_bad_arguments_name_the_value(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        lit_decay.WeightDecayScheduler(**kwargs)
+
+
+def test_inconsistent_options_fail_at_fit_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"groups \['encoder'\].*valid group names are \['decay', 'no_decay'\]"):
+        fit(tmp_path, lit_decay.WeightDecayScheduler(groups=["encoder"]))
+    with pytest.raises(ValueError, match="group 'decay' has mode 'l2'"):
+        fit(tmp_path, lit_decay.WeightDecayScheduler(timescale_steps=100.0), Net(mode="l2"))
+    with pytest.raises(ValueError, match=r"returned -1\.0 at step 0"):
+        fit(tmp_path, lit_decay.WeightDecayScheduler(lambda step: -1.0))
+    with pytest.raises(ValueError, match="needs the run's length"):
+        fit(tmp_path, lit_decay.WeightDecayScheduler("cosine"), max_epochs=-1, max_steps=-1, max_time={"seconds": 5})
