@@ -135,11 +135,6 @@ def group_rule(optimizer: Optimizer, group: Mapping[str, Any]) -> Rule:
     return Rule(mode, coefficient, kinds.get(mode, _UNKNOWN))
 
 
-def _as_float(value: Any) -> float:
-    # A tensor lr (capturable Adam) is read once per logging step, on the host side of the single transfer.
-    return float(value) if not isinstance(value, torch.Tensor) else float(value.detach().cpu())
-
-
 def update_from_state(optimizer: Optimizer, group: Mapping[str, Any], rule: Rule) -> bool:
     """Whether the step's update of ``group`` can be read from Adam's state (else a snapshot is needed).
 
@@ -148,8 +143,11 @@ def update_from_state(optimizer: Optimizer, group: Mapping[str, Any], rule: Rule
     """
     if not isinstance(optimizer, torch.optim.Adam) or rule.kind in (_PROXIMAL_L1, _UNKNOWN, _SGD):
         return False
-    if rule.kind == _DECOUPLED and _as_float(group["lr"]) * rule.coefficient >= 0.5:
-        return False
+    if rule.kind == _DECOUPLED:
+        # Rebuilding AdamW's w_old divides by 1 − lr·wd; a tensor lr would have to be read on the host to check it.
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) or lr * rule.coefficient >= 0.5:
+            return False
     return all(p.dtype in (torch.float32, torch.float64) for p in group["params"])
 
 
@@ -164,7 +162,7 @@ def _tensor_sums(
     keep: torch.Tensor | None,
     grad_factor: torch.Tensor | None,
     eps: float,
-    decay: float,
+    decay: float | torch.Tensor,
     kind: int,
 ) -> torch.Tensor:
     """Σw², Σg², Σ(Δw)², Σ(penalty term), number of zeros, for one (local, flat) tensor, in one pass.
@@ -209,12 +207,14 @@ def _tensor_sums(
 
 
 def _bias_corrections(
-    steps: Sequence[torch.Tensor], lr: float, beta1: float, beta2: float
+    steps: Sequence[torch.Tensor], lr: float | torch.Tensor, beta1: float, beta2: float
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Adam's ``lr/(1 − β₁ᵗ)`` and ``1/√(1 − β₂ᵗ)`` for each step count, in a few device ops for the whole group."""
     if not steps:
         return [], []
     t = torch.stack([s.detach().to(torch.float64 if s.device.type != "mps" else torch.float32) for s in steps])
+    if isinstance(lr, torch.Tensor):
+        lr = lr.detach().to(t.device, t.dtype, non_blocking=True)
     step_size = lr / (1 - beta1**t)
     inv_sqrt_bias2 = (1 - beta2**t).rsqrt()
     return list(step_size.unbind()), list(inv_sqrt_bias2.unbind())
@@ -228,8 +228,8 @@ class _Pending:
     """Per-tensor sums of one step, on device, with what is needed to turn them into figures."""
 
     sums: list[torch.Tensor] = field(default_factory=list)
-    # (group tag, rule, lr, numel, has_update, rows into `sums`, param names)
-    groups: list[tuple[str, Rule, float, int, bool, list[int], list[str]]] = field(default_factory=list)
+    # (group tag, rule, lr (a float, or the row of `sums` holding a tensor lr), numel, has_update, rows, param names)
+    groups: list[tuple[str, Rule, float | int, int, bool, list[int], list[str]]] = field(default_factory=list)
     # rows of `sums` that come from DTensor shards, by the process groups their partial sums must be reduced over
     sharded: dict[tuple[Any, ...], list[int]] = field(default_factory=lambda: defaultdict(list))
 
@@ -314,7 +314,12 @@ class StepStatistics:
         pending = self._pending
         for name, group in zip(self.names[index], optimizer.param_groups):
             rule = group_rule(optimizer, group)
-            lr = _as_float(group["lr"])
+            lr: float | torch.Tensor = group["lr"]
+            lr_ref: float | int = float(lr) if not isinstance(lr, torch.Tensor) else len(pending.sums)
+            if isinstance(lr, torch.Tensor):
+                # A tensor lr (capturable or scheduled on device) leaves the device with the sums: one row of its own.
+                lr = lr.detach()
+                pending.sums.append(torch.cat([lr.reshape(1), torch.zeros(4, dtype=lr.dtype, device=lr.device)]))
             beta1, beta2 = (float(b) for b in group.get("betas", (0.0, 0.0)))
             eps = float(group.get("eps", 0.0))
             snapshots = self._snapshots.pop(id(group), None)
@@ -322,7 +327,12 @@ class StepStatistics:
             wants_denominator = from_state or rule.kind in (_ADAM_L2, _ADAM_L1)
             params = group["params"]
             states = [optimizer.state.get(p, {}) for p in params]
-            with_state = [i for i, st in enumerate(states) if wants_denominator and "exp_avg_sq" in st]
+            # A tensor without a gradient was not stepped: no update and no penalty this step, whatever its state.
+            with_state = [
+                i
+                for i, st in enumerate(states)
+                if wants_denominator and "exp_avg_sq" in st and params[i].grad is not None
+            ]
             step_sizes, inv_sqrt_bias2s = _bias_corrections(
                 [local(states[i]["step"]) for i in with_state], lr, beta1, beta2
             )
@@ -366,7 +376,7 @@ class StepStatistics:
                 pending.sums.append(sums)
             has_update = snapshots is not None or from_state
             numel = sum(p.numel() for p in params)
-            pending.groups.append((name, rule, lr, numel, has_update, rows, self._param_names(group)))
+            pending.groups.append((name, rule, lr_ref, numel, has_update, rows, self._param_names(group)))
 
     def collect(self) -> dict[str, float]:
         """The figures since the last call, keyed ``{metric}/{group}`` (and ``{metric}/{group}/{param}`` per
@@ -392,7 +402,8 @@ class StepStatistics:
     def _figures(self, pending: _Pending, table: list[list[float]]) -> dict[str, float]:
         figures: dict[str, float] = {}
         wanted = set(self.metrics)
-        for name, rule, lr, numel, has_update, rows, param_names in pending.groups:
+        for name, rule, lr_ref, numel, has_update, rows, param_names in pending.groups:
+            lr = table[lr_ref][0] if isinstance(lr_ref, int) else lr_ref
             total = [sum(table[r][c] for r in rows) for c in range(5)]
             group_figures = _figures_of(total, rule, lr, numel, has_update)
             figures.update({f"{metric}/{name}": value for metric, value in group_figures.items() if metric in wanted})

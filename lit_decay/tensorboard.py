@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ def custom_scalars_layout(prefix: str, metrics: Sequence[str]) -> dict[str, dict
         >>> custom_scalars_layout("decay", ["weight_norm"])
         {'decay': {'weight_norm': ['Multiline', ['^decay/weight_norm/[^/]+$']]}}
     """
-    return {prefix: {metric: ["Multiline", [f"^{prefix}/{metric}/[^/]+$"]] for metric in metrics}}
+    return {prefix: {metric: ["Multiline", [f"^{re.escape(prefix)}/{re.escape(metric)}/[^/]+$"]] for metric in metrics}}
 
 
 def grouping_markdown(optimizers: Sequence[Optimizer], names: Sequence[Sequence[str]]) -> str:

@@ -1,0 +1,252 @@
+"""lit_decay.tensorboard's pieces, then the whole path: a short fit, a real ``tensorboard`` server, its HTTP API."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lit_decay
+from lit_decay import METRICS
+from lit_decay.tensorboard import custom_scalars_layout, group_values, grouping_markdown
+
+SERVER_START_TIMEOUT_S = 120
+
+
+def small_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+
+
+# ---- custom_scalars_layout ----------------------------------------------------------------------------------------
+
+
+def test_layout_one_multiline_chart_per_metric() -> None:
+    layout = custom_scalars_layout("decay", list(METRICS))
+    assert list(layout) == ["decay"]
+    assert list(layout["decay"]) == list(METRICS)
+    for metric, (kind, regexes) in layout["decay"].items():
+        assert kind == "Multiline"
+        assert regexes == [f"^decay/{metric}/[^/]+$"]
+    (regex,) = layout["decay"]["weight_norm"][1]
+    assert re.search(regex, "decay/weight_norm/no_decay")
+    assert re.search(regex, "decay/weight_norm/decay-1")
+    assert not re.search(regex, "decay/weight_norm/decay/net.0.weight")  # per-parameter tags stay out
+    assert not re.search(regex, "decay/grad_norm/decay")
+    assert not re.search(regex, "other/decay/weight_norm/decay")
+
+
+def test_layout_subset_keeps_given_order() -> None:
+    layout = custom_scalars_layout("train/wd", ["sparsity", "weight_norm"])
+    assert layout == {
+        "train/wd": {
+            "sparsity": ["Multiline", ["^train/wd/sparsity/[^/]+$"]],
+            "weight_norm": ["Multiline", ["^train/wd/weight_norm/[^/]+$"]],
+        }
+    }
+
+
+def test_layout_regex_matches_a_prefix_with_regex_characters() -> None:
+    # WeightDecayMonitor accepts any prefix without a leading/trailing "/"; the chart must still find its tags
+    monitor = lit_decay.WeightDecayMonitor(prefix="decay+l1")
+    _, (regex,) = custom_scalars_layout(monitor.prefix, ["weight_norm"])["decay+l1"]["weight_norm"]
+    assert re.search(regex, "decay+l1/weight_norm/decay")
+
+
+# ---- grouping_markdown --------------------------------------------------------------------------------------------
+
+
+def test_grouping_markdown_of_configure_adam() -> None:
+    model = small_model()
+    optimizer = lit_decay.configure_adam(model, lr=0.01, weight_decay=0.1, mode="l2")
+    text = grouping_markdown([optimizer], [["decay", "no_decay"]])
+    report = lit_decay.optim.report_of(optimizer)
+    assert report is not None
+    assert text == f"**optimizer 0: Adam**\n\n{report.to_markdown()}"
+    assert "Adam implementation: fused" in text
+    assert "| decay | l2 | 0.1 |" in text
+    assert "| 1.weight | (8,) | 8 | no_decay | normalization layer LayerNorm |" in text
+    assert "| 0.bias | (8,) | 8 | no_decay | bias |" in text
+    assert "| 2.weight | (2, 8) | 16 | decay | ndim=2 weight |" in text
+
+
+def test_grouping_markdown_of_hand_built_optimizers() -> None:
+    model = small_model()
+    params = list(model.parameters())
+    adam = torch.optim.Adam([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:]}], lr=0.003)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5, weight_decay=1e-4)
+    adamw = torch.optim.AdamW(model.parameters(), lr=0.001, weight_decay=0.05, foreach=False)
+    text = grouping_markdown([adam, sgd, adamw], [["pg1", "pg2"], ["pg1-1"], ["pg1-2"]])
+    parts = text.split("\n\n")
+    header = "| group | mode | coefficient | lr | tensors | elements |\n|---|---|---|---|---|---|"
+    assert parts == [
+        f"**optimizer 0: Adam** ({lit_decay.optim.describe_implementation(adam)})",
+        f"{header}\n| pg1 | l2 | 0.1 | 0.003 | 2 | 40 |\n| pg2 | l2 | 0 | 0.003 | 4 | 34 |",
+        f"**optimizer 1: SGD** ({lit_decay.optim.describe_implementation(sgd)})",
+        f"{header}\n| pg1-1 | sgd | 0.0001 | 0.5 | 6 | 74 |",
+        "**optimizer 2: AdamW** (for-loop)",
+        f"{header}\n| pg1-2 | decoupled | 0.05 | 0.001 | 6 | 74 |",
+    ]
+
+
+# ---- group_values -------------------------------------------------------------------------------------------------
+
+
+def test_group_values_flat_float_on_host() -> None:
+    a = torch.arange(6.0).reshape(2, 3)
+    b = torch.tensor([-1.5, 2.5], dtype=torch.bfloat16)
+    values = group_values({"params": [a, b]})
+    assert values.dtype == torch.float32 and values.device.type == "cpu"
+    assert values.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, -1.5, 2.5]
+    assert group_values({"params": []}).numel() == 0
+
+
+# ---- end to end through a real TensorBoard server -----------------------------------------------------------------
+
+
+class Net(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_model()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return lit_decay.configure_adam(self, lr=0.05, weight_decay=0.1, mode="decoupled")
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 2, generator=g)), batch_size=4)
+
+
+class WeightNorms(L.Callback):
+    def __init__(self) -> None:
+        self.by_step: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        decay = trainer.optimizers[0].param_groups[0]
+        assert decay["name"] == "decay"
+        flat = torch.cat([p.detach().double().reshape(-1) for p in decay["params"]])
+        self.by_step[trainer.global_step] = float(torch.linalg.vector_norm(flat))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_json(base: str, path: str, **query: str) -> Any:
+    url = f"{base}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read().decode())
+
+
+def test_tensorboard_server_shows_our_tags_and_layout(tmp_path: Path) -> None:
+    norms = WeightNorms()
+    logger = TensorBoardLogger(tmp_path / "logs", name="tb")
+    trainer = L.Trainer(
+        max_steps=6,
+        logger=logger,
+        callbacks=[lit_decay.WeightDecayMonitor(log_every_n_steps=2), norms],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Net())
+    run = Path(logger.log_dir).relative_to(tmp_path / "logs").as_posix()
+    assert run == "tb/version_0"
+
+    executable = Path(sys.executable).with_name("tensorboard")
+    assert executable.exists(), executable
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_file = tmp_path / "tensorboard.log"
+    command = [
+        str(executable),
+        "--logdir",
+        str(tmp_path / "logs"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--load_fast=false",
+        "--reload_interval",
+        "1",
+    ]
+    with open(log_file, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # ready once our series have been loaded and stay the same across a reload (no half-read file)
+        tags: dict[str, Any] = {}
+        series: dict[str, Any] = {}
+        previous: dict[str, Any] | None = None
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert server.poll() is None, f"tensorboard exited early:\n{log_file.read_text()}"
+            try:
+                tags = get_json(base, "/data/plugin/scalars/tags")
+                if {"decay/weight_norm/decay", "decay/effective_decay/decay"} <= set(tags.get(run, {})):
+                    series = {
+                        tag: get_json(base, "/data/plugin/scalars/scalars", run=run, tag=tag)
+                        for tag in ("decay/weight_norm/decay", "decay/effective_decay/decay")
+                    }
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                series = {}
+            if series and series == previous:
+                break
+            previous = series or None
+            time.sleep(1.5)
+        else:
+            pytest.fail(f"tensorboard did not serve our run within {SERVER_START_TIMEOUT_S}s:\n{log_file.read_text()}")
+
+        expected_tags = {
+            f"decay/{metric}/{group}"
+            for metric in ("weight_norm", "grad_norm", "update_ratio", "effective_decay")
+            for group in ("decay", "no_decay")
+        } | {"decay/decay_timescale/decay"}
+        assert {t for t in tags[run] if t.startswith("decay/")} == expected_tags
+
+        points = series["decay/weight_norm/decay"]
+        assert [step for _, step, _ in points] == [2, 4, 6]
+        for _, step, value in points:
+            assert value == pytest.approx(norms.by_step[step], rel=1e-6)
+        points = series["decay/effective_decay/decay"]
+        assert [value for _, _, value in points] == pytest.approx([0.05 * 0.1] * 3, rel=1e-6)
+
+        layout = get_json(base, "/data/plugin/custom_scalars/layout")
+        (category,) = layout["category"]
+        assert category["title"] == "decay"
+        charts = {chart["title"]: chart["multiline"]["tag"] for chart in category["chart"]}
+        assert list(charts) == list(METRICS)
+        for metric, regexes in charts.items():
+            assert regexes == [f"^decay/{metric}/[^/]+$"]
+
+        # torch's SummaryWriter.add_text files the text under "<tag>/text_summary"
+        assert "decay/grouping/text_summary" in get_json(base, "/data/plugin/text/tags")[run]
+        texts = get_json(base, "/data/plugin/text/text", run=run, tag="decay/grouping/text_summary")
+        assert "Adam implementation: fused" in texts[0]["text"]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=15)
+    assert server.returncode is not None
