@@ -95,6 +95,12 @@ def soft_threshold(params: Sequence[torch.Tensor], threshold: float | torch.Tens
             torch.ops.aten.softshrink.out(param, threshold, out=param)
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float64 (float32 on MPS, which has none), so a scaler's float32 scale does not round a float64
+    parameter's L1 term; each kernel casts to the parameter's dtype."""
+    return tensor.to(torch.float32 if tensor.device.type == "mps" else torch.float64)
+
+
 def _returning(value: Any) -> Any:
     return value
 
@@ -144,7 +150,7 @@ class DecayTerms:
                 coefficient: float | torch.Tensor = float(group["decay_coefficient"])
                 if grad_scale is not None:
                     # The fused kernel unscales gradients itself; the term must be in the same (scaled) units.
-                    coefficient = grad_scale * coefficient
+                    coefficient = _wide(grad_scale) * coefficient
                 add_l1_gradient(stepped, [p.grad for p in stepped], coefficient)
         return args, kwargs
 
@@ -162,7 +168,7 @@ class DecayTerms:
                 threshold: float | torch.Tensor = lr * float(group["decay_coefficient"])
                 if found_inf is not None:
                     # A step the scaler skipped must change nothing; decided on device, without a host sync.
-                    threshold = (1.0 - found_inf.float()) * threshold
+                    threshold = (1.0 - _wide(found_inf)) * threshold
                 soft_threshold(stepped, threshold)
 
 

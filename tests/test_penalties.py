@@ -1,0 +1,261 @@
+"""lit_decay.penalties: the L1 gradient term, the soft-threshold, and the hooks that apply them around Adam's step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lit_decay
+from lit_decay.penalties import add_l1_gradient, attach, is_attached, soft_threshold
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: OpenMP workers only spin against other processes on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# add_l1_gradient
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "0-d tensor"])
+def test_add_l1_gradient_by_hand(dtype: torch.dtype, as_tensor: bool) -> None:
+    p1 = torch.tensor([2.0, -1.0, 0.0, -0.0, 3e-30, -5.0], dtype=dtype)
+    g1 = torch.tensor([0.5, 0.5, 0.5, -0.25, 0.0, 1.0], dtype=dtype)
+    p2 = torch.tensor([[-3.0, 0.0], [4.0, -1e-3]], dtype=dtype)
+    g2 = torch.zeros(2, 2, dtype=dtype)
+    coefficient = torch.tensor(0.25, dtype=dtype) if as_tensor else 0.25
+    before = (p1.clone(), p2.clone())
+
+    add_l1_gradient([p1, p2], [g1, g2], coefficient)
+
+    # sign(0) = 0: zero weights (of either sign) get no term; tiny weights get the full term.
+    expected_g1 = torch.tensor([0.75, 0.25, 0.5, -0.25, 0.25, 0.75], dtype=dtype)
+    expected_g2 = torch.tensor([[-0.25, 0.0], [0.25, -0.25]], dtype=dtype)
+    assert torch.equal(g1, expected_g1) and g1.dtype == dtype
+    assert torch.equal(g2, expected_g2)
+    assert torch.equal(p1, before[0]) and torch.equal(p2, before[1])  # the weights are read, never written
+
+
+def test_add_l1_gradient_float_and_tensor_coefficient_agree() -> None:
+    params = [torch.randn(7, 5), torch.randn(3)]
+    grads = [torch.randn(7, 5), torch.randn(3)]
+    by_float = [g.clone() for g in grads]
+    by_tensor = [g.clone() for g in grads]
+    add_l1_gradient(params, by_float, 0.1)
+    add_l1_gradient(params, by_tensor, torch.tensor(0.1))
+    for a, b, g, p in zip(by_float, by_tensor, grads, params):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, g + 0.1 * torch.sign(p))
+
+
+def test_add_l1_gradient_with_a_scale_tensor() -> None:
+    # The GradScaler form: a 0-d scale times the coefficient, applied to already scaled gradients.
+    p = torch.tensor([1.0, -2.0, 0.0])
+    g = torch.tensor([1024.0, 2048.0, -512.0])
+    add_l1_gradient([p], [g], torch.tensor(1024.0) * 0.5)
+    assert torch.equal(g, torch.tensor([1536.0, 1536.0, -512.0]))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# soft_threshold
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "0-d tensor"])
+def test_soft_threshold_by_hand(dtype: torch.dtype, as_tensor: bool) -> None:
+    p = torch.tensor([0.5, -0.05, 0.02, -2.0, 0.0, 0.125, -0.125, 0.1250001, 3.0], dtype=dtype)
+    threshold = torch.tensor(0.125, dtype=dtype) if as_tensor else 0.125
+    soft_threshold([p], threshold)
+    expected = torch.tensor([0.375, 0.0, 0.0, -1.875, 0.0, 0.0, 0.0, 0.0000001, 2.875], dtype=dtype)
+    torch.testing.assert_close(p, expected, rtol=0, atol=1e-7 if dtype == torch.float32 else 1e-15)
+    # |p| <= threshold gives exact zeros, everything else keeps its sign.
+    assert torch.equal(p == 0, expected == 0)
+    assert torch.equal(torch.sign(p), torch.sign(expected))
+    assert p.dtype == dtype
+
+
+def test_soft_threshold_zero_threshold_and_non_contiguous() -> None:
+    p = torch.randn(4, 6)
+    before = p.clone()
+    soft_threshold([p], 0.0)
+    assert torch.equal(p, before)
+    soft_threshold([p], torch.tensor(0.0))
+    assert torch.equal(p, before)
+
+    # A transposed (non-contiguous) view is shrunk in place, in its own layout.
+    view = p.t()
+    assert not view.is_contiguous()
+    soft_threshold([view], torch.tensor(0.5))
+    expected = torch.sign(before) * torch.clamp(before.abs() - 0.5, min=0.0)
+    torch.testing.assert_close(p, expected)
+    assert torch.equal(p == 0, expected == 0)
+
+    q = torch.randn(4, 6)
+    q_before = q.clone()
+    soft_threshold([q.t()], 0.5)
+    torch.testing.assert_close(q, torch.sign(q_before) * torch.clamp(q_before.abs() - 0.5, min=0.0))
+
+
+def test_soft_threshold_float_and_tensor_agree() -> None:
+    a = torch.randn(1000, dtype=torch.float64)
+    b = a.clone()
+    soft_threshold([a], 0.3)
+    soft_threshold([b], torch.tensor(0.3, dtype=torch.float64))
+    assert torch.equal(a, b)
+    assert int((a == 0).sum()) > 100
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The compiled single-pass kernels give the eager numbers (LIT_DECAY_COMPILE is read at call time)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_compiled_kernels_equal_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._dynamo.utils
+
+    monkeypatch.setenv("LIT_DECAY_COMPILE", "always")
+    n = 300_000
+    p = torch.randn(n)
+    p[::7] = 0.0
+    g = torch.randn(n)
+    before_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    compiled_g = g.clone()
+    add_l1_gradient([p], [compiled_g], torch.tensor(0.01))
+    torch.testing.assert_close(compiled_g, g + 0.01 * torch.sign(p))
+
+    compiled_p = p.clone()
+    soft_threshold([compiled_p], torch.tensor(0.5))
+    expected = torch.sign(p) * torch.clamp(p.abs() - 0.5, min=0.0)
+    torch.testing.assert_close(compiled_p, expected)
+    assert torch.equal(compiled_p == 0, expected == 0)
+
+    # Both calls went through torch.compile (not the eager fallback).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= before_graphs + 2
+
+    monkeypatch.setenv("LIT_DECAY_COMPILE", "0")
+    eager_g, eager_p = g.clone(), p.clone()
+    add_l1_gradient([p], [eager_g], torch.tensor(0.01))
+    soft_threshold([eager_p], torch.tensor(0.5))
+    torch.testing.assert_close(compiled_g, eager_g)
+    torch.testing.assert_close(compiled_p, eager_p)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The hooks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def small_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def test_attach_is_idempotent() -> None:
+    model = small_model()
+    groups = lit_decay.param_groups(model, weight_decay=0.1, mode="l1", lr=0.01)
+    optimizer = torch.optim.Adam(groups, lr=0.01)
+    assert not is_attached(optimizer)
+    terms = attach(optimizer)
+    assert is_attached(optimizer)
+    pre, post = len(optimizer._optimizer_step_pre_hooks), len(optimizer._optimizer_step_post_hooks)
+    assert attach(optimizer) is terms and attach(optimizer) is terms
+    assert (len(optimizer._optimizer_step_pre_hooks), len(optimizer._optimizer_step_post_hooks)) == (pre, post)
+
+    # configure_adam attaches; attaching again does not apply the term twice.
+    once, thrice = small_model(), small_model()
+    thrice.load_state_dict(once.state_dict())
+    opt_once = lit_decay.configure_adam(once, lr=0.01, weight_decay=0.5, mode="l1")
+    opt_thrice = lit_decay.configure_adam(thrice, lr=0.01, weight_decay=0.5, mode="l1")
+    assert is_attached(opt_once)
+    attach(opt_thrice)
+    attach(opt_thrice)
+    x = torch.randn(4, 5)
+    for model_, opt in ((once, opt_once), (thrice, opt_thrice)):
+        for _ in range(3):
+            opt.zero_grad()
+            model_(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(once.parameters(), thrice.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_hand_built_optimizer_has_no_l1_term() -> None:
+    model = small_model()
+    optimizer = torch.optim.Adam(lit_decay.param_groups(model, weight_decay=0.1, mode="l1"), lr=0.01)
+    assert not is_attached(optimizer)
+
+
+@pytest.mark.parametrize("as_keyword", [True, False], ids=["closure=", "positional"])
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1"])
+def test_closure_runs_once_and_its_loss_is_returned(mode: str, as_keyword: bool) -> None:
+    with_closure, without = small_model(), small_model()
+    without.load_state_dict(with_closure.state_dict())
+    opt_closure = lit_decay.configure_adam(with_closure, lr=0.05, weight_decay=0.2, mode=mode)
+    opt_plain = lit_decay.configure_adam(without, lr=0.05, weight_decay=0.2, mode=mode)
+    x, y = torch.randn(6, 5), torch.randn(6, 2)
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        opt_closure.zero_grad()
+        loss = F.mse_loss(with_closure(x), y)
+        loss.backward()
+        return loss
+
+    for step in range(1, 4):
+        returned = opt_closure.step(closure=closure) if as_keyword else opt_closure.step(closure)
+        assert len(calls) == step  # exactly once per step
+        assert isinstance(returned, torch.Tensor)
+        assert torch.equal(returned, F.mse_loss(without(x), y))  # the closure's loss, before the step
+        opt_plain.zero_grad()
+        F.mse_loss(without(x), y).backward()
+        opt_plain.step()
+        # The closure path applied exactly what the plain path did (the term added after backward, once).
+        for a, b in zip(with_closure.parameters(), without.parameters()):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1"])
+def test_parameter_without_gradient_is_untouched(mode: str) -> None:
+    used, unused = nn.Linear(4, 4), nn.Linear(4, 4)
+    model = nn.ModuleDict({"used": used, "unused": unused})
+    optimizer = lit_decay.configure_adam(model, lr=0.1, weight_decay=1.0, mode=mode)
+    before_used, before_unused = used.weight.detach().clone(), unused.weight.detach().clone()
+    for _ in range(3):
+        optimizer.zero_grad()
+        used(torch.randn(3, 4)).square().mean().backward()
+        optimizer.step()
+    assert unused.weight.grad is None
+    assert torch.equal(unused.weight, before_unused)
+    assert unused.weight not in optimizer.state
+    assert not torch.equal(used.weight, before_used)
+    if mode == "decoupled_l1":  # lr·wd = 0.1 per step: a strong shrink that must not reach the unused layer
+        assert (used.weight == 0).any()
+
+
+def test_closure_with_unused_parameter() -> None:
+    used, unused = nn.Linear(4, 4), nn.Linear(4, 4)
+    model = nn.ModuleDict({"used": used, "unused": unused})
+    optimizer = lit_decay.configure_adam(model, lr=0.1, weight_decay=1.0, mode="l1")
+    before = copy.deepcopy(unused.state_dict())
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = used(torch.randn(3, 4)).square().mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert torch.equal(unused.weight, before["weight"]) and torch.equal(unused.bias, before["bias"])
