@@ -1,5 +1,8 @@
 """lit_decay: Adam parameter groups, decay modes and a weight-decay monitor for PyTorch Lightning.
 
+The Lightning callbacks are imported on first use, so ``import lit_decay`` (and ``lit-decay inspect``) costs only
+torch's import.
+
 Example:
     >>> import torch
     >>> import lit_decay
@@ -8,12 +11,19 @@ Example:
     ['decay', 'no_decay']
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lit_decay.grouping import GroupingReport, explain, param_groups
 from lit_decay.modes import MODES
-from lit_decay.monitor import WeightDecayMonitor
 from lit_decay.optim import configure_adam
-from lit_decay.schedule import WeightDecayScheduler
 from lit_decay.stats import METRICS, StepStatistics, group_stats
+
+if TYPE_CHECKING:
+    from lit_decay.monitor import WeightDecayMonitor
+    from lit_decay.schedule import WeightDecayScheduler
 
 __version__ = "0.1.0"
 
@@ -29,3 +39,11 @@ __all__ = [
     "group_stats",
     "param_groups",
 ]
+
+_LIGHTNING_NAMES = {"WeightDecayMonitor": "lit_decay.monitor", "WeightDecayScheduler": "lit_decay.schedule"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_NAMES:
+        return getattr(importlib.import_module(_LIGHTNING_NAMES[name]), name)
+    raise AttributeError(f"module 'lit_decay' has no attribute {name!r}")

@@ -47,14 +47,16 @@ def compiled_or_eager(eager: F) -> F:
     from then on. The first compiled call of a process pays compile time (seconds); later calls do not.
     """
     name = eager.__name__
-    compiled = torch.compile(eager, dynamic=True, fullgraph=True)
+    compiled: list[Callable[..., Any]] = []  # made on first use: importing dynamo costs seconds
 
     @functools.wraps(eager)
     def run(first: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if name in _failed or not wants_compiled(first):
             return eager(first, *args, **kwargs)
         try:
-            return compiled(first, *args, **kwargs)
+            if not compiled:
+                compiled.append(torch.compile(eager, dynamic=True, fullgraph=True))
+            return compiled[0](first, *args, **kwargs)
         except Exception as error:
             _failed.add(name)
             warnings.warn(

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from lit_decay.grouping import explain
 from lit_decay.modes import MODES
@@ -20,6 +20,13 @@ from lit_decay.modes import MODES
 
 class _UsageError(Exception):
     """A mistake in the command line: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line on stderr like ours (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lit-decay: error: {message}\n")
 
 
 def _load_class(target: str) -> type:
@@ -43,7 +50,7 @@ def _load_class(target: str) -> type:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lit-decay", description="Adam parameter grouping for PyTorch Lightning.")
+    parser = _Parser(prog="lit-decay", description="Adam parameter grouping for PyTorch Lightning.")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser(
         "inspect",
@@ -74,8 +81,8 @@ def _inspect(args: argparse.Namespace) -> str:
     cls = _load_class(args.target)
     try:
         model = cls(**init_args)
-    except TypeError as error:
-        raise _UsageError(f"cannot build {cls.__name__}(**{init_args!r}): {error}") from None
+    except Exception as error:  # the user's constructor may raise anything; report it, not a traceback
+        raise _UsageError(f"cannot build {cls.__name__}(**{init_args!r}): {type(error).__name__}: {error}") from None
     try:
         report = explain(
             model,

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 
@@ -155,6 +154,8 @@ def configure_adam(
     attach(optimizer)
     report = grouping.report().with_implementation(describe_implementation(optimizer))
     _REPORTS[optimizer] = report
+    from lightning.pytorch.utilities import rank_zero_info  # here, so `import lit_decay` does not import Lightning
+
     rank_zero_info(f"lit_decay: {report.summary()}")
     if scheduler is None:
         return optimizer

@@ -312,6 +312,11 @@ def place_parameters(
     frozen: list[tuple[str, torch.Tensor]] = []
     for key, names in names_by_tensor.items():
         tensor = tensors[key]
+        if isinstance(tensor, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"parameter {names[0]!r} of a lazy module is not initialised yet, so its shape (and whether it is a "
+                "weight or a vector) is unknown; run one forward pass before grouping the parameters"
+            )
         if not tensor.requires_grad:
             frozen.append((names[0], tensor))
             continue

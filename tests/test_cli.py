@@ -1,0 +1,225 @@
+"""``lit-decay inspect``: run as a user runs it (a subprocess, from the project root), and its usage errors.
+
+Every start of the command imports torch and the package (several seconds of CPU), so the subprocesses of this file
+are few and started together once, in a module-scoped fixture; each test reads its run's result. The rest goes
+through ``main()`` in-process (what the console script calls), each usage error as its own test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lit_decay.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 60
+
+
+def console_script() -> str:
+    beside = Path(sys.executable).with_name("lit-decay")
+    found = str(beside) if beside.exists() else shutil.which("lit-decay")
+    if not found:
+        pytest.fail("the lit-decay console script is not installed next to the interpreter nor on PATH")
+    return found
+
+
+MODULE = [sys.executable, "-m", "lit_decay.cli"]
+
+# name -> (command prefix: "module" or "script", arguments after it). Kept few: each start costs seconds of CPU.
+RUNS: dict[str, tuple[str, list[str]]] = {
+    "gpt_table": ("module", ["inspect", "examples.models:TinyGPT"]),
+    "gpt_json": (
+        "script",
+        [
+            "inspect",
+            "examples.models:TinyGPT",
+            "--json",
+            "--init-args",
+            '{"n_layer": 1}',
+            "--weight-decay",
+            "0.3",
+            "--mode",
+            "l2",
+        ],
+    ),
+    "mlp_table": ("module", ["inspect", "examples.models:MLP", "--weight-decay", "0.3", "--mode", "decoupled_l1"]),
+    "missing_module": ("script", ["inspect", "no_such_package.models:Net"]),
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(name: str) -> Result:
+    kind, args = RUNS[name]
+    command = (MODULE if kind == "module" else [console_script()]) + args
+    # subprocess.run kills the child when the timeout expires.
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, Result]:
+    # Two at a time: start-up is CPU-bound, and more would only stretch each run towards its timeout.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(RUNS, pool.map(run_cli, RUNS)))
+
+
+def tinygpt_tensor_count(n_layer: int) -> int:
+    # tok_emb + pos_emb (lm_head is tied) + 12 per block (ln_1, qkv, proj, ln_2, two MLP Linears; weight and bias each)
+    # + ln_f weight and bias.
+    return 2 + 12 * n_layer + 2
+
+
+def test_table_of_tinygpt(runs: dict[str, Result]) -> None:
+    result = runs["gpt_table"]
+    assert (result.returncode, result.stderr) == (0, "")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"TinyGPT: {tinygpt_tensor_count(2)} trainable tensors (")
+    assert lines[0].endswith("0 frozen (0 elements)")
+
+    def row(name: str) -> tuple[str, ...]:
+        matching = [
+            m
+            for line in lines
+            if (m := re.fullmatch(rf"{re.escape(name)}\s+(\(.*?\))\s+([\d,]+)\s+(\S+)\s+(.*)", line))
+        ]
+        assert len(matching) == 1, name
+        return matching[0].groups()
+
+    assert row("tok_emb.weight") == ("(65, 64)", "4,160", "decay", "embedding; tied to lm_head.weight")
+    assert row("blocks.0.ln_1.weight") == ("(64,)", "64", "no_decay", "normalization layer LayerNorm")
+    assert row("blocks.1.attn.qkv.weight") == ("(192, 64)", "12,288", "decay", "ndim=2 weight")
+    assert row("blocks.1.attn.qkv.bias") == ("(192,)", "192", "no_decay", "bias")
+    assert not any(line.startswith("lm_head.weight") for line in lines)
+
+
+def test_json_init_args_weight_decay_and_mode_from_the_console_script(runs: dict[str, Result]) -> None:
+    result = runs["gpt_json"]
+    assert (result.returncode, result.stderr) == (0, "")
+    data = json.loads(result.stdout)
+    assert data["model"] == "TinyGPT"
+    for row in data["parameters"]:
+        assert set(row) == {"name", "shape", "numel", "group", "reason", "aliases"}
+    assert data["parameters"][0] == {
+        "name": "tok_emb.weight",
+        "shape": [65, 64],
+        "numel": 4160,
+        "group": "decay",
+        "reason": "embedding",
+        "aliases": ["lm_head.weight"],
+    }
+    # --init-args '{"n_layer": 1}' reached the constructor: one block instead of the default two.
+    names = [row["name"] for row in data["parameters"]]
+    assert len(names) == tinygpt_tensor_count(1)
+    assert any(n.startswith("blocks.0.") for n in names)
+    assert not any(n.startswith("blocks.1.") for n in names)
+    assert [(g["name"], g["mode"], g["coefficient"]) for g in data["groups"]] == [
+        ("decay", "l2", 0.3),
+        ("no_decay", "none", 0.0),
+    ]
+
+
+def test_usage_error_in_a_subprocess(runs: dict[str, Result]) -> None:
+    result = runs["missing_module"]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "lit-decay: error: cannot import module 'no_such_package.models': No module named 'no_such_package'"
+    ]
+
+
+def test_mlp_table_reflects_weight_decay_and_mode(runs: dict[str, Result]) -> None:
+    result = runs["mlp_table"]
+    assert (result.returncode, result.stderr) == (0, "")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("MLP: 6 trainable tensors (")
+    assert [line.split()[:3] for line in lines[1:4]] == [
+        ["group", "mode", "coefficient"],
+        ["decay", "decoupled_l1", "0.3"],
+        ["no_decay", "none", "0"],
+    ]
+    assert any(line.split()[:1] == ["net.1.weight"] and "normalization layer BatchNorm1d" in line for line in lines)
+    assert any(line.split()[:1] == ["net.0.weight"] and "ndim=2 weight" in line for line in lines)
+
+
+# --- in-process: main() as the console script calls it -------------------------------------------------------------
+
+
+def run_main(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[object, str, str]:
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the working directory on it
+    try:
+        code: object = main(argv)
+    except SystemExit as exit_:  # argparse's own errors end this way
+        code = exit_.code
+    except Exception as error:  # what a user would see as a traceback
+        pytest.fail(f"main({argv}) raised {error!r} instead of returning 2")
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_exclude_embeddings_and_decay_1d_flags(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, _ = run_main(
+        ["inspect", "examples.models:TinyGPT", "--json", "--exclude-embeddings", "--decay-1d"], capsys, monkeypatch
+    )
+    assert code == 0
+    rows = {row["name"]: (row["group"], row["reason"]) for row in json.loads(out)["parameters"]}
+    assert rows["tok_emb.weight"] == ("no_decay", "embedding (exclude_embeddings=True)")
+    # Norms and biases stay out even with --decay-1d: their own rules come first.
+    assert rows["ln_f.weight"] == ("no_decay", "normalization layer LayerNorm")
+    assert rows["blocks.0.attn.qkv.bias"] == ("no_decay", "bias")
+
+
+# --- the same errors in-process (what main() returns and prints) ----------------------------------------------------
+
+ERRORS = {
+    "nonexistent module": (["inspect", "no_such_package.models:Net"], "no_such_package"),
+    "nonexistent class": (["inspect", "examples.models:NoSuchNet"], "NoSuchNet"),
+    "not a class": (["inspect", "examples.models:F"], "not a class"),
+    "not a class (function)": (["inspect", "os.path:join"], "not a class"),
+    "no colon": (["inspect", "examples.models"], "MODULE:CLASS"),
+    "empty class": (["inspect", "examples.models:"], "MODULE:CLASS"),
+    "empty module": (["inspect", ":TinyGPT"], "MODULE:CLASS"),
+    "bad json": (["inspect", "examples.models:TinyGPT", "--init-args", "{n_layer: 1}"], "JSON"),
+    "json not an object": (["inspect", "examples.models:TinyGPT", "--init-args", "[1]"], "JSON object"),
+    "unknown init arg": (["inspect", "examples.models:TinyGPT", "--init-args", '{"layers": 1}'], "layers"),
+    "init arg value rejected": (
+        ["inspect", "examples.models:TinyGPT", "--init-args", '{"n_embd": 10, "n_head": 4}'],
+        "n_embd",
+    ),
+    "bad mode": (["inspect", "examples.models:MLP", "--mode", "adamw"], "adamw"),
+    "bad weight decay": (["inspect", "examples.models:MLP", "--weight-decay", "-1"], "-1"),
+    "no trainable parameters": (["inspect", "torch.nn:Identity"], "no trainable parameters"),
+}
+
+
+@pytest.mark.parametrize(("argv", "named"), list(ERRORS.values()), ids=list(ERRORS))
+def test_usage_errors(
+    argv: list[str], named: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = run_main(argv, capsys, monkeypatch)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert named in lines[0]
+    assert lines[0].startswith("lit-decay")
