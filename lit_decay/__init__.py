@@ -3,7 +3,7 @@
 The Lightning callbacks are imported on first use, so ``import lit_decay`` (and ``lit-decay inspect``) costs only
 torch's import.
 
-Example:
+Examples:
     >>> import torch
     >>> import lit_decay
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))

@@ -10,7 +10,7 @@ from lit_decay.modes import MODES, Mode
 
 
 def check_mode(mode: Any, *, what: str = "mode") -> Mode:
-    """Return ``mode`` if it is one of :data:`lit_decay.modes.MODES`, else raise ``ValueError`` naming it."""
+    """Return ``mode`` if it is one of ``lit_decay.modes.MODES``, else raise ``ValueError`` naming it."""
     if not isinstance(mode, str) or mode not in MODES:
         valid = ", ".join(repr(m) for m in MODES)
         raise ValueError(f"{what}={mode!r} is not a decay mode; valid modes are {valid}")

@@ -18,7 +18,7 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this process holds: a DTensor's local shard, any other tensor itself.
 
-    Example:
+    Examples:
         >>> t = torch.ones(3)
         >>> local(t) is t
         True

@@ -99,7 +99,7 @@ def _inspect(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lit-decay`` command.
 
-    Example:
+    Examples:
         >>> main(["inspect", "torch.nn:Linear", "--init-args", '{"in_features": 2, "out_features": 3}'])
         Linear: 2 trainable tensors (9 elements), 0 frozen (0 elements)
           group     mode       coefficient  lr_scale  tensors  elements
@@ -117,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as error:
         print(f"lit-decay: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `lit-decay inspect ... | head` closed the pipe: stop quietly, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

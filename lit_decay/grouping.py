@@ -1,7 +1,7 @@
 """Parameter groups for Adam, and the report that explains them.
 
-:func:`param_groups` turns the placements of :mod:`lit_decay.rules` into plain dicts that ``torch.optim.Adam``
-accepts as they are; :func:`explain` returns the same decisions as a :class:`GroupingReport` a human can read.
+``param_groups`` turns the placements of ``lit_decay.rules`` into plain dicts that ``torch.optim.Adam``
+accepts as they are; ``explain`` returns the same decisions as a ``GroupingReport`` a human can read.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lit_decay.rules import DECAY, NO_DECAY, Override, Placement, numel, parse_o
 
 @dataclass(frozen=True)
 class ParameterRow:
-    """One trainable tensor in a :class:`GroupingReport`."""
+    """One trainable tensor in a ``GroupingReport``."""
 
     name: str
     shape: tuple[int, ...]
@@ -56,7 +56,7 @@ class GroupSummary:
 class GroupingReport:
     """Every grouping decision for a model: ``str(report)`` is a table, ``report.to_dict()`` is JSON-safe.
 
-    Example:
+    Examples:
         >>> report = explain(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), weight_decay=0.1)
         >>> [(row.name, row.group, row.reason) for row in report.rows][:2]
         [('0.weight', 'decay', 'ndim=2 weight'), ('0.bias', 'no_decay', 'bias')]
@@ -88,7 +88,7 @@ class GroupingReport:
         }
 
     def summary(self) -> str:
-        """The header of :meth:`__str__`: totals and one line per group, as nanoGPT prints them."""
+        """The header of ``__str__``: totals and one line per group, as nanoGPT prints them."""
         trainable = sum(r.numel for r in self.rows)
         lines = [
             f"{self.model}: {len(self.rows)} trainable tensors ({trainable:,} elements), "
@@ -137,7 +137,7 @@ class GroupingReport:
         return "\n".join(lines)
 
     def with_implementation(self, implementation: str) -> GroupingReport:
-        """A copy that also names the Adam implementation (what :func:`lit_decay.configure_adam` chose)."""
+        """A copy that also names the Adam implementation (what ``lit_decay.configure_adam`` chose)."""
         return replace(self, implementation=implementation)
 
 
@@ -167,7 +167,7 @@ class Plan:
     settings: dict[str, dict[str, Any]]
 
     def groups(self, lr: float | None = None) -> list[dict[str, Any]]:
-        """The param-group dicts (see :func:`param_groups`)."""
+        """The param-group dicts (see ``param_groups``)."""
         members: dict[str, list[tuple[str, torch.Tensor]]] = {name: [] for name in self.order}
         for placement in self.placements:
             members[placement.group].append((placement.name, placement.tensor))
@@ -199,7 +199,7 @@ class Plan:
         return groups
 
     def report(self) -> GroupingReport:
-        """The :class:`GroupingReport` (see :func:`explain`)."""
+        """The ``GroupingReport`` (see ``explain``)."""
         rows = tuple(
             ParameterRow(p.name, tuple(p.tensor.shape), numel(p.tensor), p.group, p.reason, p.aliases)
             for p in self.placements
@@ -260,7 +260,7 @@ def plan(
 def check_partition(groups: Sequence[Mapping[str, Any]], trainable: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Raise ``RuntimeError`` naming the offenders unless every trainable tensor is in exactly one group.
 
-    Example:
+    Examples:
         >>> layer = nn.Linear(2, 2)
         >>> check_partition([{"name": "all", "params": list(layer.named_parameters())}], layer.named_parameters())
     """
@@ -300,7 +300,7 @@ def param_groups(
 
     Returns plain dicts that ``torch.optim.Adam`` accepts as they are: ``"name"``, ``"params"`` as ``(name, tensor)``
     pairs, ``"decay_mode"``, ``"decay_coefficient"`` and torch's ``"weight_decay"`` / ``"decoupled_weight_decay"``.
-    Torch applies no L1 term by itself; :func:`lit_decay.configure_adam` is what attaches it to the L1 modes.
+    Torch applies no L1 term by itself; ``lit_decay.configure_adam`` is what attaches it to the L1 modes.
 
     Args:
         module: any ``nn.Module`` (a LightningModule, or a model wrapped by DDP/FSDP/``torch.compile``).
@@ -312,7 +312,7 @@ def param_groups(
             ``"weight_decay"``, ``"lr_scale"`` and ``"mode"``; the first matching override takes the parameter.
         lr: the base learning rate; groups of overrides with ``lr_scale`` get ``"lr": lr * lr_scale``.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
         >>> head = {"pattern": "2.*", "name": "head", "lr_scale": 10}
         >>> groups = param_groups(model, weight_decay=0.1, overrides=[head], lr=1e-3)
@@ -344,9 +344,9 @@ def explain(
     overrides: Iterable[Mapping[str, Any]] | None = (),
     lr: float | None = None,
 ) -> GroupingReport:
-    """Explain how :func:`param_groups` would group ``module``'s parameters (same options), one row per tensor.
+    """Explain how ``param_groups`` would group ``module``'s parameters (same options), one row per tensor.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
         >>> model[1].weight = model[0].weight  # tied output head
         >>> row = explain(model, weight_decay=0.1, exclude_embeddings=True).rows[0]

@@ -1,7 +1,7 @@
 """The five decay modes and how each maps onto torch's own Adam group keys.
 
 Only ``l2`` and ``decoupled`` are something torch's kernel applies by itself; the L1 modes are added around the
-kernel by :mod:`lit_decay.l1`, and ``none`` applies nothing. Every group carries the strength the user asked for in
+kernel by ``lit_decay.penalties``, and ``none`` applies nothing. Every group carries the strength the user asked for in
 ``"decay_coefficient"`` whatever the mode, so the monitor and schedulers never have to guess.
 """
 
@@ -21,7 +21,7 @@ L1_MODES: frozenset[str] = frozenset({"l1", "decoupled_l1"})
 def torch_decay_keys(mode: str, coefficient: float) -> dict[str, Any]:
     """Torch's own group keys for ``mode`` at strength ``coefficient``.
 
-    Example:
+    Examples:
         >>> torch_decay_keys("decoupled", 0.1)
         {'weight_decay': 0.1, 'decoupled_weight_decay': True}
         >>> torch_decay_keys("l1", 0.1)
@@ -39,7 +39,7 @@ def set_decay_coefficient(group: MutableMapping[str, Any], coefficient: float) -
     This is what a weight-decay schedule writes each step: the fused kernel reads ``"weight_decay"``, the L1 hooks
     and the monitor read ``"decay_coefficient"``.
 
-    Example:
+    Examples:
         >>> group = {"decay_mode": "l2", "decay_coefficient": 0.1, "weight_decay": 0.1}
         >>> set_decay_coefficient(group, 0.05)
         >>> group["weight_decay"], group["decay_coefficient"]

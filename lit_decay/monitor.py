@@ -1,7 +1,7 @@
 """``WeightDecayMonitor``: the Lightning callback that logs what weight decay is doing, per param group.
 
-A thin adapter: it decides which steps log, hooks :class:`lit_decay.stats.StepStatistics` around each optimizer's
-step, and hands the figures to the Trainer's loggers (plus TensorBoard extras from :mod:`lit_decay.tensorboard`).
+A thin adapter: it decides which steps log, hooks ``lit_decay.stats.StepStatistics`` around each optimizer's
+step, and hands the figures to the Trainer's loggers (plus TensorBoard extras from ``lit_decay.tensorboard``).
 """
 
 from __future__ import annotations

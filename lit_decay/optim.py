@@ -1,7 +1,7 @@
 """``configure_adam``: the helper a LightningModule returns from ``configure_optimizers``.
 
-It builds a plain ``torch.optim.Adam`` over :func:`lit_decay.param_groups`, picks torch's fused kernel where every
-parameter allows it, and attaches the L1 hooks of :mod:`lit_decay.penalties` for the modes torch has no key for.
+It builds a plain ``torch.optim.Adam`` over ``lit_decay.param_groups``, picks torch's fused kernel where every
+parameter allows it, and attaches the L1 hooks of ``lit_decay.penalties`` for the modes torch has no key for.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def choose_implementation(groups: Iterable[Mapping[str, Any]], fused: bool | Non
     multi-tensor kernels on CUDA/XPU and its per-tensor loop elsewhere. ``fused=True`` raises, naming the first
     parameter that rules the fused kernel out.
 
-    Example:
+    Examples:
         >>> groups = [{"params": [("w", torch.zeros(2, requires_grad=True))]}]
         >>> choose_implementation(groups, None)
         {'fused': True, 'foreach': False}
@@ -76,7 +76,7 @@ def choose_implementation(groups: Iterable[Mapping[str, Any]], fused: bool | Non
 def describe_implementation(optimizer: Optimizer) -> str:
     """In words, which Adam kernel ``optimizer`` runs: ``"fused"``, ``"foreach"`` or ``"for-loop"``.
 
-    Example:
+    Examples:
         >>> describe_implementation(torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True))
         'fused'
     """
@@ -86,7 +86,7 @@ def describe_implementation(optimizer: Optimizer) -> str:
 
 
 def report_of(optimizer: Optimizer) -> GroupingReport | None:
-    """The grouping report :func:`configure_adam` made for ``optimizer`` (None for an optimizer built elsewhere)."""
+    """The grouping report ``configure_adam`` made for ``optimizer`` (None for an optimizer built elsewhere)."""
     return _REPORTS.get(optimizer)
 
 
@@ -123,7 +123,7 @@ def configure_adam(
     ``"scheduler"``). The fused kernel is used whenever the parameters allow it (``fused=None``); the choice is in
     ``optimizer.defaults["fused"]`` and in the grouping summary logged on rank zero.
 
-    Example:
+    Examples:
         >>> import lightning as L
         >>> class Net(L.LightningModule):
         ...     def __init__(self):

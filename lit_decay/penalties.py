@@ -49,7 +49,7 @@ def add_l1_gradient(
 ) -> None:
     """``g ← g + coefficient·sign(p)`` in place, one pass over each large tensor.
 
-    Example:
+    Examples:
         >>> p, g = torch.tensor([2.0, -1.0, 0.0]), torch.zeros(3)
         >>> add_l1_gradient([p], [g], 0.1); g
         tensor([ 0.1000, -0.1000,  0.0000])
@@ -80,7 +80,7 @@ def add_l1_gradient(
 def soft_threshold(params: Sequence[torch.Tensor], threshold: float | torch.Tensor) -> None:
     """The proximal L1 step ``p ← sign(p)·max(|p| − threshold, 0)`` in place: exact zeros where ``|p| ≤ threshold``.
 
-    Example:
+    Examples:
         >>> p = torch.tensor([0.5, -0.05, 0.02, -2.0])
         >>> soft_threshold([p], 0.1); p.abs()
         tensor([0.4000, 0.0000, 0.0000, 1.9000])
@@ -108,7 +108,7 @@ def _returning(value: Any) -> Any:
 class DecayTerms:
     """The step hooks that apply ``l1`` and ``decoupled_l1`` groups' penalties on one optimizer.
 
-    Use :func:`attach` rather than this class directly.
+    Use ``attach`` rather than this class directly.
     """
 
     def __init__(self, optimizer: Optimizer) -> None:
@@ -175,7 +175,7 @@ class DecayTerms:
 def attach(optimizer: Optimizer) -> DecayTerms:
     """Attach the L1 step hooks to ``optimizer`` (once; a second call returns the same hooks).
 
-    Example:
+    Examples:
         >>> layer = torch.nn.Linear(2, 2)
         >>> opt = torch.optim.Adam([{"params": list(layer.parameters()), "decay_mode": "l1", "decay_coefficient": 0.1}])
         >>> terms = attach(opt); is_attached(opt)

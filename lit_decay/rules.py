@@ -1,6 +1,6 @@
 """The decay rules: which trainable tensor goes to which group, and why.
 
-A pure function of the module: :func:`place_parameters` walks the module once and returns one :class:`Placement` per
+A pure function of the module: ``place_parameters`` walks the module once and returns one ``Placement`` per
 trainable tensor (tied tensors once, with their aliases) and the frozen ones apart. The rules, first match wins:
 
 1. ``requires_grad=False`` → frozen, not in the optimizer;
@@ -95,7 +95,7 @@ def unwrap(module: nn.Module) -> nn.Module:
     A root is treated as a wrapper when it has no parameters of its own and exactly one child, kept under one of the
     private attribute names such wrappers use, or under ``module`` in a class named ``*DataParallel``.
 
-    Example:
+    Examples:
         >>> inner = nn.Linear(2, 2)
         >>> unwrap(torch.compile(inner)) is inner
         True
@@ -114,7 +114,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 def clean_name(name: str) -> str:
     """``name`` without the segments wrappers insert inside a model.
 
-    Example:
+    Examples:
         >>> clean_name("blocks.0._checkpoint_wrapped_module.attn.weight")
         'blocks.0.attn.weight'
     """
@@ -124,7 +124,7 @@ def clean_name(name: str) -> str:
 def is_normalization(module: nn.Module) -> bool:
     """True for torch's normalization layers and for any module class whose name contains ``"Norm"``.
 
-    Example:
+    Examples:
         >>> is_normalization(nn.LayerNorm(4)), is_normalization(nn.Linear(4, 4))
         (True, False)
     """
@@ -134,7 +134,7 @@ def is_normalization(module: nn.Module) -> bool:
 def is_bias_name(leaf: str) -> bool:
     """True for the leaf names torch and common models give biases: ``bias``, ``bias_*`` and ``*_bias``.
 
-    Example:
+    Examples:
         >>> [is_bias_name(n) for n in ("bias", "in_proj_bias", "bias_ih_l0", "weight")]
         [True, True, True, False]
     """
@@ -142,9 +142,9 @@ def is_bias_name(leaf: str) -> bool:
 
 
 def parse_overrides(overrides: Iterable[Mapping[str, Any]] | None) -> tuple[Override, ...]:
-    """Validate ``overrides=`` entries into :class:`Override` objects, or raise naming the bad entry.
+    """Validate ``overrides=`` entries into ``Override`` objects, or raise naming the bad entry.
 
-    Example:
+    Examples:
         >>> parse_overrides([{"pattern": "head.*", "lr_scale": 10.0}])[0].name
         'head.*'
     """
@@ -285,7 +285,7 @@ def place_parameters(
 
     Raises ``ValueError`` for an override pattern that matches no trainable parameter.
 
-    Example:
+    Examples:
         >>> placements, frozen = place_parameters(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
         >>> [(p.name, p.group, p.reason) for p in placements]  # doctest: +NORMALIZE_WHITESPACE
         [('0.weight', 'decay', 'ndim=2 weight'), ('0.bias', 'no_decay', 'bias'),

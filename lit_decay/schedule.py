@@ -44,7 +44,7 @@ def schedule_factor(
     Warmup ramps linearly from 0 to ``start_factor`` over ``warmup_steps``; then ``"linear"`` and ``"cosine"`` go from
     ``start_factor`` to ``end_factor`` by the last step, ``"constant"`` stays at ``start_factor``.
 
-    Example:
+    Examples:
         >>> [round(schedule_factor("cosine", s, 5, start_factor=1.0, end_factor=0.0), 3) for s in range(5)]
         [1.0, 0.854, 0.5, 0.146, 0.0]
         >>> [schedule_factor("linear", s, 6, end_factor=3.0, warmup_steps=2) for s in range(6)]
@@ -77,7 +77,7 @@ class WeightDecayScheduler(Callback):
     ``"weight_decay"`` for a hand-built optimizer, at the start of training; or ``1/(lr·τ)`` with a timescale) and is
     written into the group before every optimizer step. Groups with mode ``"none"`` or a zero coefficient are left
     alone unless named in ``groups``. The base coefficients are saved in checkpoints, so a resumed run continues the
-    schedule where it stopped. :class:`lit_decay.WeightDecayMonitor` shows the result in ``effective_decay``.
+    schedule where it stopped. ``lit_decay.WeightDecayMonitor`` shows the result in ``effective_decay``.
 
     Args:
         schedule: ``"constant"``, ``"linear"``, ``"cosine"``, or a callable ``factor(step)`` of the 0-based
@@ -196,7 +196,7 @@ class WeightDecayScheduler(Callback):
     def factor(self, step: int) -> float:
         """The schedule's factor at optimizer step ``step`` (0-based); raises if a callable returns a bad value.
 
-        Example:
+        Examples:
             >>> WeightDecayScheduler("linear", end_factor=0.0, total_steps=3).factor(1)
             0.5
         """

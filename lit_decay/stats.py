@@ -49,7 +49,7 @@ _W2, _G2, _D2, _REG, _ZEROS = range(5)
 def check_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
     """``metrics`` as a tuple in canonical order (all of them for None), or raise naming the unknown ones.
 
-    Example:
+    Examples:
         >>> check_metrics(["sparsity", "weight_norm"])
         ('weight_norm', 'sparsity')
     """
@@ -70,7 +70,7 @@ def group_names(optimizers: Sequence[Optimizer]) -> list[list[str]]:
     """Tag names of every group: its ``"name"`` key, else ``pg1``, ``pg2``... as Lightning's LearningRateMonitor
     names them; a name seen before gets ``-1``, ``-2``... so several optimizers never share a tag.
 
-    Example:
+    Examples:
         >>> a = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "name": "decay"}], lr=0.1)
         >>> b = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         >>> group_names([a, b, a])
@@ -105,7 +105,7 @@ class Rule:
 def group_rule(optimizer: Optimizer, group: Mapping[str, Any]) -> Rule:
     """The decay rule of ``group``: lit_decay's ``decay_mode`` if present, else what torch's keys mean.
 
-    Example:
+    Examples:
         >>> w = torch.zeros(2, requires_grad=True)
         >>> group_rule(torch.optim.AdamW([w], weight_decay=0.1), {"weight_decay": 0.1}).mode
         'decoupled'
@@ -241,14 +241,14 @@ def _shard_groups(tensor: torch.Tensor) -> tuple[Any, ...]:
 
 
 class StepStatistics:
-    """Takes the figures of one or more optimizers right after their steps; :meth:`collect` turns them into floats
+    """Takes the figures of one or more optimizers right after their steps; ``collect`` turns them into floats
     with a single device-to-host transfer.
 
-    Call :meth:`before_step` before ``optimizer.step()`` (only needed where the update cannot be read from Adam's
-    state: it snapshots those groups' weights), :meth:`after_step` right after it, and :meth:`collect` once per
-    logging step. :class:`lit_decay.WeightDecayMonitor` does all three from optimizer step hooks.
+    Call ``before_step`` before ``optimizer.step()`` (only needed where the update cannot be read from Adam's
+    state: it snapshots those groups' weights), ``after_step`` right after it, and ``collect`` once per
+    logging step. ``lit_decay.WeightDecayMonitor`` does all three from optimizer step hooks.
 
-    Example:
+    Examples:
         >>> model = torch.nn.Linear(4, 2)
         >>> optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
         >>> statistics = StepStatistics([optimizer])
@@ -457,10 +457,10 @@ def group_stats(optimizer: Optimizer, *, metrics: Iterable[str] | None = None) -
     """The monitor's figures for ``optimizer``, without Lightning: call it right after ``optimizer.step()``.
 
     Keys are ``{metric}/{group}``. ``update_ratio`` is read from Adam's state, so it is there for torch's Adam and
-    AdamW in every mode but ``decoupled_l1``; for those, and for other optimizers, use :class:`StepStatistics`
+    AdamW in every mode but ``decoupled_l1``; for those, and for other optimizers, use ``StepStatistics``
     (which snapshots the weights before the step).
 
-    Example:
+    Examples:
         >>> import lit_decay
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
         >>> optimizer = lit_decay.configure_adam(model, lr=0.01, weight_decay=0.1, mode="decoupled")

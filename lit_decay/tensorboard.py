@@ -17,7 +17,7 @@ from lit_decay.stats import group_rule
 def custom_scalars_layout(prefix: str, metrics: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
     """TensorBoard's custom-scalars layout: one chart per metric with every group overlaid (tags matched by regex).
 
-    Example:
+    Examples:
         >>> custom_scalars_layout("decay", ["weight_norm"])
         {'decay': {'weight_norm': ['Multiline', ['^decay/weight_norm/[^/]+$']]}}
     """
@@ -28,7 +28,7 @@ def grouping_markdown(optimizers: Sequence[Optimizer], names: Sequence[Sequence[
     """The grouping of every optimizer as markdown: lit_decay's full report where ``configure_adam`` built the
     optimizer, else a table of its groups.
 
-    Example:
+    Examples:
         >>> opt = torch.optim.AdamW([torch.zeros(3, requires_grad=True)], weight_decay=0.01)
         >>> print(grouping_markdown([opt], [["pg1"]]))
         **optimizer 0: AdamW** (for-loop)
