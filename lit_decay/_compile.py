@@ -23,6 +23,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Tensors with at least this many elements go through the compiled kernel.
 MIN_COMPILED_NUMEL = 1 << 20
 
+# Each kernel is specialised on which optional inputs are None, on dtypes and on the mode: more variants than
+# dynamo's default of 8 per function, after which fullgraph=True would fail. The limit is raised only while our own
+# kernels run, so the user's compiled code keeps its settings.
+_RECOMPILE_LIMIT = 64
+
 _failed: set[str] = set()
 
 
@@ -56,7 +61,8 @@ def compiled_or_eager(eager: F) -> F:
         try:
             if not compiled:
                 compiled.append(torch.compile(eager, dynamic=True, fullgraph=True))
-            return compiled[0](first, *args, **kwargs)
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                return compiled[0](first, *args, **kwargs)
         except Exception as error:
             _failed.add(name)
             warnings.warn(

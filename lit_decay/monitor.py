@@ -16,7 +16,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 
 from lit_decay._tensors import is_dtensor
 from lit_decay.optim import report_of
@@ -89,7 +88,6 @@ class WeightDecayMonitor(Callback):
         self.on_nonfinite = on_nonfinite
         self._warned_nonfinite: set[str] = set()
         self._statistics: StepStatistics | None = None
-        self._handles: list[RemovableHandle] = []
         self._armed = False
 
     # ---- Lightning hooks -------------------------------------------------------------------------------------------
@@ -111,10 +109,7 @@ class WeightDecayMonitor(Callback):
         self._statistics = StepStatistics(
             optimizers, metrics=self.metrics, per_parameter=self.per_parameter, parameter_names=names
         )
-        self._remove_hooks()
-        for optimizer in optimizers:
-            self._handles.append(optimizer.register_step_pre_hook(self._before_step))
-            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        self._statistics.attach()
         if self.audit:
             self._audit(pl_module, optimizers)
         if trainer.is_global_zero:
@@ -124,6 +119,8 @@ class WeightDecayMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._armed = self._statistics is not None and self._is_logging_batch(trainer)
+        if self._armed and self._statistics is not None:
+            self._statistics.arm()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -143,7 +140,8 @@ class WeightDecayMonitor(Callback):
         self._check_finite(figures, step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_hooks()
+        if self._statistics is not None:
+            self._statistics.detach()
         self._statistics = None
         self._armed = False
 
@@ -152,16 +150,6 @@ class WeightDecayMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._warned_nonfinite = set(state_dict.get("warned_nonfinite", ()))
-
-    # ---- optimizer step hooks --------------------------------------------------------------------------------------
-
-    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        if self._armed and self._statistics is not None:
-            self._statistics.before_step(optimizer)
-
-    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        if self._armed and self._statistics is not None:
-            self._statistics.after_step(optimizer)
 
     # ---- helpers ---------------------------------------------------------------------------------------------------
 
@@ -172,11 +160,6 @@ class WeightDecayMonitor(Callback):
         # The same count Lightning's own logging uses, so our figures land on the steps the user's metrics do.
         stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
         return (stepped + 1) % every == 0
-
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _audit(self, pl_module: pl.LightningModule, optimizers: Sequence[Optimizer]) -> None:
         in_optimizers = {id(p) for optimizer in optimizers for g in optimizer.param_groups for p in g["params"]}

@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from lit_decay._compile import compiled_or_eager, wants_compiled
 from lit_decay._tensors import local
 
 _ATTACHED: weakref.WeakKeyDictionary[Optimizer, DecayTerms] = weakref.WeakKeyDictionary()
+
+ProximalObserver = Callable[[Optimizer, dict[str, Any], "float | torch.Tensor"], None]
 
 
 @compiled_or_eager
@@ -116,6 +120,15 @@ class DecayTerms:
             optimizer.register_step_pre_hook(self.before_step),
             optimizer.register_step_post_hook(self.after_step),
         ]
+        # An OrderedDict, as torch keeps its hooks: RemovableHandle holds it by weak reference.
+        self._proximal_observers: OrderedDict[int, ProximalObserver] = OrderedDict()
+
+    def observe_proximal_step(self, observer: ProximalObserver) -> RemovableHandle:
+        """Call ``observer(optimizer, group, threshold)`` for each ``decoupled_l1`` group after Adam's step and just
+        before the proximal step (the monitor reads Adam's update there instead of copying the weights)."""
+        handle = RemovableHandle(self._proximal_observers)
+        self._proximal_observers[handle.id] = observer
+        return handle
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -169,6 +182,8 @@ class DecayTerms:
                 if found_inf is not None:
                     # A step the scaler skipped must change nothing; decided on device, without a host sync.
                     threshold = (1.0 - _wide(found_inf)) * threshold
+                for observer in list(self._proximal_observers.values()):
+                    observer(optimizer, group, threshold)
                 soft_threshold(stepped, threshold)
 
 
@@ -190,3 +205,10 @@ def attach(optimizer: Optimizer) -> DecayTerms:
 def is_attached(optimizer: Optimizer) -> bool:
     """Whether the L1 hooks are attached to ``optimizer`` (if not, torch applies no L1 penalty at all)."""
     return optimizer in _ATTACHED
+
+
+def observe_proximal_step(optimizer: Optimizer, observer: ProximalObserver) -> RemovableHandle | None:
+    """Have ``observer(optimizer, group, threshold)`` called just before each proximal L1 step of ``optimizer``;
+    None if no L1 hooks are attached to it (then it takes no proximal step)."""
+    terms = _ATTACHED.get(optimizer)
+    return None if terms is None else terms.observe_proximal_step(observer)

@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from lit_decay._compile import compiled_or_eager, wants_compiled
 from lit_decay._tensors import is_dtensor, local
+from lit_decay.penalties import is_attached, observe_proximal_step
 
 METRICS: tuple[str, ...] = (
     "weight_norm",
@@ -135,13 +136,18 @@ def group_rule(optimizer: Optimizer, group: Mapping[str, Any]) -> Rule:
     return Rule(mode, coefficient, kinds.get(mode, _UNKNOWN))
 
 
-def update_from_state(optimizer: Optimizer, group: Mapping[str, Any], rule: Rule) -> bool:
+def update_from_state(
+    optimizer: Optimizer, group: Mapping[str, Any], rule: Rule, *, sees_proximal_step: bool = False
+) -> bool:
     """Whether the step's update of ``group`` can be read from Adam's state (else a snapshot is needed).
 
-    True for torch's Adam/AdamW in every mode but ``decoupled_l1`` (whose proximal step leaves no trace in the
-    state), with float32/float64 weights (lower precision rounds the applied update away from Adam's).
+    True for torch's Adam/AdamW with float32/float64 weights (lower precision rounds the applied update away from
+    Adam's) in every mode; for ``decoupled_l1`` only when the figures are taken just before lit_decay's proximal step
+    (``sees_proximal_step``), since the weights after it no longer tell what they were.
     """
-    if not isinstance(optimizer, torch.optim.Adam) or rule.kind in (_PROXIMAL_L1, _UNKNOWN, _SGD):
+    if not isinstance(optimizer, torch.optim.Adam) or rule.kind in (_UNKNOWN, _SGD):
+        return False
+    if rule.kind == _PROXIMAL_L1 and not sees_proximal_step:
         return False
     if rule.kind == _DECOUPLED:
         # Rebuilding AdamW's w_old divides by 1 − lr·wd; a tensor lr would have to be read on the host to check it.
@@ -164,17 +170,23 @@ def _tensor_sums(
     eps: float,
     decay: float | torch.Tensor,
     kind: int,
+    threshold: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σw², Σg², Σ(Δw)², Σ(penalty term), number of zeros, for one (local, flat) tensor, in one pass.
 
     ``Δw`` is ``w − w_old`` with a snapshot, else rebuilt from Adam's moments: ``Δw = −step_size·m/D`` with
     ``D = √v·inv_sqrt_bias2 + eps`` (plus AdamW's decay), zeroed by ``keep`` on a step the grad scaler skipped;
     ``decay`` is lr·wd. Scalars that depend on the step count come in precomputed, so the pass does no scalar work.
+    With ``threshold``, ``w`` is the weight after Adam's step but before the proximal L1 step, which this pass applies
+    to its own copy: the figures are those of the weights after the whole step, and w_old = w + Adam's update.
     """
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
     wf = w.to(acc)
+    adam_stepped = wf
+    if threshold is not None:
+        wf = wf - torch.clamp(wf, -threshold, threshold)  # type: ignore[arg-type]
     w2 = (wf * wf).sum()
-    zeros = (w == 0).to(acc).sum()
+    zeros = (wf == 0).to(acc).sum()
     g2 = torch.zeros((), dtype=acc, device=w.device)
     if g is not None:
         gf = g.to(acc) if grad_factor is None else g.to(acc) * grad_factor
@@ -188,13 +200,17 @@ def _tensor_sums(
         d2 = (delta * delta).sum()
     elif m is not None and denom is not None and step_size is not None:
         update = step_size * m.to(acc) / denom
+        if keep is not None:
+            update = update * keep
         if kind == _DECOUPLED:
             # AdamW: w = w_old·(1 − lr·wd) − update, so w_old = (w + update)/(1 − lr·wd).
             delta = -update - (decay / (1.0 - decay)) * (wf + update)
+            if keep is not None:
+                delta = delta * keep
+        elif threshold is not None:
+            delta = wf - (adam_stepped + update)
         else:
             delta = -update
-        if keep is not None:
-            delta = delta * keep
         d2 = (delta * delta).sum()
     reg = torch.zeros((), dtype=acc, device=w.device)
     if kind == _ADAM_L2 and denom is not None:
@@ -244,9 +260,11 @@ class StepStatistics:
     """Takes the figures of one or more optimizers right after their steps; ``collect`` turns them into floats
     with a single device-to-host transfer.
 
-    Call ``before_step`` before ``optimizer.step()`` (only needed where the update cannot be read from Adam's
-    state: it snapshots those groups' weights), ``after_step`` right after it, and ``collect`` once per
-    logging step. ``lit_decay.WeightDecayMonitor`` does all three from optimizer step hooks.
+    Hooked (``attach``, then ``arm`` before each step to measure and ``collect`` after it), it measures from the
+    optimizers' own step hooks, and for ``decoupled_l1`` groups just before lit_decay's proximal step, so that every
+    update is read from Adam's state. ``lit_decay.WeightDecayMonitor`` works this way. By hand, call ``before_step``
+    before ``optimizer.step()`` (it snapshots the weights of groups whose update cannot be read from Adam's state),
+    ``after_step`` right after it, and ``collect``.
 
     Examples:
         >>> model = torch.nn.Linear(4, 2)
@@ -257,6 +275,11 @@ class StepStatistics:
         >>> figures = statistics.collect()
         >>> round(figures["effective_decay/pg1"], 6)
         0.001
+        >>> statistics.attach(); statistics.arm()  # or let the optimizer's hooks do it
+        >>> optimizer.step()
+        >>> sorted(statistics.collect())[:2]
+        ['decay_timescale/pg1', 'effective_decay/pg1']
+        >>> statistics.detach()
     """
 
     def __init__(
@@ -272,8 +295,58 @@ class StepStatistics:
         self.per_parameter = per_parameter
         self.names = group_names(self.optimizers)
         self._parameter_names = dict(parameter_names or {})
-        self._snapshots: dict[int, list[torch.Tensor | None]] = {}
+        self._snapshots: dict[int, list[torch.Tensor]] = {}
+        self._measured: set[int] = set()  # groups measured before their proximal step, during the current step
         self._pending = _Pending()
+        self._handles: list[Any] = []
+        self._armed = False
+
+    # ---- hooked use --------------------------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Register step hooks (and proximal-step observers) on every optimizer; they measure while armed."""
+        self.detach()
+        for optimizer in self.optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
+            self._handles.append(optimizer.register_step_post_hook(self._post_hook))
+            handle = observe_proximal_step(optimizer, self._before_proximal_step)
+            if handle is not None:
+                self._handles.append(handle)
+
+    def detach(self) -> None:
+        """Remove the hooks ``attach`` registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def arm(self) -> None:
+        """Measure the optimizer steps from now until ``collect``. An unarmed hook does no tensor work at all."""
+        self._armed = True
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _pre_hook(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if self._armed:
+            self.before_step(optimizer)
+
+    def _post_hook(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if self._armed:
+            self.after_step(optimizer)
+
+    def _before_proximal_step(
+        self, optimizer: Optimizer, group: dict[str, Any], threshold: float | torch.Tensor
+    ) -> None:
+        if not self._armed or not self._wants_update():
+            return
+        index = self._index(optimizer)
+        for name, candidate in zip(self.names[index], optimizer.param_groups):
+            if candidate is group:
+                self._measure(optimizer, name, group, threshold=threshold)
+                self._measured.add(id(group))
+
+    # ---- measuring -----------------------------------------------------------------------------------------------
 
     def _index(self, optimizer: Optimizer) -> int:
         for index, known in enumerate(self.optimizers):
@@ -287,6 +360,13 @@ class StepStatistics:
             return [str(n) for n in names]
         return [self._parameter_names.get(id(p), f"p{i}") for i, p in enumerate(group["params"])]
 
+    def _wants_update(self) -> bool:
+        return "update_ratio" in self.metrics
+
+    def _reads_state(self, optimizer: Optimizer, group: Mapping[str, Any]) -> bool:
+        sees_proximal_step = self.attached and is_attached(optimizer)
+        return update_from_state(optimizer, group, group_rule(optimizer, group), sees_proximal_step=sees_proximal_step)
+
     @torch.no_grad()
     def before_step(self, optimizer: Optimizer) -> None:
         """Snapshot the weights of the groups whose update cannot be read from Adam's state after the step."""
@@ -294,16 +374,27 @@ class StepStatistics:
         if not self._wants_update():
             return
         for group in optimizer.param_groups:
-            if not update_from_state(optimizer, group, group_rule(optimizer, group)):
+            if not self._reads_state(optimizer, group):
                 self._snapshots[id(group)] = [local(p).detach().clone() for p in group["params"]]
-
-    def _wants_update(self) -> bool:
-        return "update_ratio" in self.metrics
 
     @torch.no_grad()
     def after_step(self, optimizer: Optimizer) -> None:
         """Reduce this optimizer's weights, gradients and state to per-tensor sums, on device (no host sync)."""
         index = self._index(optimizer)
+        for name, group in zip(self.names[index], optimizer.param_groups):
+            if id(group) in self._measured:
+                self._measured.discard(id(group))
+                continue
+            self._measure(optimizer, name, group)
+
+    def _measure(
+        self,
+        optimizer: Optimizer,
+        name: str,
+        group: Mapping[str, Any],
+        *,
+        threshold: float | torch.Tensor | None = None,
+    ) -> None:
         found_inf = getattr(optimizer, "found_inf", None)
         grad_scale = getattr(optimizer, "grad_scale", None)
         keep = None if found_inf is None else 1.0 - found_inf.float()
@@ -312,77 +403,78 @@ class StepStatistics:
             # The fused kernel unscales gradients in place, except on a step it skips.
             grad_factor = torch.where(found_inf > 0, 1.0 / grad_scale, torch.ones_like(grad_scale))
         pending = self._pending
-        for name, group in zip(self.names[index], optimizer.param_groups):
-            rule = group_rule(optimizer, group)
-            lr: float | torch.Tensor = group["lr"]
-            lr_ref: float | int = float(lr) if not isinstance(lr, torch.Tensor) else len(pending.sums)
-            if isinstance(lr, torch.Tensor):
-                # A tensor lr (capturable or scheduled on device) leaves the device with the sums: one row of its own.
-                lr = lr.detach()
-                pending.sums.append(torch.cat([lr.reshape(1), torch.zeros(4, dtype=lr.dtype, device=lr.device)]))
-            beta1, beta2 = (float(b) for b in group.get("betas", (0.0, 0.0)))
-            eps = float(group.get("eps", 0.0))
-            snapshots = self._snapshots.pop(id(group), None)
-            from_state = snapshots is None and self._wants_update() and update_from_state(optimizer, group, rule)
-            wants_denominator = from_state or rule.kind in (_ADAM_L2, _ADAM_L1)
-            params = group["params"]
-            states = [optimizer.state.get(p, {}) for p in params]
-            # A tensor without a gradient was not stepped: no update and no penalty this step, whatever its state.
-            with_state = [
-                i
-                for i, st in enumerate(states)
-                if wants_denominator and "exp_avg_sq" in st and params[i].grad is not None
-            ]
-            step_sizes, inv_sqrt_bias2s = _bias_corrections(
-                [local(states[i]["step"]) for i in with_state], lr, beta1, beta2
+        rule = group_rule(optimizer, group)
+        lr: float | torch.Tensor = group["lr"]
+        lr_ref: float | int = float(lr) if not isinstance(lr, torch.Tensor) else len(pending.sums)
+        if isinstance(lr, torch.Tensor):
+            # A tensor lr (capturable or scheduled on device) leaves the device with the sums: one row of its own.
+            lr = lr.detach()
+            pending.sums.append(torch.cat([lr.reshape(1), torch.zeros(4, dtype=lr.dtype, device=lr.device)]))
+        beta1, beta2 = (float(b) for b in group.get("betas", (0.0, 0.0)))
+        eps = float(group.get("eps", 0.0))
+        snapshots = self._snapshots.pop(id(group), None)
+        from_state = (
+            snapshots is None
+            and self._wants_update()
+            and update_from_state(optimizer, group, rule, sees_proximal_step=threshold is not None)
+        )
+        wants_denominator = from_state or rule.kind in (_ADAM_L2, _ADAM_L1)
+        params = group["params"]
+        states = [optimizer.state.get(p, {}) for p in params]
+        # A tensor without a gradient was not stepped: no update and no penalty this step, whatever its state.
+        with_state = [
+            i for i, st in enumerate(states) if wants_denominator and "exp_avg_sq" in st and params[i].grad is not None
+        ]
+        step_sizes, inv_sqrt_bias2s = _bias_corrections(
+            [local(states[i]["step"]) for i in with_state], lr, beta1, beta2
+        )
+        scalars = dict(zip(with_state, zip(step_sizes, inv_sqrt_bias2s)))
+        rows: list[int] = []
+        for p_index, (param, state) in enumerate(zip(params, states)):
+            grad = None if param.grad is None else local(param.grad)
+            stepped = grad is not None
+            w_old = snapshots[p_index] if (snapshots is not None and stepped) else None
+            step_size, inv_sqrt_bias2 = scalars.get(p_index, (None, None))
+            use_state = from_state and stepped and step_size is not None
+            v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
+            w = local(param.detach())
+            m = local(state["exp_avg"]) if use_state else None
+            v = local(v) if (v is not None and inv_sqrt_bias2 is not None) else None
+            kernel = _tensor_sums
+            if wants_compiled(w) and all(t is None or t.is_contiguous() for t in (w, grad, m, v, w_old)):
+                kernel = _tensor_sums_fast
+                w = w.view(-1)
+                grad, m, v, w_old = (None if t is None else t.view(-1) for t in (grad, m, v, w_old))
+            sums = kernel(
+                w,
+                grad,
+                m,
+                v,
+                w_old,
+                step_size=step_size if use_state else None,
+                inv_sqrt_bias2=inv_sqrt_bias2,
+                keep=keep if use_state else None,
+                grad_factor=grad_factor if stepped else None,
+                eps=eps,
+                decay=lr * rule.coefficient,
+                kind=rule.kind,
+                threshold=threshold if stepped else None,
             )
-            scalars = dict(zip(with_state, zip(step_sizes, inv_sqrt_bias2s)))
-            rows: list[int] = []
-            for p_index, (param, state) in enumerate(zip(params, states)):
-                grad = None if param.grad is None else local(param.grad)
-                stepped = grad is not None
-                w_old = snapshots[p_index] if (snapshots is not None and stepped) else None
-                step_size, inv_sqrt_bias2 = scalars.get(p_index, (None, None))
-                use_state = from_state and stepped and step_size is not None
-                v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
-                w = local(param.detach())
-                m = local(state["exp_avg"]) if use_state else None
-                if v is not None and inv_sqrt_bias2 is not None:
-                    v = local(v)
-                else:
-                    v = None
-                kernel = _tensor_sums
-                if wants_compiled(w) and all(t is None or t.is_contiguous() for t in (w, grad, m, v, w_old)):
-                    kernel = _tensor_sums_fast
-                    w = w.view(-1)
-                    grad, m, v, w_old = (None if t is None else t.view(-1) for t in (grad, m, v, w_old))
-                sums = kernel(
-                    w,
-                    grad,
-                    m,
-                    v,
-                    w_old,
-                    step_size=step_size if use_state else None,
-                    inv_sqrt_bias2=inv_sqrt_bias2,
-                    keep=keep if use_state else None,
-                    grad_factor=grad_factor if stepped else None,
-                    eps=eps,
-                    decay=lr * rule.coefficient,
-                    kind=rule.kind,
-                )
-                rows.append(len(pending.sums))
-                if is_dtensor(param):
-                    pending.sharded[_shard_groups(param)].append(len(pending.sums))
-                pending.sums.append(sums)
-            has_update = snapshots is not None or from_state
-            numel = sum(p.numel() for p in params)
-            pending.groups.append((name, rule, lr_ref, numel, has_update, rows, self._param_names(group)))
+            rows.append(len(pending.sums))
+            if is_dtensor(param):
+                pending.sharded[_shard_groups(param)].append(len(pending.sums))
+            pending.sums.append(sums)
+        has_update = snapshots is not None or from_state
+        numel = sum(p.numel() for p in params)
+        pending.groups.append((name, rule, lr_ref, numel, has_update, rows, self._param_names(group)))
 
     def collect(self) -> dict[str, float]:
         """The figures since the last call, keyed ``{metric}/{group}`` (and ``{metric}/{group}/{param}`` per
-        parameter), after one device-to-host transfer. Empty if no step was measured."""
+        parameter), after one device-to-host transfer; disarms. Empty if no step was measured."""
+        self._armed = False
         pending, self._pending = self._pending, _Pending()
         self._snapshots.clear()
+        self._measured.clear()
         if not pending.sums:
             return {}
         device = pending.sums[0].device

@@ -530,6 +530,80 @@ def test_compiled_path_equals_eager(monkeypatch: pytest.MonkeyPatch) -> None:
         assert compiled[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
 
 
+def test_many_kernel_variants_compile_without_falling_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every mode (kind), amsgrad, float64 and the proximal observer make more variants than dynamo's default limit of
+    # eight per function; past it, fullgraph=True would fail and the kernels would fall back to eager for good.
+    monkeypatch.setenv("LIT_DECAY_COMPILE", "always")
+    monkeypatch.setattr(lit_decay._compile, "_failed", set())
+    variants = 0
+    for mode in ("decoupled", "l2", "l1", "decoupled_l1", "none"):
+        for dtype, amsgrad in ((torch.float32, False), (torch.float64, True)):
+            torch.manual_seed(11)
+            model = nn.Sequential(nn.Linear(6, 12, bias=False), nn.Tanh(), nn.Linear(12, 4, bias=False)).to(dtype)
+            optimizer = lit_decay.configure_adam(model, lr=0.05, weight_decay=0.3, mode=mode, amsgrad=amsgrad)
+            statistics = StepStatistics([optimizer])
+            statistics.attach()
+            optimizer.zero_grad()
+            backward(model, dtype=dtype)
+            statistics.arm()
+            optimizer.step()
+            assert statistics.collect()["weight_norm/decay"] == pytest.approx(norm64(model.parameters()), rel=1e-5)
+            statistics.detach()
+            variants += 1
+    assert variants > 8
+    assert not lit_decay._compile._failed, "a kernel fell back to eager"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hooked_decoupled_l1_reads_the_update_before_the_proximal_step(dtype: torch.dtype) -> None:
+    """Hooked, the statistics see the weights between Adam's step and the soft threshold, so the update of a
+    decoupled_l1 group comes from Adam's state: exact, and without copying the weights."""
+    torch.manual_seed(2)
+    model = make_model(dtype)
+    optimizer = lit_decay.configure_adam(model, lr=0.05, weight_decay=0.3, mode="decoupled_l1")
+    statistics = StepStatistics([optimizer])
+    statistics.attach()
+    snapshots_taken: list[int] = []
+    real_before = statistics.before_step
+
+    def spying_before(opt: torch.optim.Optimizer) -> None:
+        real_before(opt)
+        snapshots_taken.append(len(statistics._snapshots))
+
+    statistics.before_step = spying_before  # type: ignore[method-assign]
+    decay = optimizer.param_groups[0]
+    for _ in range(5):
+        optimizer.zero_grad()
+        backward(model, dtype=dtype)
+        before = [p.detach().double().clone() for p in decay["params"]]
+        statistics.arm()
+        optimizer.step()
+        figures = statistics.collect()
+        after = [p.detach().double() for p in decay["params"]]
+        delta = math.sqrt(sum(float((a - b).square().sum()) for a, b in zip(after, before)))
+        assert figures["update_ratio/decay"] == pytest.approx(
+            delta / norm64(after), rel=1e-5 if dtype == torch.float32 else 1e-10
+        )
+        assert figures["weight_norm/decay"] == pytest.approx(norm64(after), rel=1e-6)
+        zeros = sum(int((a == 0).sum()) for a in after) / sum(a.numel() for a in after)
+        assert figures["sparsity/decay"] == zeros
+    assert zeros > 0  # the proximal step did make zeros, so the check above is not vacuous
+    assert snapshots_taken == [0] * 5
+    statistics.detach()
+    # Unhooked (by hand), the same group needs a snapshot, and gets the same figure from it.
+    optimizer.zero_grad()
+    backward(model, dtype=dtype)
+    before = [p.detach().double().clone() for p in decay["params"]]
+    statistics.before_step = real_before  # type: ignore[method-assign]
+    statistics.before_step(optimizer)
+    assert id(decay) in statistics._snapshots
+    optimizer.step()
+    statistics.after_step(optimizer)
+    after = [p.detach().double() for p in decay["params"]]
+    delta = math.sqrt(sum(float((a - b).square().sum()) for a, b in zip(after, before)))
+    assert statistics.collect()["update_ratio/decay"] == pytest.approx(delta / norm64(after), rel=1e-5)
+
+
 # ---- no host sync, no work on non-logging steps ------------------------------------------------------------------
 
 
@@ -661,9 +735,11 @@ def test_monitor_hooks_dispatch_nothing_when_not_logging() -> None:
     monitor.on_fit_start(trainer, model)  # type: ignore[arg-type]
     assert monitor._statistics is not None and not monitor._armed
 
+    statistics = monitor._statistics
     with OpRecorder() as direct:
-        monitor._before_step(optimizer, (optimizer,), {})
-        monitor._after_step(optimizer, (optimizer,), {})
+        statistics._pre_hook(optimizer, (optimizer,), {})
+        statistics._post_hook(optimizer, (optimizer,), {})
+        statistics._before_proximal_step(optimizer, optimizer.param_groups[0], 0.1)
     assert direct.ops == []
 
     def step_ops(m: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
@@ -676,7 +752,7 @@ def test_monitor_hooks_dispatch_nothing_when_not_logging() -> None:
 
     assert step_ops(model, optimizer) == step_ops(plain_model, plain_optimizer)
     # armed, the same hooks do real work: the comparison above can fail
-    monitor._armed = True
+    statistics.arm()
     assert len(step_ops(model, optimizer)) > len(step_ops(plain_model, plain_optimizer))
     assert monitor._statistics.collect()
     monitor.teardown(trainer, model, "fit")  # type: ignore[arg-type]
