@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import lit_decay
+from lit_decay._compile import MIN_COMPILED_NUMEL
 from lit_decay.optim import describe_implementation
 
 MODES = ("none", "l2", "decoupled", "l1", "decoupled_l1")
@@ -366,8 +367,6 @@ def train_table(args: argparse.Namespace, device: torch.device, report: tm.Repor
 def compiles(numel: int) -> bool:
     """Whether lit_decay sends a contiguous tensor of ``numel`` elements through its compiled kernels (the rule of
     ``lit_decay._compile.wants_compiled``, without allocating such a tensor)."""
-    from lit_decay._compile import MIN_COMPILED_NUMEL
-
     setting = os.environ.get("LIT_DECAY_COMPILE", "auto").strip().lower()
     if setting in ("0", "off", "false", "no"):
         return False
@@ -407,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "",
                 f"- Largest tensor: {largest:,} elements, so lit_decay's compiled single-pass L1 kernel "
                 f"{'was' if compiled else 'was not'} used (LIT_DECAY_COMPILE="
-                f"{os.environ.get('LIT_DECAY_COMPILE', 'auto')}; by default tensors of ≥ 2**20 elements). "
+                f"{os.environ.get('LIT_DECAY_COMPILE', 'auto')}; by default tensors of ≥ {MIN_COMPILED_NUMEL:,} "
+                "elements). "
                 f"The slowest first L1 step took {tm.ms(slowest_first)} ms"
                 + (
                     ": the first such step of a process pays torch.compile's time (typically 10–30 s on a CPU), once"

@@ -20,8 +20,9 @@ import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Tensors with at least this many elements go through the compiled kernel.
-MIN_COMPILED_NUMEL = 1 << 20
+#: Tensors with at least this many elements go through the compiled kernel (below it, a compiled call's fixed cost,
+#: tens of microseconds, outweighs the pass it saves).
+MIN_COMPILED_NUMEL = 1 << 17
 
 # Each kernel is specialised on which optional inputs are None, on dtypes and on the mode: more variants than
 # dynamo's default of 8 per function, after which fullgraph=True would fail. The limit is raised only while our own

@@ -88,7 +88,6 @@ class WeightDecayMonitor(Callback):
         self.on_nonfinite = on_nonfinite
         self._warned_nonfinite: set[str] = set()
         self._statistics: StepStatistics | None = None
-        self._armed = False
 
     # ---- Lightning hooks -------------------------------------------------------------------------------------------
 
@@ -118,16 +117,14 @@ class WeightDecayMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._armed = self._statistics is not None and self._is_logging_batch(trainer)
-        if self._armed and self._statistics is not None:
+        if self._statistics is not None and self._is_logging_batch(trainer):
             self._statistics.arm()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._armed or self._statistics is None:
+        if self._statistics is None or not self._statistics.armed:
             return
-        self._armed = False
         figures = self._statistics.collect()
         if not figures:
             return
@@ -143,7 +140,6 @@ class WeightDecayMonitor(Callback):
         if self._statistics is not None:
             self._statistics.detach()
         self._statistics = None
-        self._armed = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"warned_nonfinite": sorted(self._warned_nonfinite)}

@@ -30,7 +30,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lit_decay._compile import compiled_or_eager, wants_compiled
+from lit_decay._compile import MIN_COMPILED_NUMEL, compiled_or_eager, wants_compiled
 from lit_decay._tensors import local
 
 _ATTACHED: weakref.WeakKeyDictionary[Optimizer, DecayTerms] = weakref.WeakKeyDictionary()
@@ -40,7 +40,9 @@ ProximalObserver = Callable[[Optimizer, dict[str, Any], "float | torch.Tensor"],
 
 @compiled_or_eager
 def _add_scaled_sign_(grad: torch.Tensor, param: torch.Tensor, coefficient: torch.Tensor) -> None:
-    grad.add_(torch.sign(param) * coefficient)
+    # where() rather than sign(): with dynamic shapes inductor vectorises this form, twice as fast on CPU. Like
+    # torch.sign, it gives 0 for ±0 and for NaN.
+    grad.add_(torch.where(param > 0, coefficient, torch.where(param < 0, -coefficient, torch.zeros_like(coefficient))))
 
 
 @compiled_or_eager
@@ -48,37 +50,65 @@ def _shrink_by_tensor_(param: torch.Tensor, threshold: torch.Tensor) -> None:
     param.sub_(torch.clamp(param, -threshold, threshold))
 
 
+# Eager form on CPU: sign() into a reused scratch buffer, chunk by chunk, then one add. A fresh temporary per step
+# would cost more than the arithmetic (the allocator hands large CPU blocks back to the OS, so every step page-faults
+# them in again); the chunk stays in cache between the two kernels.
+_SCRATCH_NUMEL = MIN_COMPILED_NUMEL
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _add_sign_through_scratch_(grad: torch.Tensor, param: torch.Tensor, coefficient: float | torch.Tensor) -> None:
+    key = (param.device, param.dtype)
+    if key not in _scratch:
+        _scratch[key] = torch.empty(_SCRATCH_NUMEL, device=param.device, dtype=param.dtype)
+    scratch = _scratch[key]
+    flat_param, flat_grad = param.view(-1), grad.view(-1)
+    for start in range(0, flat_param.numel(), _SCRATCH_NUMEL):
+        stop = min(flat_param.numel(), start + _SCRATCH_NUMEL)
+        signs = torch.sign(flat_param[start:stop], out=scratch[: stop - start])
+        if isinstance(coefficient, torch.Tensor):
+            flat_grad[start:stop].addcmul_(signs, coefficient)
+        else:
+            flat_grad[start:stop].add_(signs, alpha=coefficient)
+
+
 def add_l1_gradient(
     params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], coefficient: float | torch.Tensor
 ) -> None:
     """``g ← g + coefficient·sign(p)`` in place, one pass over each large tensor.
+
+    Large tensors go through a compiled single-pass kernel; small ones through two eager kernels, on CPU via a reused
+    scratch buffer, elsewhere as torch's multi-tensor (foreach) ops.
 
     Examples:
         >>> p, g = torch.tensor([2.0, -1.0, 0.0]), torch.zeros(3)
         >>> add_l1_gradient([p], [g], 0.1); g
         tensor([ 0.1000, -0.1000,  0.0000])
     """
-    small_p: list[torch.Tensor] = []
-    small_g: list[torch.Tensor] = []
+    by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for param, grad in zip(params, grads):
         param, grad = local(param), local(grad)
-        if wants_compiled(grad) and param.is_contiguous():
-            c = (
-                coefficient.to(grad.device, grad.dtype, non_blocking=True)
-                if isinstance(coefficient, torch.Tensor)
-                else torch.full((), coefficient, device=grad.device, dtype=grad.dtype)
-            )
-            _add_scaled_sign_(grad.view(-1), param.view(-1), c)
-        else:
-            small_p.append(param)
-            small_g.append(grad)
-    if small_p:
-        signs = torch._foreach_sign(small_p)
+        c = coefficient
         if isinstance(coefficient, torch.Tensor):
-            torch._foreach_mul_(signs, coefficient.to(small_g[0].device, non_blocking=True))
-            torch._foreach_add_(small_g, signs)
+            c = coefficient.to(grad.device, grad.dtype, non_blocking=True)
+        contiguous = param.is_contiguous() and grad.is_contiguous()
+        if wants_compiled(grad) and contiguous:
+            if not isinstance(c, torch.Tensor):
+                c = torch.full((), c, device=grad.device, dtype=grad.dtype)
+            _add_scaled_sign_(grad.view(-1), param.view(-1), c)
+        elif grad.device.type == "cpu" and contiguous:
+            _add_sign_through_scratch_(grad, param, c)
         else:
-            torch._foreach_add_(small_g, signs, alpha=coefficient)
+            ps, gs = by_device.setdefault(grad.device, ([], []))
+            ps.append(param)
+            gs.append(grad)
+    for device, (ps, gs) in by_device.items():
+        signs = torch._foreach_sign(ps)
+        if isinstance(coefficient, torch.Tensor):
+            torch._foreach_mul_(signs, coefficient.to(device, non_blocking=True))
+            torch._foreach_add_(gs, signs)
+        else:
+            torch._foreach_add_(gs, signs, alpha=coefficient)
 
 
 def soft_threshold(params: Sequence[torch.Tensor], threshold: float | torch.Tensor) -> None:

@@ -325,7 +325,13 @@ class StepStatistics:
 
     @property
     def attached(self) -> bool:
+        """Whether ``attach`` registered hooks (and they were not removed since)."""
         return bool(self._handles)
+
+    @property
+    def armed(self) -> bool:
+        """Whether the hooks measure the coming steps (between ``arm`` and ``collect``)."""
+        return self._armed
 
     def _pre_hook(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self._armed:

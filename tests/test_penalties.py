@@ -153,6 +153,25 @@ def test_compiled_kernels_equal_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(compiled_p, eager_p)
 
 
+@pytest.mark.parametrize("setting", ["0", "always"])
+def test_l1_term_paths_agree_on_chunks_nan_and_layouts(setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every path of add_l1_gradient (compiled, CPU scratch in several chunks, foreach for strided tensors) gives
+    g + c·sign(p) with torch.sign's conventions (0 for ±0 and NaN), with a float or a tensor coefficient."""
+    monkeypatch.setenv("LIT_DECAY_COMPILE", setting)
+    n = 3 * 131_072 + 5  # more than two scratch chunks
+    p = torch.randn(n, dtype=torch.float64)
+    p[::5] = 0.0
+    p[3] = float("nan")
+    strided = torch.randn(40, 30, dtype=torch.float64).t()  # not contiguous
+    for coefficient in (0.03, torch.tensor(0.03)):
+        grads = [torch.randn(n, dtype=torch.float64), torch.randn(30, 40, dtype=torch.float64)]
+        expected = [g + 0.03 * torch.sign(q) for g, q in zip(grads, (p, strided))]
+        add_l1_gradient([p, strided], grads, coefficient)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want, equal_nan=True)
+        assert torch.equal(grads[0][::5], expected[0][::5])  # zero weights: no term
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The hooks
 # --------------------------------------------------------------------------------------------------------------------

@@ -733,7 +733,7 @@ def test_monitor_hooks_dispatch_nothing_when_not_logging() -> None:
     monitor = lit_decay.WeightDecayMonitor(log_every_n_steps=2, audit=False)
     trainer = SimpleNamespace(optimizers=[optimizer], loggers=[], is_global_zero=False)
     monitor.on_fit_start(trainer, model)  # type: ignore[arg-type]
-    assert monitor._statistics is not None and not monitor._armed
+    assert monitor._statistics is not None and not monitor._statistics.armed
 
     statistics = monitor._statistics
     with OpRecorder() as direct:
