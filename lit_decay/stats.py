@@ -171,6 +171,7 @@ def _tensor_sums(
     decay: float | torch.Tensor,
     kind: int,
     threshold: float | torch.Tensor | None = None,
+    count_zeros: bool = True,
 ) -> torch.Tensor:
     """Σw², Σg², Σ(Δw)², Σ(penalty term), number of zeros, for one (local, flat) tensor, in one pass.
 
@@ -186,7 +187,8 @@ def _tensor_sums(
     if threshold is not None:
         wf = wf - torch.clamp(wf, -threshold, threshold)  # type: ignore[arg-type]
     w2 = (wf * wf).sum()
-    zeros = (wf == 0).to(acc).sum()
+    # Only sparsity needs the count, and only L1 groups log it: a reduction less (about a tenth of the pass).
+    zeros = (wf == 0).to(acc).sum() if count_zeros else torch.zeros((), dtype=acc, device=w.device)
     g2 = torch.zeros((), dtype=acc, device=w.device)
     if g is not None:
         gf = g.to(acc) if grad_factor is None else g.to(acc) * grad_factor
@@ -465,6 +467,7 @@ class StepStatistics:
                 decay=lr * rule.coefficient,
                 kind=rule.kind,
                 threshold=threshold if stepped else None,
+                count_zeros=rule.mode in L1_MODES,
             )
             rows.append(len(pending.sums))
             if is_dtensor(param):
