@@ -7,7 +7,11 @@ scikit-learn package, so the examples never download anything.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -80,6 +84,10 @@ class DigitsDataModule(L.LightningDataModule):
 
 
 def print_tensorboard_hint(logdir: str) -> None:
-    """Tell the user how to look at what was logged."""
-    print(f"\nTensorBoard logs are in {logdir}/. Open them with:\n\n    tensorboard --logdir {logdir}\n")
+    """Tell the user how to look at what was logged (with the tensorboard of this environment, e.g. .venv/bin)."""
+    beside = Path(sys.executable).with_name("tensorboard")
+    command = "tensorboard"
+    if beside.exists() and shutil.which("tensorboard") != str(beside):
+        command = os.path.relpath(beside) if not os.path.relpath(beside).startswith("..") else str(beside)
+    print(f"\nTensorBoard logs are in {logdir}/. Open them with:\n\n    {command} --logdir {logdir}\n")
     print("then look at the SCALARS tab (decay/...) and the CUSTOM SCALARS tab (one chart per decay metric).")
