@@ -16,6 +16,7 @@ Nothing here imports lit_decay: the scripts decide what the candidates are.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 import os
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -608,6 +610,77 @@ def set_threads(threads: int | None) -> None:
         if threads < 1:
             raise SystemExit(f"error: --threads must be at least 1; got {threads}")
         torch.set_num_threads(threads)
+
+
+# ---- the command line both scripts share -----------------------------------------------------------------------------
+
+#: Defaults of the timing options, and the smaller ones of ``--smoke`` (for the tests).
+TIMING_DEFAULTS: dict[str, Any] = {"rebuilds": 3, "repetitions": 15, "warmup": 3, "min_sample_ms": 20.0}
+SMOKE_TIMING: dict[str, Any] = {"rebuilds": 1, "repetitions": 2, "warmup": 1, "min_sample_ms": 1.0}
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both benchmarks take: device, how to time, memory sharing, threads, seed, output, smoke mode."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--rebuilds", type=int, default=None, help="fresh builds of all candidates (default 3)")
+    parser.add_argument("--repetitions", type=int, default=None, help="timed rounds per build (default 15)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per candidate per build (default 3)")
+    parser.add_argument(
+        "--min-sample-ms", type=float, default=None, help="a sample repeats the work until it lasts this (default 20)"
+    )
+    parser.add_argument(
+        "--share-params",
+        default="auto",
+        choices=("auto", "yes", "no"),
+        help="let the candidates share one set of weights and gradients (each optimizer keeps its own state);\n"
+        "auto: only when separate models would not fit in memory",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None, help="also write the markdown here")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 rebuild, few repetitions (tests)")
+
+
+def fill_defaults(args: argparse.Namespace, defaults: Mapping[str, Any], smoke: Mapping[str, Any]) -> None:
+    """Set every option left at None: the timing defaults and ``defaults``, or their ``--smoke`` forms."""
+    chosen = {**TIMING_DEFAULTS, **defaults}
+    if args.smoke:
+        chosen.update(SMOKE_TIMING, **smoke)
+        if args.threads is None:
+            args.threads = 1
+    for key, value in chosen.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def time_candidates(
+    args: argparse.Namespace, build: Callable[[int], Sequence[Candidate]], device: torch.device, reference: str
+) -> Samples:
+    """``interleaved`` with the timing options of the command line."""
+    return interleaved(
+        build,
+        device=device,
+        reference=reference,
+        rebuilds=args.rebuilds,
+        repetitions=args.repetitions,
+        warmup=args.warmup,
+        min_sample_s=args.min_sample_ms / 1e3,
+        seed=args.seed,
+        progress=progress,
+    )
+
+
+def summary_cells(summary: Summary) -> list[str]:
+    """A summary's common table cells: name, work, median and min ms, ratio, its range over rebuilds, first call."""
+    return [
+        summary.name,
+        summary.note,
+        ms(summary.median_ms),
+        ms(summary.min_ms),
+        ratio(summary.ratio),
+        f"{ratio(summary.ratio_low)}–{ratio(summary.ratio_high)}",
+        ms(summary.first_ms),
+    ]
 
 
 def progress(message: str) -> None:

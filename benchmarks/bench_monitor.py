@@ -53,15 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    tm.add_timing_arguments(parser)
     parser.add_argument("--params", type=tm.parse_count, default=None, help="model size (default 50M)")
     parser.add_argument("--parts", default="step,run", help="which tables: step (one logging step), run (Trainer.fit)")
-    parser.add_argument("--rebuilds", type=int, default=None, help="fresh builds of all candidates (default 3)")
-    parser.add_argument("--repetitions", type=int, default=None, help="timed rounds per build (default 15)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per candidate per build (default 3)")
-    parser.add_argument(
-        "--min-sample-ms", type=float, default=None, help="a sample repeats the work until it lasts this (default 20)"
-    )
     parser.add_argument("--interval", type=int, default=50, help="log every this many steps in the fit (default 50)")
     parser.add_argument("--run-steps", type=int, default=None, help="timed training steps per fit (default 100)")
     parser.add_argument("--run-warmup", type=int, default=None, help="untimed steps at the start of a fit (default 5)")
@@ -70,40 +64,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="batch size of the fits (a cheap forward)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument(
-        "--share-params",
-        default="auto",
-        choices=("auto", "yes", "no"),
-        help="let the step candidates share one set of weights and gradients (each optimizer keeps its own state);\n"
-        "auto: only when separate models would not fit in memory",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="also write the markdown here")
-    parser.add_argument("--smoke", action="store_true", help="tiny model, 1 rebuild, few repetitions (tests)")
     args = parser.parse_args(argv)
-    defaults: dict[str, Any] = {
-        "params": 50_000_000,
-        "rebuilds": 3,
-        "repetitions": 15,
-        "warmup": 3,
-        "min_sample_ms": 20.0,
-        "run_steps": 100,
-        "run_warmup": 5,
-        "run_repeats": 3,
-    }
-    if args.smoke:
-        defaults.update(
-            params=20_000, rebuilds=1, repetitions=2, warmup=1, min_sample_ms=1.0, run_steps=6, run_warmup=2
-        )
-        defaults["run_repeats"] = 1
-        if args.interval == 50:
-            args.interval = 3
-        if args.threads is None:
-            args.threads = 1
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    if args.smoke and args.interval == 50:
+        args.interval = 3
+    tm.fill_defaults(
+        args,
+        {"params": 50_000_000, "run_steps": 100, "run_warmup": 5, "run_repeats": 3},
+        {"params": 20_000, "run_steps": 6, "run_warmup": 2, "run_repeats": 1},
+    )
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not args.parts or set(args.parts) - {"step", "run"}:
         parser.error(f"--parts takes step and/or run; got {args.parts}")
@@ -193,16 +161,8 @@ def step_table(args: argparse.Namespace, device: torch.device, report: tm.Report
         available = tm.available_memory(device)
         shared = bool(available) and n_candidates * 16 * count > 0.6 * available
     tm.progress(f"logging step, {tm.format_count(count)} parameters, width {width}, depth {depth}")
-    samples = tm.interleaved(
-        lambda rebuild: step_candidates(args, device, shared, rebuild),
-        device=device,
-        reference=REFERENCE,
-        rebuilds=args.rebuilds,
-        repetitions=args.repetitions,
-        warmup=args.warmup,
-        min_sample_s=args.min_sample_ms / 1e3,
-        seed=args.seed,
-        progress=tm.progress,
+    samples = tm.time_candidates(
+        args, lambda rebuild: step_candidates(args, device, shared, rebuild), device, REFERENCE
     )
     summaries = tm.summarise(samples)
     by_name = {s.name: s for s in summaries}
@@ -210,18 +170,8 @@ def step_table(args: argparse.Namespace, device: torch.device, report: tm.Report
     limit = TARGET["cuda" if device.type == "cuda" else "cpu"]
     rows = []
     for s in summaries:
-        rows.append(
-            [
-                s.name,
-                s.note,
-                tm.ms(s.median_ms),
-                tm.ms(s.min_ms),
-                tm.ratio(s.ratio),
-                f"{tm.ratio(s.ratio_low)}–{tm.ratio(s.ratio_high)}",
-                tm.ratio(s.median_ms / peer_ms) if peer_ms > 0 else "—",
-                tm.ms(s.first_ms),
-            ]
-        )
+        cells = tm.summary_cells(s)
+        rows.append([*cells[:-1], tm.ratio(s.median_ms / peer_ms) if peer_ms > 0 else "—", cells[-1]])
     # What the monitor adds to a step: the armed step minus the same optimizer's plain step, in fused AdamW steps.
     cost_rows = []
     for mode in MODES:

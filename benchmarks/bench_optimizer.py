@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import _timing as tm
 import torch
@@ -54,7 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    tm.add_timing_arguments(parser)
     parser.add_argument("--sizes", type=tm.parse_counts, default=None, help="model sizes, default 1M,10M,50M,100M")
     parser.add_argument(
         "--train-sizes", type=tm.parse_counts, default=None, help="sizes of the training-step comparison; default 50M"
@@ -62,42 +61,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--parts", default="step,train", help="which tables: step (optimizer step alone), train (whole training step)"
     )
-    parser.add_argument("--rebuilds", type=int, default=None, help="fresh builds of all candidates (default 3)")
-    parser.add_argument("--repetitions", type=int, default=None, help="timed rounds per build (default 15)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per candidate per build (default 3)")
-    parser.add_argument(
-        "--min-sample-ms", type=float, default=None, help="a sample repeats the work until it lasts this (default 20)"
-    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01, help="the coefficient of every mode")
     parser.add_argument("--batch", type=int, default=16, help="batch size of the training-step comparison")
-    parser.add_argument(
-        "--share-params",
-        default="auto",
-        choices=("auto", "yes", "no"),
-        help="let all candidates share one set of weights and gradients (each keeps its own Adam state);\n"
-        "auto: only when separate models would not fit in memory",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="also write the markdown here")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 rebuild, few repetitions (tests)")
     args = parser.parse_args(argv)
-    defaults: dict[str, Any] = {
-        "sizes": [1_000_000, 10_000_000, 50_000_000, 100_000_000],
-        "train_sizes": [50_000_000],
-        "rebuilds": 3,
-        "repetitions": 15,
-        "warmup": 3,
-        "min_sample_ms": 20.0,
-    }
-    if args.smoke:
-        defaults.update(sizes=[20_000], train_sizes=[20_000], rebuilds=1, repetitions=2, warmup=1, min_sample_ms=1.0)
-        if args.threads is None:
-            args.threads = 1
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    tm.fill_defaults(
+        args,
+        {"sizes": [1_000_000, 10_000_000, 50_000_000, 100_000_000], "train_sizes": [50_000_000]},
+        {"sizes": [20_000], "train_sizes": [20_000]},
+    )
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(args.parts) - {"step", "train"})
     if unknown or not args.parts:
@@ -187,30 +159,12 @@ def step_table(args: argparse.Namespace, device: torch.device, report: tm.Report
         if shared:
             notes.append(f"{tm.format_count(count)}: candidates shared one set of weights and gradients (memory).")
         tm.progress(f"optimizer step, {tm.format_count(count)} parameters, width {width}, depth {depth}")
-        samples = tm.interleaved(
-            lambda rebuild, n=n_params, s=shared: step_candidates(n, device, args, s, rebuild),
-            device=device,
-            reference=REFERENCE,
-            rebuilds=args.rebuilds,
-            repetitions=args.repetitions,
-            warmup=args.warmup,
-            min_sample_s=args.min_sample_ms / 1e3,
-            seed=args.seed,
-            progress=tm.progress,
+        samples = tm.time_candidates(
+            args, lambda rebuild, n=n_params, s=shared: step_candidates(n, device, args, s, rebuild), device, REFERENCE
         )
         for summary in tm.summarise(samples):
             rows.append(
-                [
-                    tm.format_count(count),
-                    summary.name,
-                    summary.note,
-                    tm.ms(summary.median_ms),
-                    tm.ms(summary.min_ms),
-                    tm.ratio(summary.ratio),
-                    f"{tm.ratio(summary.ratio_low)}–{tm.ratio(summary.ratio_high)}",
-                    tm.ms(summary.first_ms),
-                    target_cell(summary.name, count, summary.ratio),
-                ]
+                [tm.format_count(count), *tm.summary_cells(summary), target_cell(summary.name, count, summary.ratio)]
             )
             if summary.name in (mode_label("l1"), mode_label("decoupled_l1")):
                 l1_first_calls.append(summary.first_ms)
@@ -308,30 +262,14 @@ def train_table(args: argparse.Namespace, device: torch.device, report: tm.Repor
         if shared:
             notes.append(f"{tm.format_count(count)}: candidates shared one set of weights (memory).")
         tm.progress(f"training step, {tm.format_count(count)} parameters, batch {args.batch}")
-        samples = tm.interleaved(
+        samples = tm.time_candidates(
+            args,
             lambda rebuild, n=n_params, s=shared: train_candidates(n, device, args, s, rebuild),
-            device=device,
-            reference=TRAIN_REFERENCE,
-            rebuilds=args.rebuilds,
-            repetitions=args.repetitions,
-            warmup=args.warmup,
-            min_sample_s=args.min_sample_ms / 1e3,
-            seed=args.seed,
-            progress=tm.progress,
+            device,
+            TRAIN_REFERENCE,
         )
         for summary in tm.summarise(samples):
-            rows.append(
-                [
-                    tm.format_count(count),
-                    summary.name,
-                    summary.note,
-                    tm.ms(summary.median_ms),
-                    tm.ms(summary.min_ms),
-                    tm.ratio(summary.ratio),
-                    f"{tm.ratio(summary.ratio_low)}–{tm.ratio(summary.ratio_high)}",
-                    tm.ms(summary.first_ms),
-                ]
-            )
+            rows.append([tm.format_count(count), *tm.summary_cells(summary)])
             if summary.name in (mode_label("l1"), mode_label("decoupled_l1")):
                 first_calls.append(summary.first_ms)
     table = tm.markdown_table(
