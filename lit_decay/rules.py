@@ -294,10 +294,10 @@ def place_parameters(
     """
     root = unwrap(module)
     declared = _no_weight_decay_names(root)
-    owners = {}
+    owners: dict[str, nn.Module] = {}  # full name -> the module that holds the parameter directly
     for path, sub in root.named_modules(remove_duplicate=False):
-        for leaf, tensor in sub.named_parameters(recurse=False, remove_duplicate=False):
-            owners[clean_name(f"{path}.{leaf}" if path else leaf)] = (sub, tensor)
+        for leaf, _ in sub.named_parameters(recurse=False, remove_duplicate=False):
+            owners[clean_name(f"{path}.{leaf}" if path else leaf)] = sub
 
     names_by_tensor: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -324,7 +324,7 @@ def place_parameters(
             _decide(
                 n,
                 tensor,
-                owners[n][0],
+                owners[n],
                 overrides=overrides,
                 declared=declared,
                 exclude_embeddings=exclude_embeddings,
