@@ -301,12 +301,12 @@ def place_parameters(
 
     names_by_tensor: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
-    for raw_name, tensor in root.named_parameters(remove_duplicate=False):
+    for raw_name, param in root.named_parameters(remove_duplicate=False):
         name = clean_name(raw_name)
-        aliases = names_by_tensor.setdefault(id(tensor), [])
+        aliases = names_by_tensor.setdefault(id(param), [])
         if name not in aliases:
             aliases.append(name)
-        tensors[id(tensor)] = tensor
+        tensors[id(param)] = param
 
     placements: list[Placement] = []
     frozen: list[tuple[str, torch.Tensor]] = []
