@@ -16,7 +16,9 @@ cpu_torch=${LIT_DECAY_CPU_TORCH:-2.13.0}
 if ! python -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     pip install --quiet "torch>=2.7"
-  elif pip install --quiet --no-index "torch==${cpu_torch}" >/dev/null 2>&1; then
+  elif pip download --quiet --no-index --no-deps --dest "$(mktemp -d)" "torch==${cpu_torch}" >/dev/null 2>&1; then
+    # The wheel itself is local; its dependencies (filelock, sympy, ...) come from the package index.
+    pip install --quiet "torch==${cpu_torch}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
     echo "installed the local CPU build of torch ${cpu_torch}"
   else
     pip install --quiet "torch>=2.7" --index-url https://download.pytorch.org/whl/cpu
