@@ -6,7 +6,7 @@ and this reference side by side and compare weights and state. The Adam arithmet
     m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;  v_max ← max(v_max, v) (amsgrad)
     denom = √(v or v_max) / √(1−β2ᵗ) + eps;  p ← p − lr/(1−β1ᵗ) · m/denom
 
-and the modes wrap it as DESIGN.md's table says:
+and the modes wrap it as the table of modes in docs/modes.md says:
 
     l2:            g ← g + wd·p, then Adam
     decoupled:     p ← p·(1 − lr·wd), then Adam with the raw g
