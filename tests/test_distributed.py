@@ -2,7 +2,8 @@
 
 Each fit runs tests/distributed/fit_run.py in a subprocess (gloo on CPU); the script saves the whole weights, the
 last step's Adam state and what every rank handed its loggers. Here, in a single process, the same figures are
-computed from those weights with the formulas of docs/monitoring.md, and the same training is replayed on the global batch.
+computed from those weights with the formulas of docs/monitoring.md, and the same training is replayed on the global
+batch.
 Both fits start together (they take ~30-60 s each, mostly importing torch and Lightning in 2 processes apiece).
 """
 
@@ -291,7 +292,7 @@ def last_step_gradients(config: dict[str, Any], weights: dict[str, torch.Tensor]
 
 
 def expected_figures(config: dict[str, Any], saved: dict[str, Any]) -> dict[str, float]:
-    """The monitor's figures (docs/monitoring.md) at the last step, in float64, from the saved whole weights and Adam state."""
+    """The monitor's figures (docs/monitoring.md) at the last step, in float64, from the saved weights and Adam state."""
     final = {n: t.double() for n, t in saved["final"].items()}
     before = {n: t.double() for n, t in saved["before_last"].items()}
     raw = {n: g.double() for n, g in last_step_gradients(config, saved["before_last"]).items()}
