@@ -292,7 +292,7 @@ def last_step_gradients(config: dict[str, Any], weights: dict[str, torch.Tensor]
 
 
 def expected_figures(config: dict[str, Any], saved: dict[str, Any]) -> dict[str, float]:
-    """The monitor's figures (docs/monitoring.md) at the last step, in float64, from the saved weights and Adam state."""
+    """The monitor's figures (docs/monitoring.md) at the last step, in float64, from saved weights and Adam state."""
     final = {n: t.double() for n, t in saved["final"].items()}
     before = {n: t.double() for n, t in saved["before_last"].items()}
     raw = {n: g.double() for n, g in last_step_gradients(config, saved["before_last"]).items()}
