@@ -5,10 +5,14 @@ trainable tensor (tied tensors once, with their aliases) and the frozen ones apa
 
 1. ``requires_grad=False`` → frozen, not in the optimizer;
 2. an override whose fnmatch pattern matches the dotted name → that override's group;
-3. a name returned by ``no_weight_decay()`` of the model or a submodule → no decay;
-4. a parameter owned by a normalization layer → no decay;
-5. a bias (``bias``, ``bias_*``, ``*_bias``) → no decay;
-6. an embedding table → decay, or no decay with ``exclude_embeddings=True``;
+3. a name returned by ``no_weight_decay()`` of the model or a submodule, a tensor marked ``_no_weight_decay = True``
+   (mamba_ssm's convention), or a Mamba mixer's ``A_log``/``D`` in ports that drop that mark → no decay;
+4. a parameter owned by a normalization layer (never an embedding, linear or convolution subclass) → no decay;
+5. a bias: "bias" is an underscore-separated part of the leaf name (``bias``, ``in_proj_bias``,
+   ``relative_position_bias_table``) or of the attribute name of a module owning an embedding table (T5's
+   ``relative_attention_bias``) → no decay;
+6. an embedding table, or a raw token / position-embedding parameter (``cls_token``, ``pos_embed``, ...) → decay, or
+   no decay with ``exclude_embeddings=True``;
 7. any other parameter with ``ndim <= 1`` → no decay, unless ``exclude_1d=False``;
 8. everything else → decay.
 
@@ -47,6 +51,21 @@ _TORCH_NORMS: tuple[type[nn.Module], ...] = (
     nn.RMSNorm,
 )
 _EMBEDDINGS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+# Layers that hold weight matrices whatever their class is called (transformers has several ``*NormedEmbedding``s).
+_NEVER_NORMALIZATION: tuple[type[nn.Module], ...] = (*_EMBEDDINGS, nn.Linear, nn.modules.conv._ConvNd)
+# mamba_ssm (``modules/mamba_simple.py``, ``mamba2.py``) marks these ``_no_weight_decay``; ports such as transformers'
+# ``MambaMixer``/``Mamba2Mixer`` keep the parameters and drop the mark.
+_MAMBA_NO_DECAY = frozenset({"A_log", "D"})
+# Raw embedding parameters by the names timm and transformers give them: a token or a position table.
+_EMBEDDING_PARAMETERS = {
+    "cls_token": "token",
+    "dist_token": "token",
+    "reg_token": "token",
+    "mask_token": "token",
+    "pos_embed": "position",
+    "absolute_pos_embed": "position",
+    "position_embeddings": "position",
+}
 
 OVERRIDE_KEYS = ("pattern", "name", "weight_decay", "lr_scale", "mode")
 
@@ -89,6 +108,14 @@ class _Decision:
     override_index: int = -1
 
 
+@dataclass(frozen=True)
+class _Site:
+    """Where a parameter sits: its name and the module that holds it."""
+
+    name: str
+    owner: nn.Module
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The module a wrapper (DDP, DataParallel, FSDP1, ``torch.compile``, Lightning's wrapper) holds, else ``module``.
 
@@ -122,23 +149,27 @@ def clean_name(name: str) -> str:
 
 
 def is_normalization(module: nn.Module) -> bool:
-    """True for torch's normalization layers and for any module class whose name contains ``"Norm"``.
+    """True for torch's normalization layers and for any module class whose name contains ``"Norm"``, except
+    embedding, linear and convolution layers (a ``NormedEmbedding`` is an embedding table).
 
     Examples:
         >>> is_normalization(nn.LayerNorm(4)), is_normalization(nn.Linear(4, 4))
         (True, False)
     """
+    if isinstance(module, _NEVER_NORMALIZATION):
+        return False
     return isinstance(module, _TORCH_NORMS) or "Norm" in type(module).__name__
 
 
 def is_bias_name(leaf: str) -> bool:
-    """True for the leaf names torch and common models give biases: ``bias``, ``bias_*`` and ``*_bias``.
+    """True when ``"bias"`` is one of the underscore-separated parts of ``leaf``: torch's ``bias``, ``in_proj_bias``,
+    ``bias_ih_l0``, ``bias_k``, and tables such as Swin's ``relative_position_bias_table``.
 
     Examples:
-        >>> [is_bias_name(n) for n in ("bias", "in_proj_bias", "bias_ih_l0", "weight")]
-        [True, True, True, False]
+        >>> [is_bias_name(n) for n in ("bias", "in_proj_bias", "relative_position_bias_table", "weight", "biased")]
+        [True, True, True, False, False]
     """
-    return leaf == "bias" or leaf.startswith("bias_") or leaf.endswith("_bias")
+    return "bias" in leaf.split("_")
 
 
 def parse_overrides(overrides: Iterable[Mapping[str, Any]] | None) -> tuple[Override, ...]:
@@ -219,21 +250,25 @@ def _no_weight_decay_names(root: nn.Module) -> dict[str, str]:
     return declared
 
 
-def _match_no_weight_decay(name: str, declared: Mapping[str, str]) -> str | None:
+def _matches_entry(name: str, entry: str) -> bool:
+    return (
+        name == entry
+        or name.startswith(entry + ".")
+        or (any(c in entry for c in "*?[") and fnmatch.fnmatchcase(name, entry))
+    )
+
+
+def _match_no_weight_decay(names: Iterable[str], declared: Mapping[str, str]) -> str | None:
     for entry, path in declared.items():
-        if (
-            name == entry
-            or name.startswith(entry + ".")
-            or (any(c in entry for c in "*?[") and fnmatch.fnmatchcase(name, entry))
-        ):
+        if any(_matches_entry(name, entry) for name in names):
             return f"no_weight_decay() of {path}" if path else "no_weight_decay() of the root module"
     return None
 
 
 def _decide(
     name: str,
+    site: _Site,
     tensor: torch.Tensor,
-    owner: nn.Module,
     *,
     overrides: Sequence[Override],
     declared: Mapping[str, str],
@@ -243,22 +278,63 @@ def _decide(
     for index, override in enumerate(overrides):
         if fnmatch.fnmatchcase(name, override.pattern):
             return _Decision(override.name, f"override {override.name!r} ({override.pattern})", RULE_OVERRIDE, index)
-    reason = _match_no_weight_decay(name, declared)
+    decision = _decide_by_rules(
+        name, site, tensor, declared, exclude_embeddings=exclude_embeddings, exclude_1d=exclude_1d
+    )
+    return decision
+
+
+def _decide_by_rules(
+    name: str,
+    site: _Site,
+    tensor: torch.Tensor,
+    declared: Mapping[str, str],
+    *,
+    exclude_embeddings: bool,
+    exclude_1d: bool,
+) -> _Decision:
+    """Rules 3 to 8 for one name of a tensor."""
+    owner, owner_class = site.owner, type(site.owner).__name__
+    path, _, leaf = site.name.rpartition(".")
+    reason = _match_no_weight_decay((name, site.name), declared)
     if reason:
         return _Decision(NO_DECAY, reason, RULE_NO_WEIGHT_DECAY)
+    if getattr(tensor, "_no_weight_decay", False) is True:
+        return _Decision(NO_DECAY, "marked _no_weight_decay (mamba_ssm convention)", RULE_NO_WEIGHT_DECAY)
+    if leaf in _MAMBA_NO_DECAY and "Mamba" in owner_class:
+        return _Decision(
+            NO_DECAY, f"Mamba {leaf} of {owner_class} (mamba_ssm marks it _no_weight_decay)", RULE_NO_WEIGHT_DECAY
+        )
     if is_normalization(owner):
-        return _Decision(NO_DECAY, f"normalization layer {type(owner).__name__}", RULE_NORMALIZATION)
-    if is_bias_name(name.rpartition(".")[2]):
-        return _Decision(NO_DECAY, "bias", RULE_BIAS)
-    if isinstance(owner, _EMBEDDINGS):
+        return _Decision(NO_DECAY, f"normalization layer {owner_class}", RULE_NORMALIZATION)
+    if is_bias_name(leaf):
+        if leaf == "bias" or leaf.startswith("bias_") or leaf.endswith("_bias"):
+            return _Decision(NO_DECAY, "bias", RULE_BIAS)
+        return _Decision(NO_DECAY, "bias table (name part 'bias')", RULE_BIAS)
+    attribute = path.rpartition(".")[2]
+    if isinstance(owner, _EMBEDDINGS) and is_bias_name(attribute):
+        return _Decision(NO_DECAY, f"bias table (embedding {attribute}, name part 'bias')", RULE_BIAS)
+    kind = "embedding" if isinstance(owner, _EMBEDDINGS) else _EMBEDDING_PARAMETERS.get(leaf)
+    if kind is not None:
+        what = kind if kind == "embedding" else f"{kind} embedding"
         if exclude_embeddings:
-            return _Decision(NO_DECAY, "embedding (exclude_embeddings=True)", RULE_EMBEDDING)
-        return _Decision(DECAY, "embedding", RULE_EMBEDDING)
+            return _Decision(NO_DECAY, f"{what} (exclude_embeddings=True)", RULE_EMBEDDING)
+        return _Decision(DECAY, what, RULE_EMBEDDING)
     if tensor.ndim <= 1:
         if exclude_1d:
             return _Decision(NO_DECAY, f"ndim={tensor.ndim} parameter", RULE_1D)
         return _Decision(DECAY, f"ndim={tensor.ndim} parameter (exclude_1d=False)", RULE_DEFAULT)
     return _Decision(DECAY, f"ndim={tensor.ndim} weight", RULE_DEFAULT)
+
+
+def _sites(root: nn.Module) -> dict[str, _Site]:
+    """{clean full name: site} for every parameter name (aliases included)."""
+    sites: dict[str, _Site] = {}
+    for path, sub in root.named_modules(remove_duplicate=False):
+        for leaf, _ in sub.named_parameters(recurse=False, remove_duplicate=False):
+            name = clean_name(f"{path}.{leaf}" if path else leaf)
+            sites[name] = _Site(name, sub)
+    return sites
 
 
 def _combine(names: Sequence[str], decisions: Sequence[_Decision]) -> tuple[_Decision, str]:
@@ -294,10 +370,7 @@ def place_parameters(
     """
     root = unwrap(module)
     declared = _no_weight_decay_names(root)
-    owners: dict[str, nn.Module] = {}  # full name -> the module that holds the parameter directly
-    for path, sub in root.named_modules(remove_duplicate=False):
-        for leaf, _ in sub.named_parameters(recurse=False, remove_duplicate=False):
-            owners[clean_name(f"{path}.{leaf}" if path else leaf)] = sub
+    sites = _sites(root)
 
     names_by_tensor: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -323,8 +396,8 @@ def place_parameters(
         decisions = [
             _decide(
                 n,
+                sites[n],
                 tensor,
-                owners[n],
                 overrides=overrides,
                 declared=declared,
                 exclude_embeddings=exclude_embeddings,
