@@ -22,8 +22,10 @@ seen through, so names are the ones the user wrote.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +92,11 @@ class Override:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where one trainable tensor goes: its group, and the rule that decided (its number above, and in words)."""
+    """Where one trainable tensor goes: its group, and the rule that decided (its number above, and in words).
+
+    ``norm_by_name`` is True for a tensor with ``ndim >= 2`` that rule 4 kept out of decay only because its module's
+    class name contains "Norm": the one placement of the heuristic worth a second look.
+    """
 
     name: str
     tensor: torch.Tensor
@@ -98,6 +104,7 @@ class Placement:
     reason: str
     aliases: tuple[str, ...] = ()
     rule: int = RULE_DEFAULT
+    norm_by_name: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,7 @@ class _Decision:
     reason: str
     rule: int
     override_index: int = -1
+    norm_by_name: bool = False
 
 
 @dataclass(frozen=True)
@@ -265,6 +273,32 @@ def _match_no_weight_decay(names: Iterable[str], declared: Mapping[str, str]) ->
     return None
 
 
+def _warn_unmatched_no_weight_decay(root: nn.Module, declared: Mapping[str, str], names: Sequence[str]) -> None:
+    """Warn, per declaring module, about ``no_weight_decay()`` names that match no parameter (a typo such as
+    ``pos_embd`` would otherwise leave the intended tensor decayed without a word)."""
+    unmatched: dict[str, list[str]] = {}
+    for entry, path in declared.items():
+        if not any(_matches_entry(name, entry) for name in names):
+            unmatched.setdefault(path, []).append(entry)
+    for path, entries in unmatched.items():
+        prefix = path + "." if path else ""
+        local = [name[len(prefix) :] for name in names if name.startswith(prefix)]
+        relative = sorted(entry[len(prefix) :] for entry in entries)
+        # closest first, as difflib ranks them
+        nearest = dict.fromkeys(
+            m for entry in relative for m in difflib.get_close_matches(entry, local, n=3, cutoff=0.6)
+        )
+        owner = type(root.get_submodule(path)).__name__ if path else type(root).__name__
+        where = f"{path} ({owner})" if path else f"the root module ({owner})"
+        warnings.warn(
+            f"no_weight_decay() of {where} returned {', '.join(map(repr, relative))}, matching no parameter, so "
+            "nothing is kept out of decay for it (a typo?); nearest parameter names: "
+            + (", ".join(nearest) if nearest else "none close"),
+            UserWarning,
+            stacklevel=5,
+        )
+
+
 def _decide(
     name: str,
     site: _Site,
@@ -306,7 +340,15 @@ def _decide_by_rules(
             NO_DECAY, f"Mamba {leaf} of {owner_class} (mamba_ssm marks it _no_weight_decay)", RULE_NO_WEIGHT_DECAY
         )
     if is_normalization(owner):
-        return _Decision(NO_DECAY, f"normalization layer {owner_class}", RULE_NORMALIZATION)
+        if isinstance(owner, _TORCH_NORMS) or tensor.ndim < 2:
+            return _Decision(NO_DECAY, f"normalization layer {owner_class}", RULE_NORMALIZATION)
+        return _Decision(
+            NO_DECAY,
+            f"normalization layer {owner_class} by class name only, yet ndim={tensor.ndim}: "
+            "add an override if this is a weight matrix",
+            RULE_NORMALIZATION,
+            norm_by_name=True,
+        )
     if is_bias_name(leaf):
         if leaf == "bias" or leaf.startswith("bias_") or leaf.endswith("_bias"):
             return _Decision(NO_DECAY, "bias", RULE_BIAS)
@@ -371,6 +413,8 @@ def place_parameters(
     root = unwrap(module)
     declared = _no_weight_decay_names(root)
     sites = _sites(root)
+    if declared:
+        _warn_unmatched_no_weight_decay(root, declared, list(sites))
 
     names_by_tensor: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -407,7 +451,9 @@ def place_parameters(
         ]
         decision, deciding_name = _combine(names, decisions)
         reason = decision.reason if deciding_name == names[0] else f"{decision.reason} (via alias {deciding_name})"
-        placements.append(Placement(names[0], tensor, decision.group, reason, tuple(names[1:]), decision.rule))
+        placements.append(
+            Placement(names[0], tensor, decision.group, reason, tuple(names[1:]), decision.rule, decision.norm_by_name)
+        )
 
     trainable_names = [n for key, names in names_by_tensor.items() if tensors[key].requires_grad for n in names]
     for override in overrides:

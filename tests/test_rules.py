@@ -197,7 +197,10 @@ def test_custom_norm_class_by_name() -> None:
     assert decisions(nn.Sequential(nn.Linear(4, 4, bias=False), MyRMSNorm(4))) == {
         "0.weight": ("decay", "ndim=2 weight"),
         "1.weight": ("no_decay", "normalization layer MyRMSNorm"),
-        "1.gain_matrix": ("no_decay", "normalization layer MyRMSNorm"),
+        "1.gain_matrix": (
+            "no_decay",
+            "normalization layer MyRMSNorm by class name only, yet ndim=2: add an override if this is a weight matrix",
+        ),
     }
 
 
@@ -759,3 +762,74 @@ def test_raw_token_and_position_embeddings_follow_exclude_embeddings() -> None:
     }
     # A no_weight_decay() declaration still comes first (rule 3).
     assert decisions(ViTLike())["cls_token"] == ("no_decay", "no_weight_decay() of the root module")
+
+
+# --- the reach of the name heuristics, made visible ------------------------------------------------------------------
+
+
+class WeightNormalizedLinear(nn.Module):
+    """Not a normalization layer, though "Norm" is in its class name: a plain module owning a weight matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+        self.gain = nn.Parameter(torch.ones(3))
+
+
+def test_norm_by_class_name_on_a_matrix_says_so_and_is_counted() -> None:
+    model = nn.ModuleDict({"proj": WeightNormalizedLinear(), "norm": nn.LayerNorm((2, 3)), "rms": MyRMSNorm(3)})
+    report = lit_decay.explain(model)
+    reasons = {row.name: row.reason for row in report.rows}
+    assert reasons["proj.weight"] == (
+        "normalization layer WeightNormalizedLinear by class name only, yet ndim=2: "
+        "add an override if this is a weight matrix"
+    )
+    # 1-D parameters of a name-matched class and torch's own norms, whatever their ndim, are not flagged.
+    assert reasons["proj.gain"] == "normalization layer WeightNormalizedLinear"
+    assert reasons["norm.weight"] == reasons["norm.bias"] == "normalization layer LayerNorm"
+    assert report.norm_by_name == ("proj.weight", "rms.gain_matrix")
+    note = (
+        "Check: 2 tensor(s) with ndim >= 2 kept out of decay only because their module's class name contains 'Norm' "
+        "(proj.weight, rms.gain_matrix); add an override for any that is a weight matrix"
+    )
+    assert note in report.summary().splitlines()
+    assert note in report.to_markdown().splitlines()
+    # The override the note asks for takes the matrix back, and the note goes.
+    fixed = lit_decay.explain(model, overrides=[{"pattern": "proj.weight", "name": "matrix"}])
+    assert fixed.group_of("proj.weight") == "matrix"
+    assert fixed.norm_by_name == ("rms.gain_matrix",)
+    assert "Check:" not in str(lit_decay.explain(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm((2, 2)))))
+
+
+class Typo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+        self.encoder = Encoder()
+        self.encoder.no_weight_decay = lambda: {"rel_pos", "proj.bais"}  # type: ignore[method-assign]
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embd", "encoder"}
+
+
+def test_unmatched_no_weight_decay_names_warn_with_the_nearest_names() -> None:
+    with pytest.warns(UserWarning) as caught:
+        found = decisions(Typo())
+    messages = sorted(str(w.message) for w in caught if "no_weight_decay()" in str(w.message))
+    assert messages == [
+        "no_weight_decay() of encoder (Encoder) returned 'proj.bais', matching no parameter, so nothing is kept out "
+        "of decay for it (a typo?); nearest parameter names: proj.bias, proj.weight",
+        "no_weight_decay() of the root module (Typo) returned 'pos_embd', matching no parameter, so nothing is kept "
+        "out of decay for it (a typo?); nearest parameter names: pos_embed",
+    ]
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert found["pos_embed"] == ("decay", "position embedding")
+
+
+def test_no_weight_decay_names_that_match_do_not_warn() -> None:
+    model = ViTLike()
+    model.encoder.requires_grad_(False)  # a name matching a frozen parameter is no typo
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lit_decay.explain(model)
+        lit_decay.explain(ViTLike())
