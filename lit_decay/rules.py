@@ -17,7 +17,8 @@ trainable tensor (tied tensors once, with their aliases) and the frozen ones apa
 8. everything else → decay.
 
 Wrappers (DDP, DataParallel, FSDP1, ``torch.compile``, activation checkpointing, Lightning's strategy wrapper) are
-seen through, so names are the ones the user wrote.
+seen through, so names are the ones the user wrote. A parametrized tensor (``torch.nn.utils.parametrize``, stored as
+``<module>.parametrizations.<name>.original``) gets the rules of the parameter ``<module>.<name>`` it stands for.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lit_decay._checks import check_mode, check_non_negative
 from lit_decay.modes import Mode
@@ -68,6 +71,10 @@ _EMBEDDING_PARAMETERS = {
     "absolute_pos_embed": "position",
     "position_embeddings": "position",
 }
+
+# torch.nn.utils.parametrize keeps ``<module>.<name>`` as ``<module>.parametrizations.<name>.original`` (or
+# ``original0``, ``original1``, ... when the parametrization's right_inverse returns several tensors).
+_PARAMETRIZED = re.compile(r"(?:(?P<path>.*)\.)?parametrizations\.(?P<leaf>[^.]+)\.original\d*")
 
 OVERRIDE_KEYS = ("pattern", "name", "weight_decay", "lr_scale", "mode")
 
@@ -118,10 +125,12 @@ class _Decision:
 
 @dataclass(frozen=True)
 class _Site:
-    """Where a parameter sits: its name and the module that holds it."""
+    """Where a parameter sits for the rules: its name and owner, or for a parametrized tensor, the name of the
+    parameter it stands for and the module that parameter belongs to."""
 
     name: str
     owner: nn.Module
+    parametrized: bool = False
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -315,6 +324,8 @@ def _decide(
     decision = _decide_by_rules(
         name, site, tensor, declared, exclude_embeddings=exclude_embeddings, exclude_1d=exclude_1d
     )
+    if site.parametrized:
+        return replace(decision, reason=f"{decision.reason} (parametrized {site.name})")
     return decision
 
 
@@ -327,7 +338,7 @@ def _decide_by_rules(
     exclude_embeddings: bool,
     exclude_1d: bool,
 ) -> _Decision:
-    """Rules 3 to 8 for one name of a tensor."""
+    """Rules 3 to 8 for one name of a tensor, read at the parameter the tensor stands for."""
     owner, owner_class = site.owner, type(site.owner).__name__
     path, _, leaf = site.name.rpartition(".")
     reason = _match_no_weight_decay((name, site.name), declared)
@@ -371,11 +382,21 @@ def _decide_by_rules(
 
 def _sites(root: nn.Module) -> dict[str, _Site]:
     """{clean full name: site} for every parameter name (aliases included)."""
+    modules: dict[str, nn.Module] = {}
+    for path, sub in root.named_modules(remove_duplicate=False):
+        modules[clean_name(path)] = sub  # a wrapper comes before what it wraps, so the innermost module stays
     sites: dict[str, _Site] = {}
     for path, sub in root.named_modules(remove_duplicate=False):
         for leaf, _ in sub.named_parameters(recurse=False, remove_duplicate=False):
             name = clean_name(f"{path}.{leaf}" if path else leaf)
             sites[name] = _Site(name, sub)
+            parametrized = _PARAMETRIZED.fullmatch(name)
+            if parametrized and isinstance(sub, parametrize.ParametrizationList):
+                module_path, stands_for = parametrized["path"] or "", parametrized["leaf"]
+                module = modules.get(module_path)
+                if module is not None:
+                    full = f"{module_path}.{stands_for}" if module_path else stands_for
+                    sites[name] = _Site(full, module, parametrized=True)
     return sites
 
 
@@ -414,7 +435,8 @@ def place_parameters(
     declared = _no_weight_decay_names(root)
     sites = _sites(root)
     if declared:
-        _warn_unmatched_no_weight_decay(root, declared, list(sites))
+        every_name = list(sites) + [site.name for site in sites.values() if site.parametrized]
+        _warn_unmatched_no_weight_decay(root, declared, every_name)
 
     names_by_tensor: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -427,6 +449,7 @@ def place_parameters(
 
     placements: list[Placement] = []
     frozen: list[tuple[str, torch.Tensor]] = []
+    deciding_overrides: set[int] = set()
     for key, names in names_by_tensor.items():
         tensor = tensors[key]
         if isinstance(tensor, nn.parameter.UninitializedParameter):
@@ -450,20 +473,42 @@ def place_parameters(
             for n in names
         ]
         decision, deciding_name = _combine(names, decisions)
+        deciding_overrides.add(decision.override_index)
         reason = decision.reason if deciding_name == names[0] else f"{decision.reason} (via alias {deciding_name})"
         placements.append(
             Placement(names[0], tensor, decision.group, reason, tuple(names[1:]), decision.rule, decision.norm_by_name)
         )
 
-    trainable_names = [n for key, names in names_by_tensor.items() if tensors[key].requires_grad for n in names]
-    for override in overrides:
+    trainable = [names for key, names in names_by_tensor.items() if tensors[key].requires_grad]
+    trainable_names = [n for names in trainable for n in names]
+    for index, override in enumerate(overrides):
         if not any(fnmatch.fnmatchcase(n, override.pattern) for n in trainable_names):
             sample = ", ".join(trainable_names[:5]) + (", ..." if len(trainable_names) > 5 else "")
             raise ValueError(
                 f"override pattern {override.pattern!r} matches no trainable parameter; "
                 f"patterns are fnmatch patterns on full dotted names such as {sample}"
             )
+        if index not in deciding_overrides:
+            _raise_shadowed(index, overrides, trainable)
     return placements, frozen
+
+
+def _raise_shadowed(index: int, overrides: Sequence[Override], trainable: Sequence[Sequence[str]]) -> None:
+    """An override every one of whose parameters an earlier override takes changes nothing: as much a mistake as a
+    pattern that matches nothing."""
+    override = overrides[index]
+    matched = [names for names in trainable if any(fnmatch.fnmatchcase(n, override.pattern) for n in names)]
+    earlier = [
+        repr(o.pattern)
+        for o in overrides[:index]
+        if any(fnmatch.fnmatchcase(n, o.pattern) for names in matched for n in names)
+    ]
+    sample = ", ".join(names[0] for names in matched[:5]) + (", ..." if len(matched) > 5 else "")
+    raise ValueError(
+        f"override pattern {override.pattern!r} (overrides[{index}]) is shadowed: every trainable parameter it "
+        f"matches ({sample}) is taken by an earlier override ({', '.join(dict.fromkeys(earlier))}), so it would "
+        "change nothing; remove it, or move it before them"
+    )
 
 
 def numel(tensor: torch.Tensor) -> int:

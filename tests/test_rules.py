@@ -833,3 +833,64 @@ def test_no_weight_decay_names_that_match_do_not_warn() -> None:
         warnings.simplefilter("error")
         lit_decay.explain(model)
         lit_decay.explain(ViTLike())
+
+
+# --- parametrized tensors (torch.nn.utils.parametrize) ---------------------------------------------------------------
+
+
+class Positive(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs()
+
+
+def test_parametrized_tensors_get_the_rules_of_the_parameter_they_stand_for() -> None:
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = nn.ModuleDict(
+        {"proj": nn.Linear(4, 4), "norm": nn.LayerNorm((2, 4)), "tok": nn.Embedding(6, 4), "conv": nn.Conv1d(2, 2, 3)}
+    )
+    parametrize.register_parametrization(model["proj"], "bias", Positive())
+    parametrize.register_parametrization(model["proj"], "weight", Positive())
+    parametrize.register_parametrization(model["norm"], "weight", Positive())
+    parametrize.register_parametrization(model["tok"], "weight", Positive())
+    parametrizations.weight_norm(model["conv"])  # stored as original0 (g) and original1 (v)
+    found = decisions(model, exclude_1d=False, exclude_embeddings=True)
+    assert found == {
+        "proj.parametrizations.bias.original": ("no_decay", "bias (parametrized proj.bias)"),
+        "proj.parametrizations.weight.original": ("decay", "ndim=2 weight (parametrized proj.weight)"),
+        "norm.bias": ("no_decay", "normalization layer ParametrizedLayerNorm"),
+        "norm.parametrizations.weight.original": (
+            "no_decay",
+            "normalization layer ParametrizedLayerNorm (parametrized norm.weight)",
+        ),
+        "tok.parametrizations.weight.original": (
+            "no_decay",
+            "embedding (exclude_embeddings=True) (parametrized tok.weight)",
+        ),
+        "conv.bias": ("no_decay", "bias"),
+        "conv.parametrizations.weight.original0": ("decay", "ndim=3 weight (parametrized conv.weight)"),
+        "conv.parametrizations.weight.original1": ("decay", "ndim=3 weight (parametrized conv.weight)"),
+    }
+
+
+def test_no_weight_decay_may_name_the_parameter_a_parametrization_stands_for() -> None:
+    from torch.nn.utils import parametrize
+
+    model = ViTLike()
+    parametrize.register_parametrization(model, "pos_embed", Positive())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "pos_embed" matches: no unmatched-name warning
+        found = decisions(model)
+    assert found["parametrizations.pos_embed.original"] == (
+        "no_decay",
+        "no_weight_decay() of the root module (parametrized pos_embed)",
+    )
+
+
+def test_a_module_called_parametrizations_is_not_taken_for_one() -> None:
+    holder = nn.Module()
+    holder.original = nn.Parameter(torch.ones(3))
+    model = nn.ModuleDict({"parametrizations": nn.ModuleDict({"bias": holder})})
+    assert decisions(model, exclude_1d=False) == {
+        "parametrizations.bias.original": ("decay", "ndim=1 parameter (exclude_1d=False)")
+    }
