@@ -1,7 +1,8 @@
 """``lit-decay inspect MODULE:CLASS``: print a model's grouping table without training it.
 
 Errors a user can make on the command line (a path or class that does not exist, bad JSON, a bad option) end with
-exit code 2 and one line on stderr, never a traceback.
+exit code 2 and one line on stderr, never a traceback; so does the user's own code failing on the way (a module that
+raises on import, a constructor or ``no_weight_decay()`` that raises, or calls ``sys.exit``).
 """
 
 from __future__ import annotations
@@ -33,12 +34,19 @@ def _load_class(target: str) -> type:
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
         raise _UsageError(f"expected MODULE:CLASS (e.g. examples.models:TinyGPT); got {target!r}")
+    if module_name.startswith("."):
+        raise _UsageError(
+            f"MODULE must be an absolute module path, importable from the current directory (e.g. examples.models); "
+            f"got the relative {module_name!r}"
+        )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # so `lit-decay inspect mypackage.models:Net` works from a project root
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         raise _UsageError(f"cannot import module {module_name!r}: {error}") from None
+    except (Exception, SystemExit) as error:  # the user's module runs on import and may raise anything
+        raise _UsageError(f"cannot import module {module_name!r}: it raised {_describe(error)}") from None
     value: Any = module
     for part in attribute.split("."):
         if not hasattr(value, part):
@@ -47,6 +55,14 @@ def _load_class(target: str) -> type:
     if not isinstance(value, type):
         raise _UsageError(f"{target!r} is a {type(value).__name__}, not a class")
     return value
+
+
+def _describe(error: BaseException) -> str:
+    """``SyntaxError: invalid syntax (models.py, line 3)``, in one line."""
+    if isinstance(error, SystemExit):
+        return f"SystemExit({error.code!r})"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,8 +97,8 @@ def _inspect(args: argparse.Namespace) -> str:
     cls = _load_class(args.target)
     try:
         model = cls(**init_args)
-    except Exception as error:  # the user's constructor may raise anything; report it, not a traceback
-        raise _UsageError(f"cannot build {cls.__name__}(**{init_args!r}): {type(error).__name__}: {error}") from None
+    except (Exception, SystemExit) as error:  # the user's constructor may raise anything; report it, not a traceback
+        raise _UsageError(f"cannot build {cls.__name__}(**{init_args!r}): {_describe(error)}") from None
     try:
         report = explain(
             model,
@@ -92,7 +108,9 @@ def _inspect(args: argparse.Namespace) -> str:
             exclude_1d=not args.decay_1d,
         )
     except (TypeError, ValueError) as error:
-        raise _UsageError(str(error)) from None
+        raise _UsageError(" ".join(str(error).split())) from None
+    except (Exception, SystemExit) as error:  # the model's own no_weight_decay() runs here
+        raise _UsageError(f"cannot group the parameters of {cls.__name__}: {_describe(error)}") from None
     return json.dumps(report.to_dict(), indent=2) if args.json else str(report)
 
 

@@ -69,6 +69,8 @@ class GroupingReport:
     frozen: tuple[FrozenRow, ...]
     groups: tuple[GroupSummary, ...]
     implementation: str | None = field(default=None)
+    # Tensors with ndim >= 2 kept out of decay only because their module's class name contains "Norm".
+    norm_by_name: tuple[str, ...] = field(default=())
 
     def group_of(self, name: str) -> str:
         """The group of the parameter called ``name`` (its first name or any alias)."""
@@ -101,7 +103,16 @@ class GroupingReport:
         lines += ["  " + line for line in _format_table(table, right=(4, 5))]
         if self.implementation:
             lines.append(f"Adam implementation: {self.implementation}")
+        if self.norm_by_name:
+            lines.append(self._norm_by_name_note())
         return "\n".join(lines)
+
+    def _norm_by_name_note(self) -> str:
+        listed = ", ".join(self.norm_by_name[:5]) + (", ..." if len(self.norm_by_name) > 5 else "")
+        return (
+            f"Check: {len(self.norm_by_name)} tensor(s) with ndim >= 2 kept out of decay only because their module's "
+            f"class name contains 'Norm' ({listed}); add an override for any that is a weight matrix"
+        )
 
     def __str__(self) -> str:
         table = [("name", "shape", "numel", "group", "reason")]
@@ -128,6 +139,8 @@ class GroupingReport:
             lines.append(f"| {g.name} | {g.mode} | {g.coefficient:g} | {scale} | {g.tensors} | {g.numel:,} |")
         if self.implementation:
             lines += ["", f"Adam implementation: {self.implementation}"]
+        if self.norm_by_name:
+            lines += ["", self._norm_by_name_note()]
         lines += ["", "| name | shape | numel | group | reason |", "|---|---|---|---|---|"]
         for r in self.rows:
             reason = r.reason + (f"; tied to {', '.join(r.aliases)}" if r.aliases else "")
@@ -215,7 +228,8 @@ class Plan:
                     )
                 )
         frozen = tuple(FrozenRow(name, tuple(t.shape), numel(t)) for name, t in self.frozen)
-        return GroupingReport(self.model, rows, frozen, tuple(summaries))
+        norm_by_name = tuple(p.name for p in self.placements if p.norm_by_name)
+        return GroupingReport(self.model, rows, frozen, tuple(summaries), norm_by_name=norm_by_name)
 
 
 def plan(

@@ -5,27 +5,36 @@ trainable tensor (tied tensors once, with their aliases) and the frozen ones apa
 
 1. ``requires_grad=False`` → frozen, not in the optimizer;
 2. an override whose fnmatch pattern matches the dotted name → that override's group;
-3. a name returned by ``no_weight_decay()`` of the model or a submodule → no decay;
-4. a parameter owned by a normalization layer → no decay;
-5. a bias (``bias``, ``bias_*``, ``*_bias``) → no decay;
-6. an embedding table → decay, or no decay with ``exclude_embeddings=True``;
+3. a name returned by ``no_weight_decay()`` of the model or a submodule, a tensor marked ``_no_weight_decay = True``
+   (mamba_ssm's convention), or a Mamba mixer's ``A_log``/``D`` in ports that drop that mark → no decay;
+4. a parameter owned by a normalization layer (never an embedding, linear or convolution subclass) → no decay;
+5. a bias: "bias" is an underscore-separated part of the leaf name (``bias``, ``in_proj_bias``,
+   ``relative_position_bias_table``) or of the attribute name of a module owning an embedding table (T5's
+   ``relative_attention_bias``) → no decay;
+6. an embedding table, or a raw token / position-embedding parameter (``cls_token``, ``pos_embed``, ...) → decay, or
+   no decay with ``exclude_embeddings=True``;
 7. any other parameter with ``ndim <= 1`` → no decay, unless ``exclude_1d=False``;
 8. everything else → decay.
 
 Wrappers (DDP, DataParallel, FSDP1, ``torch.compile``, activation checkpointing, Lightning's strategy wrapper) are
-seen through, so names are the ones the user wrote.
+seen through, so names are the ones the user wrote. A parametrized tensor (``torch.nn.utils.parametrize``, stored as
+``<module>.parametrizations.<name>.original``) gets the rules of the parameter ``<module>.<name>`` it stands for.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
+import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lit_decay._checks import check_mode, check_non_negative
 from lit_decay.modes import Mode
@@ -47,6 +56,25 @@ _TORCH_NORMS: tuple[type[nn.Module], ...] = (
     nn.RMSNorm,
 )
 _EMBEDDINGS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+# Layers that hold weight matrices whatever their class is called (transformers has several ``*NormedEmbedding``s).
+_NEVER_NORMALIZATION: tuple[type[nn.Module], ...] = (*_EMBEDDINGS, nn.Linear, nn.modules.conv._ConvNd)
+# mamba_ssm (``modules/mamba_simple.py``, ``mamba2.py``) marks these ``_no_weight_decay``; ports such as transformers'
+# ``MambaMixer``/``Mamba2Mixer`` keep the parameters and drop the mark.
+_MAMBA_NO_DECAY = frozenset({"A_log", "D"})
+# Raw embedding parameters by the names timm and transformers give them: a token or a position table.
+_EMBEDDING_PARAMETERS = {
+    "cls_token": "token",
+    "dist_token": "token",
+    "reg_token": "token",
+    "mask_token": "token",
+    "pos_embed": "position",
+    "absolute_pos_embed": "position",
+    "position_embeddings": "position",
+}
+
+# torch.nn.utils.parametrize keeps ``<module>.<name>`` as ``<module>.parametrizations.<name>.original`` (or
+# ``original0``, ``original1``, ... when the parametrization's right_inverse returns several tensors).
+_PARAMETRIZED = re.compile(r"(?:(?P<path>.*)\.)?parametrizations\.(?P<leaf>[^.]+)\.original\d*")
 
 OVERRIDE_KEYS = ("pattern", "name", "weight_decay", "lr_scale", "mode")
 
@@ -71,7 +99,11 @@ class Override:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where one trainable tensor goes: its group, and the rule that decided (its number above, and in words)."""
+    """Where one trainable tensor goes: its group, and the rule that decided (its number above, and in words).
+
+    ``norm_by_name`` is True for a tensor with ``ndim >= 2`` that rule 4 kept out of decay only because its module's
+    class name contains "Norm": the one placement of the heuristic worth a second look.
+    """
 
     name: str
     tensor: torch.Tensor
@@ -79,6 +111,7 @@ class Placement:
     reason: str
     aliases: tuple[str, ...] = ()
     rule: int = RULE_DEFAULT
+    norm_by_name: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +120,17 @@ class _Decision:
     reason: str
     rule: int
     override_index: int = -1
+    norm_by_name: bool = False
+
+
+@dataclass(frozen=True)
+class _Site:
+    """Where a parameter sits for the rules: its name and owner, or for a parametrized tensor, the name of the
+    parameter it stands for and the module that parameter belongs to."""
+
+    name: str
+    owner: nn.Module
+    parametrized: bool = False
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -122,23 +166,27 @@ def clean_name(name: str) -> str:
 
 
 def is_normalization(module: nn.Module) -> bool:
-    """True for torch's normalization layers and for any module class whose name contains ``"Norm"``.
+    """True for torch's normalization layers and for any module class whose name contains ``"Norm"``, except
+    embedding, linear and convolution layers (a ``NormedEmbedding`` is an embedding table).
 
     Examples:
         >>> is_normalization(nn.LayerNorm(4)), is_normalization(nn.Linear(4, 4))
         (True, False)
     """
+    if isinstance(module, _NEVER_NORMALIZATION):
+        return False
     return isinstance(module, _TORCH_NORMS) or "Norm" in type(module).__name__
 
 
 def is_bias_name(leaf: str) -> bool:
-    """True for the leaf names torch and common models give biases: ``bias``, ``bias_*`` and ``*_bias``.
+    """True when ``"bias"`` is one of the underscore-separated parts of ``leaf``: torch's ``bias``, ``in_proj_bias``,
+    ``bias_ih_l0``, ``bias_k``, and tables such as Swin's ``relative_position_bias_table``.
 
     Examples:
-        >>> [is_bias_name(n) for n in ("bias", "in_proj_bias", "bias_ih_l0", "weight")]
-        [True, True, True, False]
+        >>> [is_bias_name(n) for n in ("bias", "in_proj_bias", "relative_position_bias_table", "weight", "biased")]
+        [True, True, True, False, False]
     """
-    return leaf == "bias" or leaf.startswith("bias_") or leaf.endswith("_bias")
+    return "bias" in leaf.split("_")
 
 
 def parse_overrides(overrides: Iterable[Mapping[str, Any]] | None) -> tuple[Override, ...]:
@@ -219,21 +267,51 @@ def _no_weight_decay_names(root: nn.Module) -> dict[str, str]:
     return declared
 
 
-def _match_no_weight_decay(name: str, declared: Mapping[str, str]) -> str | None:
+def _matches_entry(name: str, entry: str) -> bool:
+    return (
+        name == entry
+        or name.startswith(entry + ".")
+        or (any(c in entry for c in "*?[") and fnmatch.fnmatchcase(name, entry))
+    )
+
+
+def _match_no_weight_decay(names: Iterable[str], declared: Mapping[str, str]) -> str | None:
     for entry, path in declared.items():
-        if (
-            name == entry
-            or name.startswith(entry + ".")
-            or (any(c in entry for c in "*?[") and fnmatch.fnmatchcase(name, entry))
-        ):
+        if any(_matches_entry(name, entry) for name in names):
             return f"no_weight_decay() of {path}" if path else "no_weight_decay() of the root module"
     return None
 
 
+def _warn_unmatched_no_weight_decay(root: nn.Module, declared: Mapping[str, str], names: Sequence[str]) -> None:
+    """Warn, per declaring module, about ``no_weight_decay()`` names that match no parameter (a typo such as
+    ``pos_embd`` would otherwise leave the intended tensor decayed without a word)."""
+    unmatched: dict[str, list[str]] = {}
+    for entry, path in declared.items():
+        if not any(_matches_entry(name, entry) for name in names):
+            unmatched.setdefault(path, []).append(entry)
+    for path, entries in unmatched.items():
+        prefix = path + "." if path else ""
+        local = [name[len(prefix) :] for name in names if name.startswith(prefix)]
+        relative = sorted(entry[len(prefix) :] for entry in entries)
+        # closest first, as difflib ranks them
+        nearest = dict.fromkeys(
+            m for entry in relative for m in difflib.get_close_matches(entry, local, n=3, cutoff=0.6)
+        )
+        owner = type(root.get_submodule(path)).__name__ if path else type(root).__name__
+        where = f"{path} ({owner})" if path else f"the root module ({owner})"
+        warnings.warn(
+            f"no_weight_decay() of {where} returned {', '.join(map(repr, relative))}, matching no parameter, so "
+            "nothing is kept out of decay for it (a typo?); nearest parameter names: "
+            + (", ".join(nearest) if nearest else "none close"),
+            UserWarning,
+            stacklevel=5,
+        )
+
+
 def _decide(
     name: str,
+    site: _Site,
     tensor: torch.Tensor,
-    owner: nn.Module,
     *,
     overrides: Sequence[Override],
     declared: Mapping[str, str],
@@ -243,22 +321,83 @@ def _decide(
     for index, override in enumerate(overrides):
         if fnmatch.fnmatchcase(name, override.pattern):
             return _Decision(override.name, f"override {override.name!r} ({override.pattern})", RULE_OVERRIDE, index)
-    reason = _match_no_weight_decay(name, declared)
+    decision = _decide_by_rules(
+        name, site, tensor, declared, exclude_embeddings=exclude_embeddings, exclude_1d=exclude_1d
+    )
+    if site.parametrized:
+        return replace(decision, reason=f"{decision.reason} (parametrized {site.name})")
+    return decision
+
+
+def _decide_by_rules(
+    name: str,
+    site: _Site,
+    tensor: torch.Tensor,
+    declared: Mapping[str, str],
+    *,
+    exclude_embeddings: bool,
+    exclude_1d: bool,
+) -> _Decision:
+    """Rules 3 to 8 for one name of a tensor, read at the parameter the tensor stands for."""
+    owner, owner_class = site.owner, type(site.owner).__name__
+    path, _, leaf = site.name.rpartition(".")
+    reason = _match_no_weight_decay((name, site.name), declared)
     if reason:
         return _Decision(NO_DECAY, reason, RULE_NO_WEIGHT_DECAY)
+    if getattr(tensor, "_no_weight_decay", False) is True:
+        return _Decision(NO_DECAY, "marked _no_weight_decay (mamba_ssm convention)", RULE_NO_WEIGHT_DECAY)
+    if leaf in _MAMBA_NO_DECAY and "Mamba" in owner_class:
+        return _Decision(
+            NO_DECAY, f"Mamba {leaf} of {owner_class} (mamba_ssm marks it _no_weight_decay)", RULE_NO_WEIGHT_DECAY
+        )
     if is_normalization(owner):
-        return _Decision(NO_DECAY, f"normalization layer {type(owner).__name__}", RULE_NORMALIZATION)
-    if is_bias_name(name.rpartition(".")[2]):
-        return _Decision(NO_DECAY, "bias", RULE_BIAS)
-    if isinstance(owner, _EMBEDDINGS):
+        if isinstance(owner, _TORCH_NORMS) or tensor.ndim < 2:
+            return _Decision(NO_DECAY, f"normalization layer {owner_class}", RULE_NORMALIZATION)
+        return _Decision(
+            NO_DECAY,
+            f"normalization layer {owner_class} by class name only, yet ndim={tensor.ndim}: "
+            "add an override if this is a weight matrix",
+            RULE_NORMALIZATION,
+            norm_by_name=True,
+        )
+    if is_bias_name(leaf):
+        if leaf == "bias" or leaf.startswith("bias_") or leaf.endswith("_bias"):
+            return _Decision(NO_DECAY, "bias", RULE_BIAS)
+        return _Decision(NO_DECAY, "bias table (name part 'bias')", RULE_BIAS)
+    attribute = path.rpartition(".")[2]
+    if isinstance(owner, _EMBEDDINGS) and is_bias_name(attribute):
+        return _Decision(NO_DECAY, f"bias table (embedding {attribute}, name part 'bias')", RULE_BIAS)
+    kind = "embedding" if isinstance(owner, _EMBEDDINGS) else _EMBEDDING_PARAMETERS.get(leaf)
+    if kind is not None:
+        what = kind if kind == "embedding" else f"{kind} embedding"
         if exclude_embeddings:
-            return _Decision(NO_DECAY, "embedding (exclude_embeddings=True)", RULE_EMBEDDING)
-        return _Decision(DECAY, "embedding", RULE_EMBEDDING)
+            return _Decision(NO_DECAY, f"{what} (exclude_embeddings=True)", RULE_EMBEDDING)
+        return _Decision(DECAY, what, RULE_EMBEDDING)
     if tensor.ndim <= 1:
         if exclude_1d:
             return _Decision(NO_DECAY, f"ndim={tensor.ndim} parameter", RULE_1D)
         return _Decision(DECAY, f"ndim={tensor.ndim} parameter (exclude_1d=False)", RULE_DEFAULT)
     return _Decision(DECAY, f"ndim={tensor.ndim} weight", RULE_DEFAULT)
+
+
+def _sites(root: nn.Module) -> dict[str, _Site]:
+    """{clean full name: site} for every parameter name (aliases included)."""
+    modules: dict[str, nn.Module] = {}
+    for path, sub in root.named_modules(remove_duplicate=False):
+        modules[clean_name(path)] = sub  # a wrapper comes before what it wraps, so the innermost module stays
+    sites: dict[str, _Site] = {}
+    for path, sub in root.named_modules(remove_duplicate=False):
+        for leaf, _ in sub.named_parameters(recurse=False, remove_duplicate=False):
+            name = clean_name(f"{path}.{leaf}" if path else leaf)
+            sites[name] = _Site(name, sub)
+            parametrized = _PARAMETRIZED.fullmatch(name)
+            if parametrized and isinstance(sub, parametrize.ParametrizationList):
+                module_path, stands_for = parametrized["path"] or "", parametrized["leaf"]
+                module = modules.get(module_path)
+                if module is not None:
+                    full = f"{module_path}.{stands_for}" if module_path else stands_for
+                    sites[name] = _Site(full, module, parametrized=True)
+    return sites
 
 
 def _combine(names: Sequence[str], decisions: Sequence[_Decision]) -> tuple[_Decision, str]:
@@ -294,10 +433,10 @@ def place_parameters(
     """
     root = unwrap(module)
     declared = _no_weight_decay_names(root)
-    owners: dict[str, nn.Module] = {}  # full name -> the module that holds the parameter directly
-    for path, sub in root.named_modules(remove_duplicate=False):
-        for leaf, _ in sub.named_parameters(recurse=False, remove_duplicate=False):
-            owners[clean_name(f"{path}.{leaf}" if path else leaf)] = sub
+    sites = _sites(root)
+    if declared:
+        every_name = list(sites) + [site.name for site in sites.values() if site.parametrized]
+        _warn_unmatched_no_weight_decay(root, declared, every_name)
 
     names_by_tensor: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
@@ -310,6 +449,7 @@ def place_parameters(
 
     placements: list[Placement] = []
     frozen: list[tuple[str, torch.Tensor]] = []
+    deciding_overrides: set[int] = set()
     for key, names in names_by_tensor.items():
         tensor = tensors[key]
         if isinstance(tensor, nn.parameter.UninitializedParameter):
@@ -323,8 +463,8 @@ def place_parameters(
         decisions = [
             _decide(
                 n,
+                sites[n],
                 tensor,
-                owners[n],
                 overrides=overrides,
                 declared=declared,
                 exclude_embeddings=exclude_embeddings,
@@ -333,18 +473,42 @@ def place_parameters(
             for n in names
         ]
         decision, deciding_name = _combine(names, decisions)
+        deciding_overrides.add(decision.override_index)
         reason = decision.reason if deciding_name == names[0] else f"{decision.reason} (via alias {deciding_name})"
-        placements.append(Placement(names[0], tensor, decision.group, reason, tuple(names[1:]), decision.rule))
+        placements.append(
+            Placement(names[0], tensor, decision.group, reason, tuple(names[1:]), decision.rule, decision.norm_by_name)
+        )
 
-    trainable_names = [n for key, names in names_by_tensor.items() if tensors[key].requires_grad for n in names]
-    for override in overrides:
+    trainable = [names for key, names in names_by_tensor.items() if tensors[key].requires_grad]
+    trainable_names = [n for names in trainable for n in names]
+    for index, override in enumerate(overrides):
         if not any(fnmatch.fnmatchcase(n, override.pattern) for n in trainable_names):
             sample = ", ".join(trainable_names[:5]) + (", ..." if len(trainable_names) > 5 else "")
             raise ValueError(
                 f"override pattern {override.pattern!r} matches no trainable parameter; "
                 f"patterns are fnmatch patterns on full dotted names such as {sample}"
             )
+        if index not in deciding_overrides:
+            _raise_shadowed(index, overrides, trainable)
     return placements, frozen
+
+
+def _raise_shadowed(index: int, overrides: Sequence[Override], trainable: Sequence[Sequence[str]]) -> None:
+    """An override every one of whose parameters an earlier override takes changes nothing: as much a mistake as a
+    pattern that matches nothing."""
+    override = overrides[index]
+    matched = [names for names in trainable if any(fnmatch.fnmatchcase(n, override.pattern) for n in names)]
+    earlier = [
+        repr(o.pattern)
+        for o in overrides[:index]
+        if any(fnmatch.fnmatchcase(n, o.pattern) for names in matched for n in names)
+    ]
+    sample = ", ".join(names[0] for names in matched[:5]) + (", ..." if len(matched) > 5 else "")
+    raise ValueError(
+        f"override pattern {override.pattern!r} (overrides[{index}]) is shadowed: every trainable parameter it "
+        f"matches ({sample}) is taken by an earlier override ({', '.join(dict.fromkeys(earlier))}), so it would "
+        "change nothing; remove it, or move it before them"
+    )
 
 
 def numel(tensor: torch.Tensor) -> int:

@@ -1,13 +1,21 @@
 """Real architectures nobody here wrote: Hugging Face transformers models built from small configs (no download).
 
 Which parameters are norms, biases and projections is found here by walking ``model.named_modules()`` with
-isinstance and class names, independently of lit_decay's own rules; lit_decay must agree.
+isinstance and class names, independently of lit_decay's own rules; lit_decay must agree. Every tensor of every
+architecture is also checked against the rules as they were before they were sharpened against the published
+recipes, with exactly the listed tensors moved.
+
+This file also makes the comparison table of docs/grouping.md (lit_decay vs the Hugging Face Trainer vs timm vs
+nanoGPT); ``PYTHONPATH=. python tests/test_architectures.py`` rewrites it after a change.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,6 +51,8 @@ def check_model(model: nn.Module, **options: Any) -> lit_decay.GroupingReport:
     for path, module in model.named_modules(remove_duplicate=False):
         for leaf, tensor in module.named_parameters(recurse=False, remove_duplicate=False):
             name = f"{path}.{leaf}" if path else leaf
+            if not tensor.requires_grad:
+                continue
             if id(tensor) in excluded_tables:
                 assert report.group_of(name) == "no_decay", name
                 continue
@@ -57,7 +67,7 @@ def check_model(model: nn.Module, **options: Any) -> lit_decay.GroupingReport:
                 assert report.group_of(name) == "decay", name
     assert norms and projections, "the walk found nothing to check"
 
-    unique = {id(p): p for p in model.parameters()}
+    unique = {id(p): p for p in model.parameters() if p.requires_grad}  # Whisper's sinusoidal positions are frozen
     assert len(report.rows) == len(unique)
     groups = lit_decay.param_groups(model, weight_decay=0.1, **options)
     placed = [t for g in groups for _, t in g["params"]]
@@ -107,14 +117,185 @@ def vit() -> nn.Module:
     return transformers.ViTModel(config)
 
 
+def vit_with_mask_token() -> nn.Module:
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
+    return transformers.ViTModel(config, use_mask_token=True)
+
+
+def swin() -> nn.Module:
+    config = transformers.SwinConfig(
+        image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=2
+    )
+    config.use_absolute_embeddings = True
+    return transformers.SwinModel(config, use_mask_token=True)
+
+
+def mamba() -> nn.Module:
+    config = transformers.MambaConfig(vocab_size=99, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2)
+    return transformers.MambaForCausalLM(config)
+
+
+def mamba2() -> nn.Module:
+    config = transformers.Mamba2Config(
+        vocab_size=99, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, head_dim=8, num_heads=4, n_groups=1
+    )
+    return transformers.Mamba2ForCausalLM(config)
+
+
+def clip() -> nn.Module:
+    text = {
+        "vocab_size": 99,
+        "hidden_size": 16,
+        "intermediate_size": 37,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+    }
+    vision = {
+        "image_size": 16,
+        "patch_size": 4,
+        "hidden_size": 16,
+        "intermediate_size": 37,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+
+
+def convnext() -> nn.Module:
+    config = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], patch_size=2)
+    return transformers.ConvNextModel(config)
+
+
+SEQ2SEQ = {
+    "vocab_size": 99,
+    "d_model": 16,
+    "encoder_layers": 1,
+    "decoder_layers": 1,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "encoder_ffn_dim": 37,
+    "decoder_ffn_dim": 37,
+}
+
+
+def bart() -> nn.Module:
+    return transformers.BartForConditionalGeneration(transformers.BartConfig(max_position_embeddings=32, **SEQ2SEQ))
+
+
+def whisper() -> nn.Module:
+    config = transformers.WhisperConfig(
+        num_mel_bins=8,
+        max_source_positions=16,
+        max_target_positions=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        **SEQ2SEQ,
+    )
+    return transformers.WhisperForConditionalGeneration(config)
+
+
+def deberta() -> nn.Module:
+    config = transformers.DebertaConfig(
+        hidden_size=16, relative_attention=True, max_relative_positions=16, pos_att_type=["p2c", "c2p"], **SMALL
+    )
+    return transformers.DebertaModel(config)
+
+
+def deberta_v2() -> nn.Module:
+    config = transformers.DebertaV2Config(
+        hidden_size=16,
+        relative_attention=True,
+        position_buckets=8,
+        max_relative_positions=16,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        **SMALL,
+    )
+    return transformers.DebertaV2Model(config)
+
+
+def wav2vec2() -> nn.Module:
+    config = transformers.Wav2Vec2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        conv_dim=(8, 8),
+        conv_stride=(2, 2),
+        conv_kernel=(3, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+    )
+    return transformers.Wav2Vec2Model(config)
+
+
+def gemma() -> nn.Module:
+    config = transformers.GemmaConfig(hidden_size=16, num_key_value_heads=2, head_dim=4, **SMALL)
+    return transformers.GemmaForCausalLM(config)
+
+
+def mistral() -> nn.Module:
+    return transformers.MistralForCausalLM(transformers.MistralConfig(hidden_size=16, num_key_value_heads=2, **SMALL))
+
+
+class NormedEmbeddingLM(nn.Module):
+    """transformers' ``InklingNormedEmbedding``: an ``nn.Embedding`` subclass (with an RMSNorm inside it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.models.inkling.modeling_inkling import InklingNormedEmbedding
+
+        self.embed_tokens = InklingNormedEmbedding(99, 16, padding_idx=0, norm_eps=1e-6)
+        self.lm_head = nn.Linear(16, 99, bias=False)
+
+
+def torch_transformer() -> nn.Module:
+    return nn.Transformer(
+        d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, batch_first=True
+    )
+
+
+def batchnorm_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "bert": bert_model,
     "bert_mlm": bert_mlm,
     "gpt2": gpt2_small,
     "llama": llama,
     "qwen2": qwen2,
+    "mistral": mistral,
+    "gemma": gemma,
     "t5": t5,
+    "bart": bart,
+    "deberta": deberta,
+    "deberta_v2": deberta_v2,
+    "whisper": whisper,
+    "wav2vec2": wav2vec2,
     "vit": vit,
+    "vit_mask_token": vit_with_mask_token,
+    "swin": swin,
+    "clip": clip,
+    "convnext": convnext,
+    "mamba": mamba,
+    "mamba2": mamba2,
+    "normed_embedding": NormedEmbeddingLM,
+    "torch_transformer": torch_transformer,
+    "batchnorm_cnn": batchnorm_cnn,
 }
 
 
@@ -157,10 +338,14 @@ def test_t5_shared_embedding_and_norms() -> None:
     norm_rows = [r for r in rows.values() if "layer_norm" in r.name]
     assert norm_rows
     assert {(r.group, r.reason) for r in norm_rows} == {("no_decay", "normalization layer T5LayerNorm")}
-    # T5's relative position table is an nn.Embedding whose *module* is called ..._bias: the bias rule goes by the
-    # parameter's leaf name ("weight"), so it is an embedding.
-    relative = rows["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-    assert (relative.group, relative.reason) == ("decay", "embedding")
+    # T5's relative position table is an nn.Embedding whose *module* is called ..._bias: an additive attention-bias
+    # table, kept out of decay as Swin's and BEiT's tables are, with or without exclude_embeddings.
+    for stack in ("encoder", "decoder"):
+        relative = rows[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+        assert (relative.group, relative.reason) == (
+            "no_decay",
+            "bias table (embedding relative_attention_bias, name part 'bias')",
+        )
 
 
 @pytest.mark.parametrize(("build", "norm"), [(llama, "LlamaRMSNorm"), (qwen2, "Qwen2RMSNorm")])
@@ -191,6 +376,225 @@ def test_bert_mlm_ties() -> None:
     bias = rows["cls.predictions.bias"]
     assert (bias.group, bias.reason, bias.aliases) == ("no_decay", "bias", ("cls.predictions.decoder.bias",))
     assert rows["bert.embeddings.LayerNorm.weight"].reason == "normalization layer LayerNorm"
+
+
+# --- the sharpened rules: exactly these tensors moved, every other tensor kept its group ------------------------------
+
+ALL_OUT = {"exclude_embeddings": True, "exclude_1d": False}
+# model -> (fnmatch pattern, group with the default options, group with ALL_OUT) for each tensor the sharpened rules
+# moved under at least one of the two option sets, with the recipe that says so.
+MOVED: dict[str, list[tuple[str, str, str]]] = {
+    # An additive attention-bias table (Swin's optimizer.py skips it; timm's no_weight_decay() lists it).
+    "t5": [("*.relative_attention_bias.weight", "no_decay", "no_decay")],
+    "swin": [
+        ("*.relative_position_bias_table", "no_decay", "no_decay"),
+        # timm's Swin/ViT recipes keep these out; HF and nanoGPT decay them: decayed unless exclude_embeddings.
+        ("embeddings.position_embeddings", "decay", "no_decay"),
+        ("embeddings.mask_token", "decay", "no_decay"),
+    ],
+    "vit": [("embeddings.cls_token", "decay", "no_decay"), ("embeddings.position_embeddings", "decay", "no_decay")],
+    "vit_mask_token": [
+        ("embeddings.cls_token", "decay", "no_decay"),
+        ("embeddings.mask_token", "decay", "no_decay"),
+        ("embeddings.position_embeddings", "decay", "no_decay"),
+    ],
+    # mamba_ssm sets _no_weight_decay on both; transformers' port drops the mark.
+    "mamba": [("*.mixer.A_log", "no_decay", "no_decay"), ("*.mixer.D", "no_decay", "no_decay")],
+    "mamba2": [("*.mixer.A_log", "no_decay", "no_decay"), ("*.mixer.D", "no_decay", "no_decay")],
+    # An embedding table despite the "Norm" in its class name.
+    "normed_embedding": [("embed_tokens.weight", "decay", "no_decay")],
+}
+
+
+def previous_group(aliases: list[tuple[str, nn.Module]], tensor: torch.Tensor, options: dict[str, bool]) -> str:
+    """The grouping before the rules were sharpened, restated here: norms by type or class name, biases by
+    ``bias``/``bias_*``/``*_bias``, embedding tables by type, then ndim."""
+
+    def excluded(name: str, owner: nn.Module) -> bool:
+        leaf = name.rpartition(".")[2]
+        if isinstance(owner, TORCH_NORMS) or "Norm" in type(owner).__name__:
+            return True
+        if leaf == "bias" or leaf.startswith("bias_") or leaf.endswith("_bias"):
+            return True
+        if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)):
+            return options.get("exclude_embeddings", False)
+        return options.get("exclude_1d", True) and tensor.ndim <= 1
+
+    return "no_decay" if any(excluded(name, owner) for name, owner in aliases) else "decay"
+
+
+def names_by_tensor(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    found: dict[int, list[tuple[str, nn.Module]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for leaf, tensor in module.named_parameters(recurse=False, remove_duplicate=False):
+            found.setdefault(id(tensor), []).append((f"{path}.{leaf}" if path else leaf, module))
+    return found
+
+
+def check_only_moved(model: nn.Module, moved: Iterable[tuple[str, str, str]], options: dict[str, bool]) -> int:
+    """Every tensor is where the previous rules put it, except those ``moved`` lists; returns how many moved."""
+    report = lit_decay.explain(model, weight_decay=0.1, **options)
+    found = {row.name: row.group for row in report.rows}
+    tensors = {id(p): p for p in model.parameters()}
+    expected: dict[str, str] = {}
+    for key, aliases in names_by_tensor(model).items():
+        if tensors[key].requires_grad:
+            expected[aliases[0][0]] = previous_group(aliases, tensors[key], options)
+    moved = list(moved)
+    for pattern, default_group, all_out_group in moved:
+        matched = fnmatch.filter(expected, pattern)
+        assert matched, f"{pattern} matches no tensor of {type(model).__name__}"
+        for name in matched:
+            expected[name] = all_out_group if options else default_group
+    assert found == expected
+    return sum(len(fnmatch.filter(expected, pattern)) for pattern, _, _ in moved)
+
+
+@pytest.mark.parametrize("options", [{}, ALL_OUT], ids=["default", "all_out"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_only_the_sharpened_cases_moved(name: str, options: dict[str, bool]) -> None:
+    check_only_moved(MODELS[name](), MOVED.get(name, []), options)
+
+
+FULL_SIZE: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    # model -> (its published size, built on the meta device; how many tensors the sharpened rules move)
+    "t5": (lambda: transformers.T5ForConditionalGeneration(transformers.T5Config()), 2),  # t5-small
+    "vit": (lambda: transformers.ViTModel(transformers.ViTConfig()), 2),  # vit-base-patch16-224
+    "swin": (lambda: transformers.SwinModel(transformers.SwinConfig()), 12),  # swin-tiny: one table per block
+    "mamba": (
+        lambda: transformers.MambaForCausalLM(
+            transformers.MambaConfig(hidden_size=768, num_hidden_layers=24, vocab_size=50280)
+        ),
+        48,
+    ),  # mamba-130m
+}
+
+
+@pytest.mark.parametrize("options", [{}, ALL_OUT], ids=["default", "all_out"])
+@pytest.mark.parametrize("name", list(FULL_SIZE))
+def test_full_size_models_on_the_meta_device(name: str, options: dict[str, bool]) -> None:
+    build, count = FULL_SIZE[name]
+    with torch.device("meta"):
+        model = build()
+    moved = [m for m in MOVED[name] if fnmatch.filter(dict(model.named_parameters()), m[0])]
+    assert check_only_moved(model, moved, options) == count
+
+
+def test_reasons_of_the_moved_tensors() -> None:
+    rows = rows_of(lit_decay.explain(swin()))
+    table = rows["encoder.layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table"]
+    assert (table.group, table.reason) == ("no_decay", "bias table (name part 'bias')")
+    assert rows["embeddings.position_embeddings"].reason == "position embedding"
+    rows = rows_of(lit_decay.explain(vit_with_mask_token(), exclude_embeddings=True))
+    assert rows["embeddings.cls_token"].reason == "token embedding (exclude_embeddings=True)"
+    assert rows["embeddings.mask_token"].reason == "token embedding (exclude_embeddings=True)"
+    assert rows["embeddings.position_embeddings"].reason == "position embedding (exclude_embeddings=True)"
+    rows = rows_of(lit_decay.explain(mamba(), exclude_1d=False))
+    assert rows["backbone.layers.1.mixer.A_log"].reason == (
+        "Mamba A_log of MambaMixer (mamba_ssm marks it _no_weight_decay)"
+    )
+    assert rows["backbone.layers.1.mixer.D"].reason == "Mamba D of MambaMixer (mamba_ssm marks it _no_weight_decay)"
+    rows = rows_of(lit_decay.explain(mamba2(), exclude_1d=False))
+    assert rows["backbone.layers.0.mixer.A_log"].group == rows["backbone.layers.0.mixer.D"].group == "no_decay"
+    rows = rows_of(lit_decay.explain(NormedEmbeddingLM()))
+    assert (rows["embed_tokens.weight"].group, rows["embed_tokens.weight"].reason) == ("decay", "embedding")
+    assert rows["embed_tokens.embed_norm.weight"].reason == "normalization layer InklingRMSNorm"
+
+
+# --- lit_decay vs the Hugging Face Trainer vs timm vs nanoGPT, for docs/grouping.md -------------------------------
+
+FAMILIES = {
+    "bert": "BERT (`BertModel`)",
+    "gpt2": "GPT-2 (`GPT2LMHeadModel`)",
+    "llama": "Llama (`LlamaForCausalLM`)",
+    "qwen2": "Qwen2 (`Qwen2ForCausalLM`)",
+    "mistral": "Mistral (`MistralForCausalLM`)",
+    "gemma": "Gemma (`GemmaForCausalLM`)",
+    "t5": "T5 (`T5ForConditionalGeneration`)",
+    "bart": "BART (`BartForConditionalGeneration`)",
+    "deberta": "DeBERTa (`DebertaModel`)",
+    "deberta_v2": "DeBERTa v2/v3 (`DebertaV2Model`)",
+    "whisper": "Whisper (`WhisperForConditionalGeneration`)",
+    "wav2vec2": "wav2vec 2.0 (`Wav2Vec2Model`)",
+    "vit_mask_token": "ViT (`ViTModel`, with mask token)",
+    "swin": "Swin (`SwinModel`, absolute positions, mask token)",
+    "clip": "CLIP (`CLIPModel`)",
+    "convnext": "ConvNeXt (`ConvNextModel`)",
+    "mamba": "Mamba (`MambaForCausalLM`)",
+    "mamba2": "Mamba2 (`Mamba2ForCausalLM`)",
+    "normed_embedding": "`*NormedEmbedding` LM",
+    "torch_transformer": "torch `nn.Transformer`",
+    "batchnorm_cnn": "Conv + BatchNorm CNN",
+}
+TOOLS = ("HF Trainer", "timm", "nanoGPT")
+
+
+def others_decay(model: nn.Module) -> dict[str, dict[str, bool]]:
+    """{tool: {first name: decayed?}} for the trainable tensors, each tool's rule applied to ``model``.
+
+    - HF Trainer: transformers' own ``Trainer.get_decay_parameter_names`` (LayerNorm instances and names containing
+      "bias", "layernorm", "rmsnorm", or a "norm"/"_norm" segment are not decayed);
+    - timm's ``param_groups_weight_decay``: not decayed when ``ndim <= 1``, the name ends in ".bias", or the name is in
+      the model's ``no_weight_decay()``;
+    - nanoGPT's ``configure_optimizers``: decayed when ``dim() >= 2``.
+    """
+    hf = set(transformers.Trainer.get_decay_parameter_names(None, model))  # the method reads nothing from self
+    declared = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return {
+        "HF Trainer": {n: n in hf for n, _ in named},
+        "timm": {n: not (p.ndim <= 1 or n.endswith(".bias") or n in declared) for n, p in named},
+        "nanoGPT": {n: p.dim() >= 2 for n, p in named},
+    }
+
+
+def _collapse(names: Iterable[str]) -> str:
+    """Layer indices folded into ``*`` so a model's repeated tensors read as one pattern."""
+    patterns = sorted({re.sub(r"(?<=\.)\d+(?=\.)", "*", name) for name in names})
+    return ", ".join(f"`{p}`" for p in patterns) or "—"
+
+
+def comparison_markdown() -> str:
+    """The two tables of docs/grouping.md's comparison section, computed from the models of this file."""
+    counts = [
+        "| architecture | tensors | lit_decay | HF Trainer | timm | nanoGPT |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    differences = [
+        "| architecture | tool | decays what lit_decay does not | does not decay what lit_decay does |",
+        "|---|---|---|---|",
+    ]
+    for key, family in FAMILIES.items():
+        model = MODELS[key]()
+        ours = {row.name: row.group == "decay" for row in lit_decay.explain(model).rows}
+        others = others_decay(model)
+        assert all(set(decided) == set(ours) for decided in others.values())
+        not_decayed = [sum(not d for d in ours.values())] + [sum(not d for d in others[t].values()) for t in TOOLS]
+        counts.append(f"| {family} | {len(ours)} | " + " | ".join(map(str, not_decayed)) + " |")
+        for tool in TOOLS:
+            more = [n for n, d in others[tool].items() if d and not ours[n]]
+            fewer = [n for n, d in others[tool].items() if not d and ours[n]]
+            if more or fewer:
+                differences.append(f"| {family} | {tool} | {_collapse(more)} | {_collapse(fewer)} |")
+    return "\n".join([*counts, "", *differences])
+
+
+DOCS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "grouping.md"
+BEGIN, END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
+
+
+def _replace_block(page: str, block: str) -> str:
+    before, _, rest = page.partition(BEGIN)
+    _, _, after = rest.partition(END)
+    return f"{before}{BEGIN}\n{block}\n{END}{after}"
+
+
+def test_docs_comparison_table_is_current() -> None:
+    page = DOCS_PAGE.read_text()
+    assert BEGIN in page and END in page
+    assert _replace_block(page, comparison_markdown()) == page, (
+        "docs/grouping.md's comparison is stale: run `PYTHONPATH=. python tests/test_architectures.py`"
+    )
 
 
 # --- GPT-2 at its real size: the report as one would paste it into a bug report -------------------------------------
@@ -227,3 +631,8 @@ def test_gpt2_124m_report_reads_like_a_table(gpt2_124m: nn.Module) -> None:
         next(line for line in table if line.startswith("transformer.h.11.ln_2.bias")),
     )
     assert all(p.is_meta for p in gpt2_124m.parameters())
+
+
+if __name__ == "__main__":
+    DOCS_PAGE.write_text(_replace_block(DOCS_PAGE.read_text(), comparison_markdown()))
+    sys.stdout.write(f"rewrote the comparison tables of {DOCS_PAGE}\n")

@@ -223,3 +223,60 @@ def test_usage_errors(
     assert len(lines) == 1, err
     assert named in lines[0]
     assert lines[0].startswith("lit-decay")
+
+
+# --- the user's own code failing on the way: one line, exit code 2 -------------------------------------------------
+
+BROKEN = {
+    "syntax error on import": ("def broken(:\n", "cannot import module", "SyntaxError"),
+    "raises on import": ("raise RuntimeError('no GPU here')\n", "cannot import module", "RuntimeError: no GPU here"),
+    "exits on import": ("import sys\nsys.exit(0)\n", "cannot import module", "SystemExit(0)"),
+    "constructor exits 0": (
+        "import sys\nfrom torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n        sys.exit(0)\n",
+        "cannot build Net",
+        "SystemExit(0)",
+    ),
+    "no_weight_decay raises": (
+        "from torch import nn\n"
+        "class Net(nn.Linear):\n"
+        "    def __init__(self):\n        super().__init__(2, 2)\n"
+        "    def no_weight_decay(self):\n        raise KeyError('pos_embed')\n",
+        "cannot group the parameters of Net",
+        "KeyError: 'pos_embed'",
+    ),
+}
+
+
+@pytest.mark.parametrize(("source", "part", "named"), list(BROKEN.values()), ids=list(BROKEN))
+def test_user_code_failing_is_one_line_and_exit_2(
+    source: str,
+    part: str,
+    named: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    module = "broken_" + re.sub(r"\W", "_", request.node.callspec.id)  # a fresh name: never in sys.modules yet
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    code, out, err = run_main(["inspect", f"{module}:Net"], capsys, monkeypatch)
+    assert (code, out) == (2, "")
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lit-decay: error: ")
+    assert named in lines[0] and part in lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("target", [".models:TinyGPT", "..examples.models:TinyGPT"])
+def test_relative_module_path_is_one_line_and_exit_2(
+    target: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = run_main(["inspect", target], capsys, monkeypatch)
+    assert (code, out) == (2, "")
+    assert err == (
+        "lit-decay: error: MODULE must be an absolute module path, importable from the current directory "
+        f"(e.g. examples.models); got the relative {target.partition(':')[0]!r}\n"
+    )

@@ -367,6 +367,40 @@ def test_override_matching_nothing() -> None:
         lit_decay.param_groups(small_model(), weight_decay=0.1, overrides=[{"pattern": "decoder.*"}])
 
 
+@pytest.mark.parametrize(
+    ("overrides", "shown"),
+    [
+        (
+            [{"pattern": "*"}, {"pattern": "*weight", "lr_scale": 10}],
+            r"override pattern '\*weight' \(overrides\[1\]\) is shadowed: every trainable parameter it matches "
+            r"\(0\.weight, 1\.weight, 2\.weight\) is taken by an earlier override \('\*'\)",
+        ),
+        (
+            [{"pattern": "0.*", "name": "a"}, {"pattern": "2.*", "name": "b"}, {"pattern": "[02].weight", "name": "c"}],
+            r"'\[02\]\.weight' \(overrides\[2\]\) is shadowed.*\('0\.\*', '2\.\*'\)",
+        ),
+    ],
+    ids=["star-first", "two-earlier"],
+)
+def test_override_shadowed_by_earlier_ones(overrides: list[dict[str, Any]], shown: str) -> None:
+    for entry in (lit_decay.param_groups, lit_decay.explain):
+        with pytest.raises(ValueError, match=shown):
+            entry(small_model(), weight_decay=0.1, overrides=overrides)
+
+
+def test_override_partly_shadowed_is_fine() -> None:
+    overrides = [{"pattern": "0.*", "name": "first"}, {"pattern": "*.weight", "name": "weights"}]
+    groups = lit_decay.param_groups(small_model(), weight_decay=0.1, overrides=overrides)
+    assert layout(groups)[-2:] == [("first", ["0.weight", "0.bias"]), ("weights", ["1.weight", "2.weight"])]
+
+
+def test_override_shadowed_through_a_tied_alias() -> None:
+    model = nn.ModuleDict({"tok": nn.Embedding(5, 3), "head": nn.Linear(3, 5, bias=False)})
+    model["head"].weight = model["tok"].weight
+    with pytest.raises(ValueError, match=r"'head\.\*' \(overrides\[1\]\) is shadowed.*tok\.weight.*\('tok\.\*'\)"):
+        lit_decay.explain(model, overrides=[{"pattern": "tok.*", "name": "t"}, {"pattern": "head.*", "name": "h"}])
+
+
 def test_override_matching_only_frozen_parameters() -> None:
     model = small_model()
     model[2].requires_grad_(False)

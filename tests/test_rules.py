@@ -197,7 +197,10 @@ def test_custom_norm_class_by_name() -> None:
     assert decisions(nn.Sequential(nn.Linear(4, 4, bias=False), MyRMSNorm(4))) == {
         "0.weight": ("decay", "ndim=2 weight"),
         "1.weight": ("no_decay", "normalization layer MyRMSNorm"),
-        "1.gain_matrix": ("no_decay", "normalization layer MyRMSNorm"),
+        "1.gain_matrix": (
+            "no_decay",
+            "normalization layer MyRMSNorm by class name only, yet ndim=2: add an override if this is a weight matrix",
+        ),
     }
 
 
@@ -571,7 +574,11 @@ def test_rule_numbers_follow_the_design_order() -> None:
         ("in_proj_bias", True),
         ("bias_ih_l0", True),
         ("bias_k", True),
+        ("q_bias", True),
+        ("relative_position_bias_table", True),
+        ("attn_bias_scale", True),
         ("weight", False),
+        ("bias-table", False),
         ("biased_weight", False),
         ("unbiased", False),
         ("biases", False),
@@ -588,3 +595,302 @@ def test_is_normalization() -> None:
 
     assert all(is_normalization(m) for m in (nn.BatchNorm2d(2), nn.GroupNorm(1, 2), MyRMSNorm(2), AdaptiveNorm(2)))
     assert not any(is_normalization(m) for m in (nn.Linear(2, 2), nn.Embedding(2, 2), nn.PReLU(), Scaled()))
+    named_norm_but_weights = (ScaledNormedEmbedding(3, 2), WeightNormLinear(2, 2), NormConv2d(1, 1, 1))
+    assert not any(is_normalization(m) for m in named_norm_but_weights)
+
+
+# --- the rules sharpened against published recipes ------------------------------------------------------------------
+
+
+class ScaledNormedEmbedding(nn.Embedding):
+    """An embedding table whose class name contains "Norm" (transformers has several ``*NormedEmbedding``s)."""
+
+
+class WeightNormLinear(nn.Linear):
+    """A linear layer whose class name contains "Norm"."""
+
+
+class NormConv2d(nn.Conv2d):
+    """A convolution whose class name contains "Norm"."""
+
+
+def test_embedding_linear_and_conv_subclasses_named_norm_are_not_normalization_layers() -> None:
+    model = nn.ModuleDict(
+        {"tokens": ScaledNormedEmbedding(10, 4), "proj": WeightNormLinear(4, 4), "conv": NormConv2d(4, 4, 3)}
+    )
+    assert decisions(model) == {
+        "tokens.weight": ("decay", "embedding"),
+        "proj.weight": ("decay", "ndim=2 weight"),
+        "proj.bias": ("no_decay", "bias"),
+        "conv.weight": ("decay", "ndim=4 weight"),
+        "conv.bias": ("no_decay", "bias"),
+    }
+    assert decisions(model, exclude_embeddings=True)["tokens.weight"] == (
+        "no_decay",
+        "embedding (exclude_embeddings=True)",
+    )
+
+
+class MambaMixer(nn.Module):
+    """The parameters of transformers' ``MambaMixer`` (mamba_ssm's ``Mamba``), without the ``_no_weight_decay`` mark."""
+
+    def __init__(self, d_inner: int = 6, d_state: int = 4) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(3, 2 * d_inner, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, 4, groups=d_inner)
+        self.dt_proj = nn.Linear(2, d_inner)
+        self.A_log = nn.Parameter(torch.zeros(d_inner, d_state))
+        self.D = nn.Parameter(torch.ones(d_inner))
+
+
+class Mamba2Mixer(MambaMixer):
+    """transformers' ``Mamba2Mixer`` keeps 1-D ``A_log``, ``D`` and ``dt_bias``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.zeros(6))
+        self.dt_bias = nn.Parameter(torch.zeros(6))
+
+
+@pytest.mark.parametrize("exclude_1d", [True, False])
+def test_mamba_a_log_and_d_are_not_decayed(exclude_1d: bool) -> None:
+    found = decisions(nn.ModuleDict({"mixer": MambaMixer()}), exclude_1d=exclude_1d)
+    assert found["mixer.A_log"] == ("no_decay", "Mamba A_log of MambaMixer (mamba_ssm marks it _no_weight_decay)")
+    assert found["mixer.D"] == ("no_decay", "Mamba D of MambaMixer (mamba_ssm marks it _no_weight_decay)")
+    assert found["mixer.in_proj.weight"] == found["mixer.dt_proj.weight"] == ("decay", "ndim=2 weight")
+    assert found["mixer.conv1d.weight"] == ("decay", "ndim=3 weight")
+    assert found["mixer.dt_proj.bias"] == found["mixer.conv1d.bias"] == ("no_decay", "bias")
+
+    found = decisions(Mamba2Mixer(), exclude_1d=exclude_1d)
+    assert found["A_log"] == ("no_decay", "Mamba A_log of Mamba2Mixer (mamba_ssm marks it _no_weight_decay)")
+    assert found["D"][0] == "no_decay"
+    assert found["dt_bias"] == ("no_decay", "bias")
+
+
+def test_a_log_and_d_outside_a_mamba_module_follow_the_other_rules() -> None:
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.A_log = nn.Parameter(torch.zeros(3, 3))
+            self.D = nn.Parameter(torch.ones(3))
+
+    assert decisions(Gate(), exclude_1d=False) == {
+        "A_log": ("decay", "ndim=2 weight"),
+        "D": ("decay", "ndim=1 parameter (exclude_1d=False)"),
+    }
+
+
+def test_no_weight_decay_mark_on_a_tensor() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[1].weight._no_weight_decay = True  # type: ignore[attr-defined]  # mamba_ssm's convention
+    model[0].weight._no_weight_decay = False  # type: ignore[attr-defined]
+    assert decisions(model) == {
+        "0.weight": ("decay", "ndim=2 weight"),
+        "0.bias": ("no_decay", "bias"),
+        "1.weight": ("no_decay", "marked _no_weight_decay (mamba_ssm convention)"),
+        "1.bias": ("no_decay", "bias"),
+    }
+    overridden = decisions(model, overrides=[{"pattern": "1.weight", "name": "mixer"}])
+    assert overridden["1.weight"] == ("mixer", "override 'mixer' (1.weight)")
+
+
+class SwinAttention(nn.Module):
+    """Swin's relative position table (a raw 2-D parameter) and BEiT-style ``q_bias``/``v_bias``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(9, 2))
+        self.qkv = nn.Linear(4, 12, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(4))
+        self.v_bias = nn.Parameter(torch.zeros(4))
+
+
+class T5Attention(nn.Module):
+    """T5's relative attention bias: an ``nn.Embedding`` whose *module* is named ``relative_attention_bias``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(4, 4, bias=False)
+        self.relative_attention_bias = nn.Embedding(32, 2)
+        self.token_embeddings = nn.Embedding(10, 4)  # a plain table next to it keeps the embedding rule
+
+
+@pytest.mark.parametrize("exclude_embeddings", [False, True])
+def test_attention_bias_tables_are_not_decayed(exclude_embeddings: bool) -> None:
+    options = {"exclude_embeddings": exclude_embeddings, "exclude_1d": False}
+    assert decisions(SwinAttention(), **options) == {
+        "relative_position_bias_table": ("no_decay", "bias table (name part 'bias')"),
+        "qkv.weight": ("decay", "ndim=2 weight"),
+        "q_bias": ("no_decay", "bias"),
+        "v_bias": ("no_decay", "bias"),
+    }
+    table = "embedding (exclude_embeddings=True)" if exclude_embeddings else "embedding"
+    assert decisions(T5Attention(), **options) == {
+        "q.weight": ("decay", "ndim=2 weight"),
+        "relative_attention_bias.weight": (
+            "no_decay",
+            "bias table (embedding relative_attention_bias, name part 'bias')",
+        ),
+        "token_embeddings.weight": ("no_decay" if exclude_embeddings else "decay", table),
+    }
+
+
+class RawEmbeddings(nn.Module):
+    """timm's and transformers' raw embedding parameters, with no ``no_weight_decay()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("cls_token", "dist_token", "reg_token", "mask_token"):
+            setattr(self, name, nn.Parameter(torch.zeros(1, 1, 4)))
+        for name in ("pos_embed", "absolute_pos_embed", "position_embeddings"):
+            setattr(self, name, nn.Parameter(torch.zeros(1, 5, 4)))
+        self.head_token = nn.Parameter(torch.zeros(1, 1, 4))  # no conventional name: an ordinary weight
+
+
+def test_raw_token_and_position_embeddings_follow_exclude_embeddings() -> None:
+    tokens = ("cls_token", "dist_token", "reg_token", "mask_token")
+    positions = ("pos_embed", "absolute_pos_embed", "position_embeddings")
+    assert decisions(RawEmbeddings()) == {
+        **dict.fromkeys(tokens, ("decay", "token embedding")),
+        **dict.fromkeys(positions, ("decay", "position embedding")),
+        "head_token": ("decay", "ndim=3 weight"),
+    }
+    assert decisions(RawEmbeddings(), exclude_embeddings=True) == {
+        **dict.fromkeys(tokens, ("no_decay", "token embedding (exclude_embeddings=True)")),
+        **dict.fromkeys(positions, ("no_decay", "position embedding (exclude_embeddings=True)")),
+        "head_token": ("decay", "ndim=3 weight"),
+    }
+    # A no_weight_decay() declaration still comes first (rule 3).
+    assert decisions(ViTLike())["cls_token"] == ("no_decay", "no_weight_decay() of the root module")
+
+
+# --- the reach of the name heuristics, made visible ------------------------------------------------------------------
+
+
+class WeightNormalizedLinear(nn.Module):
+    """Not a normalization layer, though "Norm" is in its class name: a plain module owning a weight matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+        self.gain = nn.Parameter(torch.ones(3))
+
+
+def test_norm_by_class_name_on_a_matrix_says_so_and_is_counted() -> None:
+    model = nn.ModuleDict({"proj": WeightNormalizedLinear(), "norm": nn.LayerNorm((2, 3)), "rms": MyRMSNorm(3)})
+    report = lit_decay.explain(model)
+    reasons = {row.name: row.reason for row in report.rows}
+    assert reasons["proj.weight"] == (
+        "normalization layer WeightNormalizedLinear by class name only, yet ndim=2: "
+        "add an override if this is a weight matrix"
+    )
+    # 1-D parameters of a name-matched class and torch's own norms, whatever their ndim, are not flagged.
+    assert reasons["proj.gain"] == "normalization layer WeightNormalizedLinear"
+    assert reasons["norm.weight"] == reasons["norm.bias"] == "normalization layer LayerNorm"
+    assert report.norm_by_name == ("proj.weight", "rms.gain_matrix")
+    note = (
+        "Check: 2 tensor(s) with ndim >= 2 kept out of decay only because their module's class name contains 'Norm' "
+        "(proj.weight, rms.gain_matrix); add an override for any that is a weight matrix"
+    )
+    assert note in report.summary().splitlines()
+    assert note in report.to_markdown().splitlines()
+    # The override the note asks for takes the matrix back, and the note goes.
+    fixed = lit_decay.explain(model, overrides=[{"pattern": "proj.weight", "name": "matrix"}])
+    assert fixed.group_of("proj.weight") == "matrix"
+    assert fixed.norm_by_name == ("rms.gain_matrix",)
+    assert "Check:" not in str(lit_decay.explain(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm((2, 2)))))
+
+
+class Typo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+        self.encoder = Encoder()
+        self.encoder.no_weight_decay = lambda: {"rel_pos", "proj.bais"}  # type: ignore[method-assign]
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embd", "encoder"}
+
+
+def test_unmatched_no_weight_decay_names_warn_with_the_nearest_names() -> None:
+    with pytest.warns(UserWarning) as caught:
+        found = decisions(Typo())
+    messages = sorted(str(w.message) for w in caught if "no_weight_decay()" in str(w.message))
+    assert messages == [
+        "no_weight_decay() of encoder (Encoder) returned 'proj.bais', matching no parameter, so nothing is kept out "
+        "of decay for it (a typo?); nearest parameter names: proj.bias, proj.weight",
+        "no_weight_decay() of the root module (Typo) returned 'pos_embd', matching no parameter, so nothing is kept "
+        "out of decay for it (a typo?); nearest parameter names: pos_embed",
+    ]
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert found["pos_embed"] == ("decay", "position embedding")
+
+
+def test_no_weight_decay_names_that_match_do_not_warn() -> None:
+    model = ViTLike()
+    model.encoder.requires_grad_(False)  # a name matching a frozen parameter is no typo
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lit_decay.explain(model)
+        lit_decay.explain(ViTLike())
+
+
+# --- parametrized tensors (torch.nn.utils.parametrize) ---------------------------------------------------------------
+
+
+class Positive(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs()
+
+
+def test_parametrized_tensors_get_the_rules_of_the_parameter_they_stand_for() -> None:
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = nn.ModuleDict(
+        {"proj": nn.Linear(4, 4), "norm": nn.LayerNorm((2, 4)), "tok": nn.Embedding(6, 4), "conv": nn.Conv1d(2, 2, 3)}
+    )
+    parametrize.register_parametrization(model["proj"], "bias", Positive())
+    parametrize.register_parametrization(model["proj"], "weight", Positive())
+    parametrize.register_parametrization(model["norm"], "weight", Positive())
+    parametrize.register_parametrization(model["tok"], "weight", Positive())
+    parametrizations.weight_norm(model["conv"])  # stored as original0 (g) and original1 (v)
+    found = decisions(model, exclude_1d=False, exclude_embeddings=True)
+    assert found == {
+        "proj.parametrizations.bias.original": ("no_decay", "bias (parametrized proj.bias)"),
+        "proj.parametrizations.weight.original": ("decay", "ndim=2 weight (parametrized proj.weight)"),
+        "norm.bias": ("no_decay", "normalization layer ParametrizedLayerNorm"),
+        "norm.parametrizations.weight.original": (
+            "no_decay",
+            "normalization layer ParametrizedLayerNorm (parametrized norm.weight)",
+        ),
+        "tok.parametrizations.weight.original": (
+            "no_decay",
+            "embedding (exclude_embeddings=True) (parametrized tok.weight)",
+        ),
+        "conv.bias": ("no_decay", "bias"),
+        "conv.parametrizations.weight.original0": ("decay", "ndim=3 weight (parametrized conv.weight)"),
+        "conv.parametrizations.weight.original1": ("decay", "ndim=3 weight (parametrized conv.weight)"),
+    }
+
+
+def test_no_weight_decay_may_name_the_parameter_a_parametrization_stands_for() -> None:
+    from torch.nn.utils import parametrize
+
+    model = ViTLike()
+    parametrize.register_parametrization(model, "pos_embed", Positive())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "pos_embed" matches: no unmatched-name warning
+        found = decisions(model)
+    assert found["parametrizations.pos_embed.original"] == (
+        "no_decay",
+        "no_weight_decay() of the root module (parametrized pos_embed)",
+    )
+
+
+def test_a_module_called_parametrizations_is_not_taken_for_one() -> None:
+    holder = nn.Module()
+    holder.original = nn.Parameter(torch.ones(3))
+    model = nn.ModuleDict({"parametrizations": nn.ModuleDict({"bias": holder})})
+    assert decisions(model, exclude_1d=False) == {
+        "parametrizations.bias.original": ("decay", "ndim=1 parameter (exclude_1d=False)")
+    }
