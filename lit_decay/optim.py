@@ -85,6 +85,41 @@ def describe_implementation(optimizer: Optimizer) -> str:
     return "foreach" if optimizer.defaults.get("foreach") else "for-loop"
 
 
+def lightning_amp_note(module: nn.Module) -> str | None:
+    """If the fused Adam of ``module`` must leave gradient unscaling to Lightning, why (a note for the summary).
+
+    Returns None where the module is not attached to a Trainer, or its precision and clipping need no change.
+
+    Lightning's ``MixedPrecision`` plugin refuses to clip the gradients of an optimizer whose
+    ``_step_supports_amp_scaling`` is set (torch sets it on every fused Adam), bf16 included. Under ``"bf16-mixed"``
+    there is no scaler, so the flag only ever decides that refusal; under ``"16-mixed"`` it also lets the fused kernel
+    unscale inside itself without a host sync, which is kept unless the Trainer clips.
+    """
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return None
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    plugin = getattr(trainer, "precision_plugin", None)
+    if not isinstance(plugin, MixedPrecision):
+        return None
+    if plugin.scaler is None:
+        return f"clippable by Lightning under precision={plugin.precision!r}, which has no gradient scaler"
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if clip:
+        clipping = f"gradient_clip_val={clip:g}"
+    elif isinstance(module, LightningModule) and is_overridden("configure_gradient_clipping", module, LightningModule):
+        clipping = f"{type(module).__name__}.configure_gradient_clipping"
+    else:
+        return None
+    return (
+        f"gradients unscaled by Lightning's GradScaler before clipping (precision={plugin.precision!r}, {clipping}); "
+        "one host sync per step"
+    )
+
+
 def report_of(optimizer: Optimizer) -> GroupingReport | None:
     """The grouping report ``configure_adam`` made for ``optimizer`` (None for an optimizer built elsewhere)."""
     return _REPORTS.get(optimizer)
@@ -123,6 +158,11 @@ def configure_adam(
     ``"scheduler"``). The fused kernel is used whenever the parameters allow it (``fused=None``); the choice is in
     ``optimizer.defaults["fused"]`` and in the grouping summary logged on rank zero.
 
+    Under Lightning's mixed precision (``precision="bf16-mixed"``, or ``"16-mixed"`` with gradient clipping), a
+    module attached to its Trainer keeps the fused kernel but leaves gradient unscaling to Lightning, which can then
+    clip them (torch's fused Adam otherwise unscales inside its own step, and Lightning refuses to clip it); the
+    grouping summary says so.
+
     Examples:
         >>> import lightning as L
         >>> class Net(L.LightningModule):
@@ -152,7 +192,16 @@ def configure_adam(
     implementation = choose_implementation(groups, fused)
     optimizer = torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=bool(amsgrad), **implementation)
     attach(optimizer)
-    report = grouping.report().with_implementation(describe_implementation(optimizer))
+    kernel = describe_implementation(optimizer)
+    amp_note = lightning_amp_note(module) if optimizer.defaults["fused"] else None
+    if amp_note is not None:
+        # With the flag off, Lightning's MixedPrecision plugin unscales the gradients (GradScaler.unscale_) before it
+        # clips them, and GradScaler.step takes its ordinary path: it skips a step with inf gradients itself (reading
+        # found_inf on the host) and otherwise steps the fused kernel without grad_scale/found_inf, on gradients that
+        # are already unscaled. The L1 hooks then see neither attribute and use the plain coefficient, as they should.
+        optimizer._step_supports_amp_scaling = False
+        kernel += f" ({amp_note})"
+    report = grouping.report().with_implementation(kernel)
     _REPORTS[optimizer] = report
     from lightning.pytorch.utilities import rank_zero_info  # here, so `import lit_decay` does not import Lightning
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -332,6 +333,114 @@ def test_grad_scaler_fused_step_matches_unscaled_and_skips_inf(mode: str, dtype:
     assert before.keys() == after.keys() and any(k.endswith("/step") for k in after)
     for key, value in before.items():
         assert torch.equal(value, after[key]), key
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Lightning's mixed precision with gradient clipping: the fused kernel stays, Lightning unscales before clipping
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class AmpNet(L.LightningModule):
+    """A float32 model (autocast casts float32 only) that records the gradients Lightning hands the optimizer: after
+    unscaling, before clipping. ``poison`` lists batches whose gradient gets an inf, which the GradScaler must skip."""
+
+    def __init__(self, mode: str, poison: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.net = Net()
+        self.mode = mode
+        self.poison = poison
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.backwards = 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x).float(), y.float())
+
+    def on_after_backward(self) -> None:
+        if self.backwards in self.poison:
+            self.net.body[0].weight.grad[0, 0] = float("inf")
+        self.backwards += 1
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.grads.append({name: p.grad.detach().clone() for name, p in self.net.named_parameters()})
+
+    def configure_optimizers(self):
+        overrides = overrides_for(self.mode)
+        return lit_decay.configure_adam(self, lr=LR, weight_decay=WD, mode=self.mode, overrides=overrides)
+
+
+def all_finite(grads: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(g).all()) for g in grads.values())
+
+
+def float_loader(n_batches: int) -> DataLoader:
+    x, y = (torch.cat(t) for t in zip(*batches(n_batches, torch.float32, seed=5)))
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+
+
+def precision_options(precision: str) -> dict:
+    """Trainer options for ``precision`` on CPU: Lightning turns ``precision="16-mixed"`` on CPU into bf16, so the
+    float16 path (with its GradScaler, on CPU since torch 2.4) is asked for through the plugin itself."""
+    if precision == "16-mixed":
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+    return {"precision": precision}
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1", "decoupled"])
+def test_mixed_precision_with_clipping_matches_reference(tmp_path, mode: str, precision: str) -> None:
+    """Lightning refuses to clip an optimizer that unscales its own gradients (torch's fused Adam): configure_adam
+    keeps the fused kernel and leaves unscaling to Lightning, and the run follows the float64 reference fed the same
+    unscaled gradients, clipped by the reference itself, with the scaler's skipped steps changing nothing."""
+    clip = 0.05
+    scaled = precision == "16-mixed"
+    module = AmpNet(mode, poison=(2, 5) if scaled else ())
+    ref = ReferenceAdam.from_named(module.net.named_parameters(), expected_settings("", mode))
+    trainer(tmp_path, max_steps=9, gradient_clip_val=clip, **precision_options(precision)).fit(module, float_loader(9))
+    optimizer = module.trainer.optimizers[0]
+    assert optimizer.defaults["fused"] is True and optimizer._step_supports_amp_scaling is False
+    implementation = report_of(optimizer).implementation
+    assert implementation.startswith("fused (") and precision in implementation
+    assert ("gradient_clip_val=0.05" in implementation) is scaled
+    norms, skipped = [], 0
+    for grads in module.grads:
+        if not all_finite(grads):
+            skipped += 1  # GradScaler.step skipped it: no update, no L1 term, no step count
+            continue
+        clipped, norm = clip_grad_norm(grads, clip)
+        norms.append(norm)
+        ref.step(clipped)
+    assert skipped == (2 if scaled else 0) and len(module.grads) == 9
+    assert min(norms) > clip  # clipping happened: on unscaled gradients, or the match below fails by the scale
+    assert_matches_reference(module.net, optimizer, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_amp_decision_follows_the_trainer(tmp_path) -> None:
+    """The flag is turned off only where Lightning needs it: not outside a Trainer, not under 32-bit or under
+    16-mixed without clipping (the fused kernel then unscales inside itself, with no host sync)."""
+    assert lit_decay.configure_adam(Net())._step_supports_amp_scaling is True
+    cases = [
+        ({"precision": "32-true", "gradient_clip_val": 1.0}, True),
+        (precision_options("16-mixed"), True),
+        ({**precision_options("16-mixed"), "gradient_clip_val": 1.0}, False),
+        (precision_options("bf16-mixed"), False),
+    ]
+    for options, flag in cases:
+        module = AmpNet("decoupled")
+        module.trainer = trainer(tmp_path, **options)
+        optimizer = module.configure_optimizers()
+        assert optimizer._step_supports_amp_scaling is flag, options
+        assert optimizer.defaults["fused"] is True
+
+    class OwnClipping(AmpNet):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.clip_gradients(optimizer, 1.0)
+
+    module = OwnClipping("decoupled")
+    module.trainer = trainer(tmp_path, **precision_options("16-mixed"))
+    optimizer = module.configure_optimizers()
+    assert optimizer._step_supports_amp_scaling is False
+    assert "OwnClipping.configure_gradient_clipping" in report_of(optimizer).implementation
 
 
 # --------------------------------------------------------------------------------------------------------------------
