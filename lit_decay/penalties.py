@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from lit_decay._compile import MIN_COMPILED_NUMEL, compiled_or_eager, wants_compiled
@@ -217,8 +218,27 @@ class DecayTerms:
                 soft_threshold(stepped, threshold)
 
 
+# Marks an optimizer whose L1 hooks were attached. Torch copies ``defaults`` with the optimizer (deepcopy, pickle: its
+# __getstate__ keeps defaults, state and param_groups) but not its step hooks, so a copy carries the mark without the
+# hooks; the process-wide pre-hook below attaches them to it at its first step.
+ATTACHED_MARK = "lit_decay_l1_hooks"
+
+
+def _attach_to_copies(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    if optimizer.defaults.get(ATTACHED_MARK) and optimizer not in _ATTACHED:
+        # Torch runs the process-wide pre-hooks first and reads the optimizer's own hooks after them, so the hooks
+        # attached here already apply to this step.
+        attach(optimizer)
+
+
+register_optimizer_step_pre_hook(_attach_to_copies)
+
+
 def attach(optimizer: Optimizer) -> DecayTerms:
     """Attach the L1 step hooks to ``optimizer`` (once; a second call returns the same hooks).
+
+    A copy of ``optimizer`` (``copy.deepcopy``, pickling) keeps the penalty: torch copies no step hooks, so lit_decay
+    attaches them to the copy at its first step (in any process that has imported lit_decay).
 
     Examples:
         >>> layer = torch.nn.Linear(2, 2)
@@ -229,6 +249,7 @@ def attach(optimizer: Optimizer) -> DecayTerms:
     terms = _ATTACHED.get(optimizer)
     if terms is None:
         terms = _ATTACHED[optimizer] = DecayTerms(optimizer)
+        optimizer.defaults[ATTACHED_MARK] = True
     return terms
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import pickle
 import warnings
 
 import lightning as L
@@ -22,7 +23,7 @@ import lit_decay
 from lit_decay.grouping import GroupingReport
 from lit_decay.optim import report_of
 from lit_decay.penalties import is_attached
-from tests.reference import ReferenceAdam, clip_grad_norm
+from tests.reference import ReferenceAdam, ReferenceState, clip_grad_norm
 
 MODES = ("l2", "decoupled", "l1", "decoupled_l1", "none")
 LR = 1e-2
@@ -473,6 +474,47 @@ def test_decoupled_l1_zeros_match_reference_and_sparsity_rises() -> None:
     assert sparsity[-1] >= max(sparsity[:10])
     assert (model.body[0].weight == 0).any()  # the mildly penalised layer has a few exact zeros too
     assert_matches_reference(model, optimizer, ref, atol=1e-10, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Copies of the optimizer keep the L1 penalty (torch copies no step hooks)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1"])
+def test_copied_optimizer_keeps_the_l1_penalty(mode: str, how: str) -> None:
+    model = Net().double()
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode=mode, overrides=overrides_for(mode))
+    data = batches(6, torch.float64)
+    for x, y in data[:2]:
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    # Model and optimizer copied together, as a training state is (the copy's groups hold the copied tensors).
+    if how == "deepcopy":
+        copied_model, copied = copy.deepcopy((model, optimizer))
+    else:
+        copied_model, copied = pickle.loads(pickle.dumps((model, optimizer)))
+    assert copied.param_groups[0]["params"][0] is copied_model.body[0].weight
+    ref = ReferenceAdam.from_named(model.named_parameters(), expected_settings("", mode))
+    for name, p in model.named_parameters():  # the reference continues from the copied state
+        ref.state[name] = ReferenceState(
+            int(optimizer.state[p]["step"]),
+            optimizer.state[p]["exp_avg"].double().clone(),
+            optimizer.state[p]["exp_avg_sq"].double().clone(),
+            torch.zeros_like(p, dtype=torch.float64),
+        )
+    template = copy.deepcopy(model)
+    for x, y in data[2:]:
+        copied.zero_grad()
+        F.mse_loss(copied_model(x), y).backward()
+        copied.step()
+        ref.step(reference_grads(template, ref.params, x, y))
+    assert is_attached(copied)
+    assert_matches_reference(copied_model, copied, ref, atol=1e-10, rtol=1e-9)
+    # Still one set of hooks on each: the original steps as before, the copy's terms are applied once.
+    assert len(optimizer._optimizer_step_pre_hooks) == len(copied._optimizer_step_pre_hooks) == 1
 
 
 # --------------------------------------------------------------------------------------------------------------------
