@@ -21,6 +21,7 @@ stay right in the three places a step pre-hook alone gets wrong:
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lit_decay._compile import MIN_COMPILED_NUMEL, compiled_or_eager, wants_compiled
 from lit_decay._tensors import local
+from lit_decay.modes import L1_MODES, TORCH_APPLIED
 
 _ATTACHED: weakref.WeakKeyDictionary[Optimizer, DecayTerms] = weakref.WeakKeyDictionary()
 
@@ -153,6 +155,9 @@ class DecayTerms:
         ]
         # An OrderedDict, as torch keeps its hooks: RemovableHandle holds it by weak reference.
         self._proximal_observers: OrderedDict[int, ProximalObserver] = OrderedDict()
+        # Each lit_decay group's coefficient as last reconciled, to tell which of its two keys was written since.
+        self._reconciled: dict[int, tuple[dict[str, Any], float]] = {}
+        self._warned: set[str] = set()
 
     def observe_proximal_step(self, observer: ProximalObserver) -> RemovableHandle:
         """Call ``observer(optimizer, group, threshold)`` for each ``decoupled_l1`` group after Adam's step and just
@@ -171,9 +176,54 @@ class DecayTerms:
             g for g in optimizer.param_groups if g.get("decay_mode") == mode and g.get("decay_coefficient", 0.0) > 0
         ]
 
+    def reconcile(self, optimizer: Optimizer) -> None:
+        """Make each lit_decay group's ``"decay_coefficient"`` and torch's ``"weight_decay"`` agree before the step.
+
+        Torch's key is what a training loop sets directly (timm- and DINO-style schedules do), so it wins: an ``l2`` or
+        ``decoupled`` group's coefficient follows it, unless only the coefficient changed since the last step (then
+        torch's key follows the coefficient). An L1 group's torch key must stay 0 (torch would add its own L2 term),
+        so a value found there becomes the group's L1 coefficient; a ``"none"`` group given one becomes the mode
+        torch applies (``l2``, or ``decoupled`` with ``decoupled_weight_decay``). Both of these warn once per group.
+        """
+        for index, group in enumerate(optimizer.param_groups):
+            mode = group.get("decay_mode")
+            torch_key = group.get("weight_decay", 0.0)
+            if mode is None or isinstance(torch_key, torch.Tensor):
+                continue
+            coefficient = group.get("decay_coefficient", 0.0)
+            seen = self._reconciled.get(id(group))
+            last = seen[1] if seen is not None and seen[0] is group else None
+            if mode in TORCH_APPLIED:
+                if torch_key != coefficient:
+                    if last is not None and torch_key == last:
+                        group["weight_decay"] = coefficient
+                    else:
+                        group["decay_coefficient"] = float(torch_key)
+            elif torch_key:
+                name = str(group.get("name", f"pg{index + 1}"))
+                if mode in L1_MODES:
+                    group["decay_coefficient"] = float(torch_key)
+                    group["weight_decay"] = 0.0
+                    what = f"is taken as its {mode} coefficient (torch's key stays 0, or torch would add an L2 term)"
+                else:
+                    group["decay_mode"] = "decoupled" if group.get("decoupled_weight_decay") else "l2"
+                    group["decay_coefficient"] = float(torch_key)
+                    what = f"makes it a {group['decay_mode']!r} group, which torch applies"
+                if name not in self._warned:
+                    self._warned.add(name)
+                    warnings.warn(
+                        f"param group {name!r} (decay_mode={mode!r}) was given torch's weight_decay={torch_key!r}; "
+                        f"lit_decay {what}. Set group['decay_coefficient'] (or use "
+                        "lit_decay.modes.set_decay_coefficient) to change an L1 group's strength.",
+                        UserWarning,
+                        stacklevel=4,
+                    )
+            self._reconciled[id(group)] = (group, float(group["decay_coefficient"]))
+
     def before_step(
         self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        self.reconcile(optimizer)
         groups = self._active(optimizer, "l1")
         if not groups:
             return None

@@ -23,6 +23,7 @@ import lit_decay
 from lit_decay.grouping import GroupingReport
 from lit_decay.optim import report_of
 from lit_decay.penalties import is_attached
+from lit_decay.stats import group_rule
 from tests.reference import ReferenceAdam, ReferenceState, clip_grad_norm
 
 MODES = ("l2", "decoupled", "l1", "decoupled_l1", "none")
@@ -474,6 +475,76 @@ def test_decoupled_l1_zeros_match_reference_and_sparsity_rises() -> None:
     assert sparsity[-1] >= max(sparsity[:10])
     assert (model.body[0].weight == 0).any()  # the mildly penalised layer has a few exact zeros too
     assert_matches_reference(model, optimizer, ref, atol=1e-10, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A loop that writes torch's weight_decay key directly (timm, DINO): torch's key is the source of truth
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["l2", "decoupled", "l1", "decoupled_l1"])
+def test_torch_key_written_by_a_loop_is_the_decay_applied_and_reported(mode: str) -> None:
+    """A DINO-style loop sets group["weight_decay"] every step. torch applies it to l2/decoupled groups; an L1 group
+    takes it as its L1 coefficient (torch's own key back to 0, so no L2 term is added); the monitor reports it."""
+    model = Net().double()
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode=mode)
+    settings = {name: (LR, 0.0, "none") for name, _ in model.named_parameters()}
+    settings["body.0.weight"] = settings["body.2.weight"] = settings["head.weight"] = (LR, WD, mode)
+    ref = ReferenceAdam.from_named(model.named_parameters(), settings)
+    template = copy.deepcopy(model)
+    schedule = [0.04 * (1 + step) for step in range(8)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for (x, y), wd in zip(batches(8, torch.float64), schedule):
+            optimizer.param_groups[0]["weight_decay"] = wd  # the "decay" group
+            ref.group_of("body.0.weight").weight_decay = wd
+            optimizer.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            optimizer.step()
+            ref.step(reference_grads(template, ref.params, x, y))
+            group = optimizer.param_groups[0]
+            assert group["decay_coefficient"] == wd
+            assert group["weight_decay"] == (wd if mode in ("l2", "decoupled") else 0.0)
+            if mode == "decoupled":
+                figures = lit_decay.group_stats(optimizer, metrics=["effective_decay"])
+                assert figures["effective_decay/decay"] == pytest.approx(LR * wd)
+    assert_matches_reference(model, optimizer, ref, atol=1e-10, rtol=1e-9)
+    messages = [str(w.message) for w in caught if "weight_decay=" in str(w.message)]
+    if mode in ("l1", "decoupled_l1"):
+        assert len(messages) == 1, messages  # said once, not every step
+        assert f"param group 'decay' (decay_mode='{mode}') was given torch's weight_decay=0.04" in messages[0]
+    else:
+        assert messages == []
+
+
+def test_coefficient_written_alone_moves_torch_key_and_a_none_group_given_torch_key_decays() -> None:
+    model = Net()
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode="l2")
+    decay, no_decay = optimizer.param_groups
+    x, y = batches(1, torch.float32)[0]
+    for _ in range(2):
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    decay["decay_coefficient"] = 0.3  # lit_decay's key only: torch's follows at the next step
+    no_decay["weight_decay"] = 0.2  # torch would apply it: the group says so
+    with pytest.warns(UserWarning, match=r"'no_decay' \(decay_mode='none'\).*weight_decay=0\.2.*makes it a 'l2' group"):
+        optimizer.step()
+    assert decay["weight_decay"] == 0.3 and decay["decay_coefficient"] == 0.3
+    assert no_decay["decay_mode"] == "l2" and no_decay["decay_coefficient"] == 0.2
+    rule = group_rule(optimizer, no_decay)
+    assert (rule.mode, rule.coefficient) == ("l2", 0.2)
+
+
+def test_group_rule_reads_torch_key_before_any_step() -> None:
+    """A hand-built optimizer over param_groups() has no hooks to reconcile the keys: the monitor reads torch's key,
+    which is what torch applies."""
+    groups = lit_decay.param_groups(Net(), weight_decay=WD, mode="decoupled")
+    optimizer = torch.optim.Adam(groups, lr=LR)
+    optimizer.param_groups[0]["weight_decay"] = 0.04
+    optimizer.param_groups[1]["weight_decay"] = 0.02
+    decoupled, none = (group_rule(optimizer, g) for g in optimizer.param_groups)
+    assert (decoupled.mode, decoupled.coefficient) == ("decoupled", 0.04)
+    assert (none.mode, none.coefficient) == ("l2", 0.02)
 
 
 # --------------------------------------------------------------------------------------------------------------------
