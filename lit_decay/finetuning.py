@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from lit_decay._checks import check_non_negative
 from lit_decay.grouping import DECAY, plan
 from lit_decay.modes import L1_MODES
+from lit_decay.optim import check_parameters
 from lit_decay.penalties import attach
 
 
@@ -89,8 +90,10 @@ def add_param_groups(
         exclude_1d=exclude_1d,
         overrides=overrides,
     )
+    groups = grouping.groups(lr if lr is not None else optimizer.defaults["lr"])
+    check_parameters(module, groups)
     added = []
-    for group in grouping.groups(lr if lr is not None else optimizer.defaults["lr"]):
+    for group in groups:
         params = [(_joined(prefix, name), p) for name, p in group["params"] if id(p) not in held]
         if not params:
             continue

@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from lit_decay._checks import check_betas, check_mode, check_non_negative
 from lit_decay._tensors import local
 from lit_decay.grouping import GroupingReport, plan
+from lit_decay.modes import L1_MODES
 from lit_decay.penalties import attach
 
 _REPORTS: weakref.WeakKeyDictionary[Optimizer, GroupingReport] = weakref.WeakKeyDictionary()
@@ -38,6 +39,42 @@ def _unfusable(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, torch.Te
         if tensor.device.type not in devices or not torch.is_floating_point(tensor) or local(tensor).is_sparse:
             return name, tensor
     return None
+
+
+def check_parameters(module: nn.Module, groups: Iterable[Mapping[str, Any]]) -> None:
+    """Raise ``ValueError`` naming a parameter that Adam or its group's decay mode cannot take, before any step.
+
+    Torch's Adam takes no sparse gradients (an ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` gives them;
+    in an L1 group the L1 term would fail first, inside torch). The L1 terms are defined for real numbers: a complex
+    parameter has no sign(p) (its sign is a phase), so it cannot be in an ``l1`` or ``decoupled_l1`` group.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> model.phase = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+        >>> check_parameters(model, [{"decay_mode": "l1", "params": [("phase", model.phase)]}])
+        Traceback (most recent call last):
+        ...
+        ValueError: parameter 'phase' is in an 'l1' group but is complex (torch.complex64); ...
+    """
+    sparse: dict[int, str] = {}
+    for owner in module.modules():
+        if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) and owner.sparse:
+            sparse[id(owner.weight)] = type(owner).__name__
+    for group in groups:
+        mode = group.get("decay_mode")
+        for name, tensor in group["params"]:
+            if id(tensor) in sparse:
+                raise ValueError(
+                    f"parameter {name!r} gets sparse gradients ({sparse[id(tensor)]}(sparse=True)), which torch's Adam "
+                    "does not take (nor the L1 terms): build the layer with sparse=False, or optimize it apart with "
+                    "torch.optim.SparseAdam"
+                )
+            if mode in L1_MODES and torch.is_complex(tensor):
+                raise ValueError(
+                    f"parameter {name!r} is in an {mode!r} group but is complex ({tensor.dtype}); the L1 modes are "
+                    "defined for real parameters only: give it another mode with an override, e.g. "
+                    f"overrides=[{{'pattern': {name!r}, 'mode': 'decoupled'}}]"
+                )
 
 
 def choose_implementation(groups: Iterable[Mapping[str, Any]], fused: bool | None) -> dict[str, Any]:
@@ -163,6 +200,10 @@ def configure_adam(
     clip them (torch's fused Adam otherwise unscales inside its own step, and Lightning refuses to clip it); the
     grouping summary says so.
 
+    Parameters Adam or their mode cannot take are refused before any step, naming them: sparse-gradient embeddings
+    (``sparse=True``; torch's Adam takes no sparse gradients) and complex parameters in ``l1``/``decoupled_l1``
+    groups (the L1 modes are defined for real numbers).
+
     Examples:
         >>> import lightning as L
         >>> class Net(L.LightningModule):
@@ -189,6 +230,7 @@ def configure_adam(
         overrides=overrides,
     )
     groups = grouping.groups(lr)
+    check_parameters(module, groups)
     implementation = choose_implementation(groups, fused)
     optimizer = torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=bool(amsgrad), **implementation)
     attach(optimizer)

@@ -698,6 +698,39 @@ def test_complex_parameter_falls_back_or_refuses_fused() -> None:
         lit_decay.configure_adam(WithComplex(), fused=True)
 
 
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1"])
+def test_complex_parameter_in_an_l1_group_is_refused_up_front(mode: str) -> None:
+    with pytest.raises(ValueError, match=rf"parameter 'phase' is in an '{mode}' group but is complex.*complex64"):
+        lit_decay.configure_adam(WithComplex(), weight_decay=WD, mode=mode)
+    # The way out the message gives works: the complex tensor in another mode, the rest in the L1 mode.
+    optimizer = lit_decay.configure_adam(
+        WithComplex(), weight_decay=WD, mode=mode, overrides=[{"pattern": "phase", "mode": "decoupled"}]
+    )
+    assert [g["decay_mode"] for g in optimizer.param_groups] == [mode, "none", "decoupled"]
+
+
+class WithSparseEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(10, 4, sparse=True)
+        self.bag = nn.EmbeddingBag(10, 4, sparse=True)
+        self.out = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1", "decoupled"])
+def test_sparse_embedding_is_refused_up_front(mode: str) -> None:
+    """In an L1 group torch would fail inside the L1 hook at the first step ("add(sparse, dense) is not supported"),
+    elsewhere in Adam's step; configure_adam names the parameter before any step, whatever its group."""
+    with pytest.raises(ValueError, match=r"'tokens\.weight' gets sparse gradients \(Embedding\(sparse=True\)\)"):
+        lit_decay.configure_adam(WithSparseEmbedding(), weight_decay=WD, mode=mode)
+    model = WithSparseEmbedding()
+    model.tokens.sparse = False
+    with pytest.raises(ValueError, match=r"'bag\.weight'.*EmbeddingBag\(sparse=True\).*SparseAdam"):
+        lit_decay.configure_adam(model, weight_decay=WD, mode=mode, exclude_embeddings=True)
+    model.tokens.sparse = model.bag.sparse = False
+    assert lit_decay.configure_adam(model, weight_decay=WD, mode=mode).defaults["fused"] is True
+
+
 def test_scheduler_callable_and_lightning_config() -> None:
     built = lit_decay.configure_adam(Net(), scheduler=step_lr)
     assert set(built) == {"optimizer", "lr_scheduler"}
