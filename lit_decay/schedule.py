@@ -157,6 +157,27 @@ class WeightDecayScheduler(Callback):
 
     # ---- Lightning hooks -------------------------------------------------------------------------------------------
 
+    @property
+    def state_key(self) -> str:
+        """Derived from the arguments, as Lightning's ``ModelCheckpoint`` does, so that several schedulers (one per
+        group, say) can share a Trainer and each finds its own state in a checkpoint."""
+        schedule = self.schedule
+        if callable(schedule):
+            # A callable's repr holds its address, which changes between runs; its name does not.
+            schedule = getattr(schedule, "__qualname__", type(schedule).__qualname__)
+        return self._generate_state_key(
+            schedule=schedule,
+            start_factor=self.start_factor,
+            end_factor=self.end_factor,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps,
+            groups=self.groups,
+            timescale_steps=self.timescale_steps,
+            timescale_epochs=self.timescale_epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            hold_timescale=self.hold_timescale,
+        )
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_groups(trainer.optimizers)
         self._total = None

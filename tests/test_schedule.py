@@ -197,6 +197,40 @@ def test_resume_mid_schedule_continues_exactly(tmp_path: Path) -> None:
         assert coefficient == pytest.approx(expected) and torch_key == pytest.approx(expected)
 
 
+class WithHead(Net):
+    def configure_optimizers(self) -> Any:
+        head = {"pattern": "net.2.*", "name": "head", "weight_decay": 0.5}
+        return lit_decay.configure_adam(self, lr=self.lr, weight_decay=self.weight_decay, overrides=[head])
+
+
+def test_two_schedulers_in_one_trainer_each_keep_their_state(tmp_path: Path) -> None:
+    """Lightning refuses two stateful callbacks with one state_key; each scheduler's key comes from its arguments."""
+    body = lit_decay.WeightDecayScheduler("cosine", end_factor=0.0, groups=["decay"])
+    head = lit_decay.WeightDecayScheduler("linear", end_factor=2.0, groups=["head"])
+    assert body.state_key != head.state_key
+    assert body.state_key == lit_decay.WeightDecayScheduler("cosine", end_factor=0.0, groups=["decay"]).state_key
+    assert lit_decay.WeightDecayScheduler(math.sqrt).state_key == lit_decay.WeightDecayScheduler(math.sqrt).state_key
+    recorder = Recorder()
+    trainer = L.Trainer(
+        callbacks=[body, head, recorder],
+        logger=False,
+        max_epochs=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(WithHead(), loader())
+    total = BATCHES_PER_EPOCH
+    expected_body = [0.04 * schedule_factor("cosine", s, total, end_factor=0.0) for s in range(total)]
+    expected_head = [0.5 * schedule_factor("linear", s, total, end_factor=2.0) for s in range(total)]
+    assert [seen["decay"][0] for seen in recorder.seen] == pytest.approx(expected_body)
+    assert [seen["head"][0] for seen in recorder.seen] == pytest.approx(expected_head)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    states = torch.load(tmp_path / "two.ckpt", weights_only=True)["callbacks"]
+    assert states[body.state_key] == {"base": {"0/decay": 0.04}}
+    assert states[head.state_key] == {"base": {"0/head": 0.5}}
+
+
 def test_hand_built_optimizer_uses_torch_key() -> None:
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.2)
