@@ -152,7 +152,7 @@ class WeightDecayScheduler(Callback):
         self.hold_timescale = bool(hold_timescale)
         # Plain data, saved in checkpoints: the base coefficient of each scheduled group, keyed "optimizer/group".
         self._base: dict[str, float] = {}
-        self._timescale: float | None = self.timescale_steps
+        self._timescale: float | None = self._timescale_from_arguments()
         self._total: int | None = None
 
     # ---- Lightning hooks -------------------------------------------------------------------------------------------
@@ -178,6 +178,11 @@ class WeightDecayScheduler(Callback):
             hold_timescale=self.hold_timescale,
         )
 
+    def _timescale_from_arguments(self) -> float | None:
+        if self.timescale_epochs is not None and self.steps_per_epoch is not None:
+            return self.timescale_epochs * self.steps_per_epoch
+        return self.timescale_steps
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_groups(trainer.optimizers)
         self._total = None
@@ -187,14 +192,19 @@ class WeightDecayScheduler(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._total is None:
-            self._resolve(trainer)
-        self.apply(trainer.optimizers, trainer.global_step)
+            self._resolve(trainer, pl_module)
+        self.apply(trainer.optimizers, _training_step_index(trainer))
 
-    def _resolve(self, trainer: pl.Trainer) -> None:
+    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run length and timescale in steps, once the training data is set up (after any checkpoint restore)."""
         self._total = self.total_steps or 1
         if self.total_steps is None and not callable(self.schedule) and self.schedule != "constant":
-            estimated = trainer.estimated_stepping_batches
+            estimated = float(trainer.estimated_stepping_batches)
+            optimizers = len(trainer.optimizers)
+            if not pl_module.automatic_optimization and optimizers > 1 and trainer.max_steps not in (-1, None):
+                # max_steps counts every optimizer's steps (global_step), the schedule counts batches: with each
+                # optimizer stepping once per batch, the run ends after max_steps / optimizers batches.
+                estimated = min(estimated, math.ceil(trainer.max_steps / optimizers))
             if not math.isfinite(estimated):
                 raise ValueError(
                     f"schedule={self.schedule!r} needs the run's length, but the Trainer has no max_steps or "
@@ -228,17 +238,40 @@ class WeightDecayScheduler(Callback):
                     f"the weight-decay schedule returned {value!r} at step {step}; it must be a finite number >= 0"
                 )
             return float(value)
+        total = self._total or self.total_steps
+        if total is None and (self.schedule != "constant"):
+            raise ValueError(
+                f"schedule={self.schedule!r} needs the run's length: pass total_steps= (within a Lightning fit it "
+                "defaults to the Trainer's estimated_stepping_batches)"
+            )
         return schedule_factor(
             self.schedule,
             step,
-            self._total or self.total_steps or 1,
+            total or 1,
             start_factor=self.start_factor,
             end_factor=self.end_factor,
             warmup_steps=self.warmup_steps,
         )
 
     def apply(self, optimizers: Sequence[Optimizer], step: int) -> dict[str, float]:
-        """Write the coefficients of ``step`` into the scheduled groups; returns them keyed ``"optimizer/group"``."""
+        """Write the coefficients of ``step`` into the scheduled groups; returns them keyed ``"optimizer/group"``.
+
+        ``step`` counts training steps (batches that step the optimizers), once whatever the number of optimizers.
+        Outside a Lightning fit, a ``"linear"`` or ``"cosine"`` shape needs ``total_steps`` and ``timescale_epochs``
+        needs ``steps_per_epoch``.
+
+        Examples:
+            >>> import torch
+            >>> layer = torch.nn.Linear(2, 2)
+            >>> optimizer = torch.optim.AdamW(layer.parameters(), lr=0.01, weight_decay=0.1)
+            >>> WeightDecayScheduler(timescale_epochs=2.0, steps_per_epoch=50).apply([optimizer], 0)
+            {'0/pg1': 1.0}
+        """
+        if self._timescale is None and self.timescale_epochs is not None:
+            raise ValueError(
+                f"timescale_epochs={self.timescale_epochs!r} needs the optimizer steps per epoch: pass "
+                "steps_per_epoch= (within a Lightning fit it defaults to the Trainer's)"
+            )
         factor = self.factor(step)
         written: dict[str, float] = {}
         for index, (optimizer, names) in enumerate(zip(optimizers, group_names(list(optimizers)))):
@@ -296,6 +329,16 @@ class WeightDecayScheduler(Callback):
                         f"a decay timescale τ = 1/(lr·wd) describes decoupled decay, but group {name!r} has mode "
                         f"{rule.mode!r}; use mode='decoupled' or leave this group out with groups="
                     )
+
+
+def _training_step_index(trainer: pl.Trainer) -> int:
+    """The 0-based index of the training step about to run: batches that stepped so far, counted once per batch.
+
+    ``trainer.global_step`` counts every optimizer's steps, so it runs at twice the pace with two optimizers in manual
+    optimization; Lightning's own count of stepping batches (what it gives loggers as the step) does not.
+    """
+    counted = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    return trainer.global_step if counted is None else int(counted)
 
 
 def _optimizer_steps_per_epoch(trainer: pl.Trainer) -> float:
