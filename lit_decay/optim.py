@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lit_decay._checks import check_betas, check_mode, check_non_negative
+from lit_decay._checks import check_betas, check_bool, check_mode, check_non_negative
 from lit_decay._tensors import local
 from lit_decay.grouping import GroupingReport, plan
 from lit_decay.modes import L1_MODES
@@ -202,7 +202,9 @@ def configure_adam(
 
     Parameters Adam or their mode cannot take are refused before any step, naming them: sparse-gradient embeddings
     (``sparse=True``; torch's Adam takes no sparse gradients) and complex parameters in ``l1``/``decoupled_l1``
-    groups (the L1 modes are defined for real numbers).
+    groups (the L1 modes are defined for real numbers). Numbers may be any real numbers, numpy's scalars included;
+    ``amsgrad``, ``exclude_embeddings`` and ``exclude_1d`` must be booleans (a string such as ``"no"`` is a
+    ``TypeError``, not True).
 
     Examples:
         >>> import lightning as L
@@ -219,6 +221,7 @@ def configure_adam(
     lr = check_non_negative("lr", lr)
     eps = check_non_negative("eps", eps)
     betas = check_betas(betas)
+    amsgrad = check_bool("amsgrad", amsgrad)
     check_mode(mode)
     _check_scheduler(scheduler)
     grouping = plan(
@@ -232,7 +235,7 @@ def configure_adam(
     groups = grouping.groups(lr)
     check_parameters(module, groups)
     implementation = choose_implementation(groups, fused)
-    optimizer = torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=bool(amsgrad), **implementation)
+    optimizer = torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=amsgrad, **implementation)
     attach(optimizer)
     kernel = describe_implementation(optimizer)
     amp_note = lightning_amp_note(module) if optimizer.defaults["fused"] else None

@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
-from lit_decay._checks import check_non_negative
+from lit_decay._checks import check_bool, check_non_negative, is_real_number
 from lit_decay.modes import set_decay_coefficient
 from lit_decay.stats import group_names, group_rule
 
@@ -147,9 +147,10 @@ class WeightDecayScheduler(Callback):
                 f"steps_per_epoch={steps_per_epoch!r} is only used with timescale_epochs, which is not set"
             )
         self.steps_per_epoch = None if steps_per_epoch is None else _positive("steps_per_epoch", steps_per_epoch)
+        hold_timescale = check_bool("hold_timescale", hold_timescale)
         if hold_timescale and self.timescale_steps is None and self.timescale_epochs is None:
             raise ValueError("hold_timescale=True needs a timescale: set timescale_steps or timescale_epochs")
-        self.hold_timescale = bool(hold_timescale)
+        self.hold_timescale = hold_timescale
         # Plain data, saved in checkpoints: the base coefficient of each scheduled group, keyed "optimizer/group".
         self._base: dict[str, float] = {}
         self._timescale: float | None = self._timescale_from_arguments()
@@ -233,7 +234,7 @@ class WeightDecayScheduler(Callback):
         """
         if callable(self.schedule):
             value = self.schedule(step)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not is_real_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(
                     f"the weight-decay schedule returned {value!r} at step {step}; it must be a finite number >= 0"
                 )

@@ -7,8 +7,10 @@ import gc
 import math
 import pickle
 import warnings
+from fractions import Fraction
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -764,11 +766,38 @@ BAD_ARGUMENTS = [
     ({"betas": (0.9, math.nan)}, ValueError, r"betas\[1\]=nan"),
     ({"betas": (0.9,)}, ValueError, r"betas.*pair.*\(0\.9,\)"),
     ({"betas": 0.9}, ValueError, r"betas.*pair.*0\.9"),
+    ({"amsgrad": "no"}, TypeError, r"amsgrad must be True or False; got 'no' of type str"),
+    ({"amsgrad": 1}, TypeError, r"amsgrad must be True or False; got 1 of type int"),
+    ({"exclude_1d": "false"}, TypeError, r"exclude_1d must be True or False; got 'false'"),
+    ({"exclude_embeddings": None}, TypeError, r"exclude_embeddings must be True or False; got None"),
+    ({"lr": "0.1"}, TypeError, r"lr must be a finite number >= 0; got '0\.1' of type str"),
+    ({"betas": (np.float32(0.9), 1.0)}, ValueError, r"betas\[1\]=1\.0"),
     ({"fused": "yes"}, ValueError, r"fused='yes'"),
     ({"fused": 1.5}, ValueError, r"fused=1\.5"),
     ({"scheduler": 5}, TypeError, r"scheduler.*got 5"),
     ({"scheduler": {"interval": "step"}}, TypeError, r"scheduler.*'interval': 'step'"),
 ]
+
+
+def test_numpy_and_other_real_numbers_are_accepted() -> None:
+    """Hyperparameters often come from numpy (a sweep, a config): np.float32(0.9) is a valid beta."""
+    optimizer = lit_decay.configure_adam(
+        Net(),
+        lr=np.float32(0.01),
+        weight_decay=np.float64(0.1),
+        betas=(np.float32(0.9), np.float64(0.99)),
+        eps=Fraction(1, 10**8),
+        amsgrad=np.bool_(True),
+        exclude_1d=np.bool_(False),
+        overrides=[{"pattern": "head.*", "lr_scale": np.int64(2), "weight_decay": np.float32(0.5)}],
+    )
+    group = optimizer.param_groups[0]
+    assert type(group["lr"]) is float and group["lr"] == pytest.approx(0.01)
+    assert group["betas"] == pytest.approx((0.9, 0.99)) and all(type(b) is float for b in group["betas"])
+    assert group["amsgrad"] is True and group["decay_coefficient"] == pytest.approx(0.1)
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.02)
+    # exclude_1d=np.bool_(False) is False: biases and the LayerNorm stay out of decay by their own rules.
+    assert "body.0.bias" in optimizer.state_dict()["param_groups"][1]["param_names"]
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGUMENTS, ids=[str(k) for k, _, _ in BAD_ARGUMENTS])

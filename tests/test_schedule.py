@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -319,6 +320,13 @@ def test_two_optimizers_in_manual_optimization_schedule_per_batch(tmp_path: Path
 def test_bad_arguments_name_the_value(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         lit_decay.WeightDecayScheduler(**kwargs)
+
+
+def test_numbers_from_numpy_and_non_booleans() -> None:
+    scheduler = lit_decay.WeightDecayScheduler(lambda step: np.float32(0.5), timescale_steps=np.float64(10.0))
+    assert scheduler.factor(3) == 0.5 and scheduler.timescale_steps == 10.0
+    with pytest.raises(TypeError, match=r"hold_timescale must be True or False; got 'yes'"):
+        lit_decay.WeightDecayScheduler(timescale_steps=10.0, hold_timescale="yes")
 
 
 def test_inconsistent_options_fail_at_fit_start(tmp_path: Path) -> None:
