@@ -131,6 +131,10 @@ def lightning_amp_note(module: nn.Module) -> str | None:
     ``_step_supports_amp_scaling`` is set (torch sets it on every fused Adam), bf16 included. Under ``"bf16-mixed"``
     there is no scaler, so the flag only ever decides that refusal; under ``"16-mixed"`` it also lets the fused kernel
     unscale inside itself without a host sync, which is kept unless the Trainer clips.
+
+    Examples:
+        >>> lightning_amp_note(nn.Linear(2, 2)) is None  # not attached to a Trainer: nothing to adapt to
+        True
     """
     trainer = getattr(module, "_trainer", None)
     if trainer is None:
@@ -198,7 +202,8 @@ def configure_adam(
     Under Lightning's mixed precision (``precision="bf16-mixed"``, or ``"16-mixed"`` with gradient clipping), a
     module attached to its Trainer keeps the fused kernel but leaves gradient unscaling to Lightning, which can then
     clip them (torch's fused Adam otherwise unscales inside its own step, and Lightning refuses to clip it); the
-    grouping summary says so.
+    grouping summary says so. This needs the LightningModule itself (a submodule does not know the Trainer); with
+    a submodule under those settings, pass ``fused=False``.
 
     Parameters Adam or their mode cannot take are refused before any step, naming them: sparse-gradient embeddings
     (``sparse=True``; torch's Adam takes no sparse gradients) and complex parameters in ``l1``/``decoupled_l1``

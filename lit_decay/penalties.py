@@ -213,8 +213,8 @@ class DecayTerms:
                     self._warned.add(name)
                     warnings.warn(
                         f"param group {name!r} (decay_mode={mode!r}) was given torch's weight_decay={torch_key!r}; "
-                        f"lit_decay {what}. Set group['decay_coefficient'] (or use "
-                        "lit_decay.modes.set_decay_coefficient) to change an L1 group's strength.",
+                        f"lit_decay {what}. lit_decay.modes.set_decay_coefficient(group, value) changes a group's "
+                        "strength in the keys its mode uses.",
                         UserWarning,
                         stacklevel=4,
                     )
