@@ -132,8 +132,10 @@ class DecayBackboneFinetuning(BackboneFinetuning):
     ``"backbone.decay"``, ``"backbone.no_decay"``, ... at the backbone lr, decay taken from the optimizer's ``"decay"``
     group), and each later epoch's backbone lr is written into all of them, where ``BackboneFinetuning`` writes only the
     last group. With ``train_bn=False`` the backbone's batch-norm layers stay frozen throughout (Lightning's own
-    callback trains them from the first epoch whatever ``train_bn`` says). Arguments are ``BackboneFinetuning``'s, plus
-    ``exclude_embeddings``, ``exclude_1d`` and ``overrides`` for the grouping (patterns relative to the backbone).
+    callback trains them from the first epoch whatever ``train_bn`` says). A run resumed after the unfreeze epoch
+    trains the backbone again (Lightning's callback restores its groups but leaves it frozen). Arguments are
+    ``BackboneFinetuning``'s, plus ``exclude_embeddings``, ``exclude_1d`` and ``overrides`` for the grouping (patterns
+    relative to the backbone).
 
     Example::
 
@@ -163,6 +165,10 @@ class DecayBackboneFinetuning(BackboneFinetuning):
             self._prefix = module_prefix(pl_module, backbone)
         super().on_fit_start(trainer, pl_module)
 
+    def _make_trainable(self, backbone: nn.Module) -> None:
+        leaves = BaseFinetuning.flatten_modules(backbone)
+        BaseFinetuning.make_trainable([m for m in leaves if self.train_bn or not isinstance(m, _BatchNorm)])
+
     def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
         # BackboneFinetuning freezes with train_bn=True whatever it was given, so its BatchNorm layers train from the
         # first epoch; here train_bn=False keeps them frozen throughout.
@@ -183,6 +189,13 @@ class DecayBackboneFinetuning(BackboneFinetuning):
 
     def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         super().finetune_function(pl_module, epoch, optimizer)
+        if epoch > self.unfreeze_backbone_at_epoch:
+            # A run resumed after the unfreeze epoch gets the backbone's groups back from the checkpoint
+            # (BaseFinetuning), but setup() froze the backbone again and BackboneFinetuning never unfreezes it: it would
+            # sit in the optimizer untrained.
+            backbone = pl_module.backbone
+            assert isinstance(backbone, nn.Module)  # BackboneFinetuning.on_fit_start checked it
+            self._make_trainable(backbone)
         if epoch > self.unfreeze_backbone_at_epoch and self.previous_backbone_lr is not None:
             for group in optimizer.param_groups:
                 if str(group.get("name", "")).startswith(f"{self._prefix}."):

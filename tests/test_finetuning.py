@@ -148,3 +148,35 @@ def test_train_bn_false_keeps_batch_norm_frozen_and_out_of_the_optimizer(tmp_pat
     assert {"backbone.1.weight", "backbone.1.bias"}.isdisjoint(held)
     assert not model.backbone[1].weight.requires_grad and not model.backbone[1].bias.requires_grad
     assert {n for n, p in model.named_parameters() if p.requires_grad} == held
+
+
+def test_resume_after_the_unfreeze_epoch_equals_a_straight_run(tmp_path) -> None:
+    """BaseFinetuning restores the added groups from the checkpoint, but setup() freezes the backbone again: unless it
+    is made trainable, the resumed run trains only the head."""
+
+    def trainer(epochs: int, where: str) -> L.Trainer:
+        return L.Trainer(
+            callbacks=[lit_decay.DecayBackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.5)],
+            max_epochs=epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path / where,
+        )
+
+    straight = Model()
+    trainer(4, "straight").fit(straight, loader())
+    first = trainer(2, "first")
+    first.fit(Model(), loader())
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    torch.load(tmp_path / "half.ckpt", weights_only=True)  # plain data, the added groups included
+    resumed = Model()
+    second = trainer(4, "second")
+    second.fit(resumed, loader(), ckpt_path=tmp_path / "half.ckpt")
+    groups = second.optimizers[0].param_groups
+    assert [g["name"] for g in groups] == ["decay", "no_decay", "backbone.decay", "backbone.no_decay"]
+    assert [g["lr"] for g in groups] == [g["lr"] for g in straight.trainer.optimizers[0].param_groups]
+    assert all(p.requires_grad for p in resumed.backbone.parameters())
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
