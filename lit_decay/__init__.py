@@ -22,6 +22,7 @@ from lit_decay.optim import configure_adam
 from lit_decay.stats import METRICS, StepStatistics, group_stats
 
 if TYPE_CHECKING:
+    from lit_decay.finetuning import DecayBackboneFinetuning, add_param_groups
     from lit_decay.monitor import WeightDecayMonitor
     from lit_decay.schedule import WeightDecayScheduler
 
@@ -30,17 +31,24 @@ __version__ = "0.1.0"
 __all__ = [
     "METRICS",
     "MODES",
+    "DecayBackboneFinetuning",
     "GroupingReport",
     "StepStatistics",
     "WeightDecayMonitor",
     "WeightDecayScheduler",
+    "add_param_groups",
     "configure_adam",
     "explain",
     "group_stats",
     "param_groups",
 ]
 
-_LIGHTNING_NAMES = {"WeightDecayMonitor": "lit_decay.monitor", "WeightDecayScheduler": "lit_decay.schedule"}
+_LIGHTNING_NAMES = {
+    "WeightDecayMonitor": "lit_decay.monitor",
+    "WeightDecayScheduler": "lit_decay.schedule",
+    "DecayBackboneFinetuning": "lit_decay.finetuning",
+    "add_param_groups": "lit_decay.finetuning",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,9 +18,26 @@ def check_mode(mode: Any, *, what: str = "mode") -> Mode:
     return mode
 
 
+def _is_boolean(value: Any) -> bool:
+    # numpy's bool_ is no Python bool, and no number either; it is the only other boolean commonly passed.
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+
+
+def is_real_number(value: Any) -> bool:
+    """Whether ``value`` is a real number (Python's, numpy's scalars, any ``numbers.Real``), booleans excluded.
+
+    Examples:
+        >>> import numpy as np
+        >>> [is_real_number(v) for v in (0.1, 3, np.float32(0.9), np.int64(2), True, "0.1")]
+        [True, True, True, True, False, False]
+    """
+    return isinstance(value, numbers.Real) and not _is_boolean(value)
+
+
 def check_non_negative(name: str, value: Any) -> float:
-    """Return ``value`` as a float if it is a finite number >= 0, else raise naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Return ``value`` as a float if it is a finite real number >= 0, else raise naming it."""
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a finite number >= 0; got {value!r} of type {type(value).__name__}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
@@ -31,6 +49,24 @@ def check_betas(betas: Any) -> tuple[float, float]:
     if not isinstance(betas, Sequence) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1); got {betas!r}")
     for i, beta in enumerate(betas):
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= beta < 1.0):
+        if not is_real_number(beta) or not (0.0 <= beta < 1.0):
             raise ValueError(f"betas[{i}]={beta!r} is outside [0, 1); betas must be a pair with each in [0, 1)")
     return float(betas[0]), float(betas[1])
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` as a bool if it is one (Python's or numpy's), else raise ``TypeError`` naming it.
+
+    ``bool()`` would turn any non-empty string into True, ``"no"`` and ``"false"`` included.
+
+    Examples:
+        >>> check_bool("amsgrad", False)
+        False
+        >>> check_bool("amsgrad", "no")
+        Traceback (most recent call last):
+        ...
+        TypeError: amsgrad must be True or False; got 'no' of type str
+    """
+    if not _is_boolean(value):
+        raise TypeError(f"{name} must be True or False; got {value!r} of type {type(value).__name__}")
+    return bool(value)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_decay._checks import check_mode, check_non_negative
+from lit_decay._checks import check_bool, check_mode, check_non_negative
 from lit_decay.modes import torch_decay_keys
 from lit_decay.rules import DECAY, NO_DECAY, Override, Placement, numel, parse_overrides, place_parameters, unwrap
 
@@ -247,7 +247,10 @@ def plan(
     mode = check_mode(mode)
     parsed: tuple[Override, ...] = parse_overrides(overrides)
     placements, frozen = place_parameters(
-        module, overrides=parsed, exclude_embeddings=bool(exclude_embeddings), exclude_1d=bool(exclude_1d)
+        module,
+        overrides=parsed,
+        exclude_embeddings=check_bool("exclude_embeddings", exclude_embeddings),
+        exclude_1d=check_bool("exclude_1d", exclude_1d),
     )
     model = type(unwrap(module)).__name__
     if not placements:

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lit_decay._checks import check_betas, check_mode, check_non_negative
+from lit_decay._checks import check_betas, check_bool, check_mode, check_non_negative
 from lit_decay._tensors import local
 from lit_decay.grouping import GroupingReport, plan
+from lit_decay.modes import L1_MODES
 from lit_decay.penalties import attach
 
 _REPORTS: weakref.WeakKeyDictionary[Optimizer, GroupingReport] = weakref.WeakKeyDictionary()
@@ -38,6 +39,42 @@ def _unfusable(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, torch.Te
         if tensor.device.type not in devices or not torch.is_floating_point(tensor) or local(tensor).is_sparse:
             return name, tensor
     return None
+
+
+def check_parameters(module: nn.Module, groups: Iterable[Mapping[str, Any]]) -> None:
+    """Raise ``ValueError`` naming a parameter that Adam or its group's decay mode cannot take, before any step.
+
+    Torch's Adam takes no sparse gradients (an ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` gives them;
+    in an L1 group the L1 term would fail first, inside torch). The L1 terms are defined for real numbers: a complex
+    parameter has no sign(p) (its sign is a phase), so it cannot be in an ``l1`` or ``decoupled_l1`` group.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> model.phase = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+        >>> check_parameters(model, [{"decay_mode": "l1", "params": [("phase", model.phase)]}])
+        Traceback (most recent call last):
+        ...
+        ValueError: parameter 'phase' is in an 'l1' group but is complex (torch.complex64); ...
+    """
+    sparse: dict[int, str] = {}
+    for owner in module.modules():
+        if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) and owner.sparse:
+            sparse[id(owner.weight)] = type(owner).__name__
+    for group in groups:
+        mode = group.get("decay_mode")
+        for name, tensor in group["params"]:
+            if id(tensor) in sparse:
+                raise ValueError(
+                    f"parameter {name!r} gets sparse gradients ({sparse[id(tensor)]}(sparse=True)), which torch's Adam "
+                    "does not take (nor the L1 terms): build the layer with sparse=False, or optimize it apart with "
+                    "torch.optim.SparseAdam"
+                )
+            if mode in L1_MODES and torch.is_complex(tensor):
+                raise ValueError(
+                    f"parameter {name!r} is in an {mode!r} group but is complex ({tensor.dtype}); the L1 modes are "
+                    "defined for real parameters only: give it another mode with an override, e.g. "
+                    f"overrides=[{{'pattern': {name!r}, 'mode': 'decoupled'}}]"
+                )
 
 
 def choose_implementation(groups: Iterable[Mapping[str, Any]], fused: bool | None) -> dict[str, Any]:
@@ -85,6 +122,45 @@ def describe_implementation(optimizer: Optimizer) -> str:
     return "foreach" if optimizer.defaults.get("foreach") else "for-loop"
 
 
+def lightning_amp_note(module: nn.Module) -> str | None:
+    """If the fused Adam of ``module`` must leave gradient unscaling to Lightning, why (a note for the summary).
+
+    Returns None where the module is not attached to a Trainer, or its precision and clipping need no change.
+
+    Lightning's ``MixedPrecision`` plugin refuses to clip the gradients of an optimizer whose
+    ``_step_supports_amp_scaling`` is set (torch sets it on every fused Adam), bf16 included. Under ``"bf16-mixed"``
+    there is no scaler, so the flag only ever decides that refusal; under ``"16-mixed"`` it also lets the fused kernel
+    unscale inside itself without a host sync, which is kept unless the Trainer clips.
+
+    Examples:
+        >>> lightning_amp_note(nn.Linear(2, 2)) is None  # not attached to a Trainer: nothing to adapt to
+        True
+    """
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return None
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    plugin = getattr(trainer, "precision_plugin", None)
+    if not isinstance(plugin, MixedPrecision):
+        return None
+    if plugin.scaler is None:
+        return f"clippable by Lightning under precision={plugin.precision!r}, which has no gradient scaler"
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if clip:
+        clipping = f"gradient_clip_val={clip:g}"
+    elif isinstance(module, LightningModule) and is_overridden("configure_gradient_clipping", module, LightningModule):
+        clipping = f"{type(module).__name__}.configure_gradient_clipping"
+    else:
+        return None
+    return (
+        f"gradients unscaled by Lightning's GradScaler before clipping (precision={plugin.precision!r}, {clipping}); "
+        "one host sync per step"
+    )
+
+
 def report_of(optimizer: Optimizer) -> GroupingReport | None:
     """The grouping report ``configure_adam`` made for ``optimizer`` (None for an optimizer built elsewhere)."""
     return _REPORTS.get(optimizer)
@@ -123,6 +199,18 @@ def configure_adam(
     ``"scheduler"``). The fused kernel is used whenever the parameters allow it (``fused=None``); the choice is in
     ``optimizer.defaults["fused"]`` and in the grouping summary logged on rank zero.
 
+    Under Lightning's mixed precision (``precision="bf16-mixed"``, or ``"16-mixed"`` with gradient clipping), a
+    module attached to its Trainer keeps the fused kernel but leaves gradient unscaling to Lightning, which can then
+    clip them (torch's fused Adam otherwise unscales inside its own step, and Lightning refuses to clip it); the
+    grouping summary says so. This needs the LightningModule itself (a submodule does not know the Trainer); with
+    a submodule under those settings, pass ``fused=False``.
+
+    Parameters Adam or their mode cannot take are refused before any step, naming them: sparse-gradient embeddings
+    (``sparse=True``; torch's Adam takes no sparse gradients) and complex parameters in ``l1``/``decoupled_l1``
+    groups (the L1 modes are defined for real numbers). Numbers may be any real numbers, numpy's scalars included;
+    ``amsgrad``, ``exclude_embeddings`` and ``exclude_1d`` must be booleans (a string such as ``"no"`` is a
+    ``TypeError``, not True).
+
     Examples:
         >>> import lightning as L
         >>> class Net(L.LightningModule):
@@ -138,6 +226,7 @@ def configure_adam(
     lr = check_non_negative("lr", lr)
     eps = check_non_negative("eps", eps)
     betas = check_betas(betas)
+    amsgrad = check_bool("amsgrad", amsgrad)
     check_mode(mode)
     _check_scheduler(scheduler)
     grouping = plan(
@@ -149,10 +238,20 @@ def configure_adam(
         overrides=overrides,
     )
     groups = grouping.groups(lr)
+    check_parameters(module, groups)
     implementation = choose_implementation(groups, fused)
-    optimizer = torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=bool(amsgrad), **implementation)
+    optimizer = torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=amsgrad, **implementation)
     attach(optimizer)
-    report = grouping.report().with_implementation(describe_implementation(optimizer))
+    kernel = describe_implementation(optimizer)
+    amp_note = lightning_amp_note(module) if optimizer.defaults["fused"] else None
+    if amp_note is not None:
+        # With the flag off, Lightning's MixedPrecision plugin unscales the gradients (GradScaler.unscale_) before it
+        # clips them, and GradScaler.step takes its ordinary path: it skips a step with inf gradients itself (reading
+        # found_inf on the host) and otherwise steps the fused kernel without grad_scale/found_inf, on gradients that
+        # are already unscaled. The L1 hooks then see neither attribute and use the plain coefficient, as they should.
+        optimizer._step_supports_amp_scaling = False
+        kernel += f" ({amp_note})"
+    report = grouping.report().with_implementation(kernel)
     _REPORTS[optimizer] = report
     from lightning.pytorch.utilities import rank_zero_info  # here, so `import lit_decay` does not import Lightning
 

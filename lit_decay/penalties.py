@@ -21,6 +21,7 @@ stay right in the three places a step pre-hook alone gets wrong:
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -28,10 +29,12 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 from lit_decay._compile import MIN_COMPILED_NUMEL, compiled_or_eager, wants_compiled
 from lit_decay._tensors import local
+from lit_decay.modes import L1_MODES, TORCH_APPLIED
 
 _ATTACHED: weakref.WeakKeyDictionary[Optimizer, DecayTerms] = weakref.WeakKeyDictionary()
 
@@ -152,6 +155,9 @@ class DecayTerms:
         ]
         # An OrderedDict, as torch keeps its hooks: RemovableHandle holds it by weak reference.
         self._proximal_observers: OrderedDict[int, ProximalObserver] = OrderedDict()
+        # Each lit_decay group's coefficient as last reconciled, to tell which of its two keys was written since.
+        self._reconciled: dict[int, tuple[dict[str, Any], float]] = {}
+        self._warned: set[str] = set()
 
     def observe_proximal_step(self, observer: ProximalObserver) -> RemovableHandle:
         """Call ``observer(optimizer, group, threshold)`` for each ``decoupled_l1`` group after Adam's step and just
@@ -170,9 +176,54 @@ class DecayTerms:
             g for g in optimizer.param_groups if g.get("decay_mode") == mode and g.get("decay_coefficient", 0.0) > 0
         ]
 
+    def reconcile(self, optimizer: Optimizer) -> None:
+        """Make each lit_decay group's ``"decay_coefficient"`` and torch's ``"weight_decay"`` agree before the step.
+
+        Torch's key is what a training loop sets directly (timm- and DINO-style schedules do), so it wins: an ``l2`` or
+        ``decoupled`` group's coefficient follows it, unless only the coefficient changed since the last step (then
+        torch's key follows the coefficient). An L1 group's torch key must stay 0 (torch would add its own L2 term),
+        so a value found there becomes the group's L1 coefficient; a ``"none"`` group given one becomes the mode
+        torch applies (``l2``, or ``decoupled`` with ``decoupled_weight_decay``). Both of these warn once per group.
+        """
+        for index, group in enumerate(optimizer.param_groups):
+            mode = group.get("decay_mode")
+            torch_key = group.get("weight_decay", 0.0)
+            if mode is None or isinstance(torch_key, torch.Tensor):
+                continue
+            coefficient = group.get("decay_coefficient", 0.0)
+            seen = self._reconciled.get(id(group))
+            last = seen[1] if seen is not None and seen[0] is group else None
+            if mode in TORCH_APPLIED:
+                if torch_key != coefficient:
+                    if last is not None and torch_key == last:
+                        group["weight_decay"] = coefficient
+                    else:
+                        group["decay_coefficient"] = float(torch_key)
+            elif torch_key:
+                name = str(group.get("name", f"pg{index + 1}"))
+                if mode in L1_MODES:
+                    group["decay_coefficient"] = float(torch_key)
+                    group["weight_decay"] = 0.0
+                    what = f"is taken as its {mode} coefficient (torch's key stays 0, or torch would add an L2 term)"
+                else:
+                    group["decay_mode"] = "decoupled" if group.get("decoupled_weight_decay") else "l2"
+                    group["decay_coefficient"] = float(torch_key)
+                    what = f"makes it a {group['decay_mode']!r} group, which torch applies"
+                if name not in self._warned:
+                    self._warned.add(name)
+                    warnings.warn(
+                        f"param group {name!r} (decay_mode={mode!r}) was given torch's weight_decay={torch_key!r}; "
+                        f"lit_decay {what}. lit_decay.modes.set_decay_coefficient(group, value) changes a group's "
+                        "strength in the keys its mode uses.",
+                        UserWarning,
+                        stacklevel=4,
+                    )
+            self._reconciled[id(group)] = (group, float(group["decay_coefficient"]))
+
     def before_step(
         self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        self.reconcile(optimizer)
         groups = self._active(optimizer, "l1")
         if not groups:
             return None
@@ -217,8 +268,27 @@ class DecayTerms:
                 soft_threshold(stepped, threshold)
 
 
+# Marks an optimizer whose L1 hooks were attached. Torch copies ``defaults`` with the optimizer (deepcopy, pickle: its
+# __getstate__ keeps defaults, state and param_groups) but not its step hooks, so a copy carries the mark without the
+# hooks; the process-wide pre-hook below attaches them to it at its first step.
+ATTACHED_MARK = "lit_decay_l1_hooks"
+
+
+def _attach_to_copies(optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    if optimizer.defaults.get(ATTACHED_MARK) and optimizer not in _ATTACHED:
+        # Torch runs the process-wide pre-hooks first and reads the optimizer's own hooks after them, so the hooks
+        # attached here already apply to this step.
+        attach(optimizer)
+
+
+register_optimizer_step_pre_hook(_attach_to_copies)
+
+
 def attach(optimizer: Optimizer) -> DecayTerms:
     """Attach the L1 step hooks to ``optimizer`` (once; a second call returns the same hooks).
+
+    A copy of ``optimizer`` (``copy.deepcopy``, pickling) keeps the penalty: torch copies no step hooks, so lit_decay
+    attaches them to the copy at its first step (in any process that has imported lit_decay).
 
     Examples:
         >>> layer = torch.nn.Linear(2, 2)
@@ -229,6 +299,7 @@ def attach(optimizer: Optimizer) -> DecayTerms:
     terms = _ATTACHED.get(optimizer)
     if terms is None:
         terms = _ATTACHED[optimizer] = DecayTerms(optimizer)
+        optimizer.defaults[ATTACHED_MARK] = True
     return terms
 
 

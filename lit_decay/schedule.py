@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
-from lit_decay._checks import check_non_negative
+from lit_decay._checks import check_bool, check_non_negative, is_real_number
 from lit_decay.modes import set_decay_coefficient
 from lit_decay.stats import group_names, group_rule
 
@@ -147,15 +147,42 @@ class WeightDecayScheduler(Callback):
                 f"steps_per_epoch={steps_per_epoch!r} is only used with timescale_epochs, which is not set"
             )
         self.steps_per_epoch = None if steps_per_epoch is None else _positive("steps_per_epoch", steps_per_epoch)
+        hold_timescale = check_bool("hold_timescale", hold_timescale)
         if hold_timescale and self.timescale_steps is None and self.timescale_epochs is None:
             raise ValueError("hold_timescale=True needs a timescale: set timescale_steps or timescale_epochs")
-        self.hold_timescale = bool(hold_timescale)
+        self.hold_timescale = hold_timescale
         # Plain data, saved in checkpoints: the base coefficient of each scheduled group, keyed "optimizer/group".
         self._base: dict[str, float] = {}
-        self._timescale: float | None = self.timescale_steps
+        self._timescale: float | None = self._timescale_from_arguments()
         self._total: int | None = None
 
     # ---- Lightning hooks -------------------------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        """Derived from the arguments, as Lightning's ``ModelCheckpoint`` does, so that several schedulers (one per
+        group, say) can share a Trainer and each finds its own state in a checkpoint."""
+        schedule = self.schedule
+        if callable(schedule):
+            # A callable's repr holds its address, which changes between runs; its name does not.
+            schedule = getattr(schedule, "__qualname__", type(schedule).__qualname__)
+        return self._generate_state_key(
+            schedule=schedule,
+            start_factor=self.start_factor,
+            end_factor=self.end_factor,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps,
+            groups=self.groups,
+            timescale_steps=self.timescale_steps,
+            timescale_epochs=self.timescale_epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            hold_timescale=self.hold_timescale,
+        )
+
+    def _timescale_from_arguments(self) -> float | None:
+        if self.timescale_epochs is not None and self.steps_per_epoch is not None:
+            return self.timescale_epochs * self.steps_per_epoch
+        return self.timescale_steps
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_groups(trainer.optimizers)
@@ -166,14 +193,19 @@ class WeightDecayScheduler(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._total is None:
-            self._resolve(trainer)
-        self.apply(trainer.optimizers, trainer.global_step)
+            self._resolve(trainer, pl_module)
+        self.apply(trainer.optimizers, _training_step_index(trainer))
 
-    def _resolve(self, trainer: pl.Trainer) -> None:
+    def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run length and timescale in steps, once the training data is set up (after any checkpoint restore)."""
         self._total = self.total_steps or 1
         if self.total_steps is None and not callable(self.schedule) and self.schedule != "constant":
-            estimated = trainer.estimated_stepping_batches
+            estimated = float(trainer.estimated_stepping_batches)
+            optimizers = len(trainer.optimizers)
+            if not pl_module.automatic_optimization and optimizers > 1 and trainer.max_steps not in (-1, None):
+                # max_steps counts every optimizer's steps (global_step), the schedule counts batches: with each
+                # optimizer stepping once per batch, the run ends after max_steps / optimizers batches.
+                estimated = min(estimated, math.ceil(trainer.max_steps / optimizers))
             if not math.isfinite(estimated):
                 raise ValueError(
                     f"schedule={self.schedule!r} needs the run's length, but the Trainer has no max_steps or "
@@ -202,22 +234,45 @@ class WeightDecayScheduler(Callback):
         """
         if callable(self.schedule):
             value = self.schedule(step)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not is_real_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(
                     f"the weight-decay schedule returned {value!r} at step {step}; it must be a finite number >= 0"
                 )
             return float(value)
+        total = self._total or self.total_steps
+        if total is None and (self.schedule != "constant"):
+            raise ValueError(
+                f"schedule={self.schedule!r} needs the run's length: pass total_steps= (within a Lightning fit it "
+                "defaults to the Trainer's estimated_stepping_batches)"
+            )
         return schedule_factor(
             self.schedule,
             step,
-            self._total or self.total_steps or 1,
+            total or 1,
             start_factor=self.start_factor,
             end_factor=self.end_factor,
             warmup_steps=self.warmup_steps,
         )
 
     def apply(self, optimizers: Sequence[Optimizer], step: int) -> dict[str, float]:
-        """Write the coefficients of ``step`` into the scheduled groups; returns them keyed ``"optimizer/group"``."""
+        """Write the coefficients of ``step`` into the scheduled groups; returns them keyed ``"optimizer/group"``.
+
+        ``step`` counts training steps (batches that step the optimizers), once whatever the number of optimizers.
+        Outside a Lightning fit, a ``"linear"`` or ``"cosine"`` shape needs ``total_steps`` and ``timescale_epochs``
+        needs ``steps_per_epoch``.
+
+        Examples:
+            >>> import torch
+            >>> layer = torch.nn.Linear(2, 2)
+            >>> optimizer = torch.optim.AdamW(layer.parameters(), lr=0.01, weight_decay=0.1)
+            >>> WeightDecayScheduler(timescale_epochs=2.0, steps_per_epoch=50).apply([optimizer], 0)
+            {'0/pg1': 1.0}
+        """
+        if self._timescale is None and self.timescale_epochs is not None:
+            raise ValueError(
+                f"timescale_epochs={self.timescale_epochs!r} needs the optimizer steps per epoch: pass "
+                "steps_per_epoch= (within a Lightning fit it defaults to the Trainer's)"
+            )
         factor = self.factor(step)
         written: dict[str, float] = {}
         for index, (optimizer, names) in enumerate(zip(optimizers, group_names(list(optimizers)))):
@@ -275,6 +330,16 @@ class WeightDecayScheduler(Callback):
                         f"a decay timescale τ = 1/(lr·wd) describes decoupled decay, but group {name!r} has mode "
                         f"{rule.mode!r}; use mode='decoupled' or leave this group out with groups="
                     )
+
+
+def _training_step_index(trainer: pl.Trainer) -> int:
+    """The 0-based index of the training step about to run: batches that stepped so far, counted once per batch.
+
+    ``trainer.global_step`` counts every optimizer's steps, so it runs at twice the pace with two optimizers in manual
+    optimization; Lightning's own count of stepping batches (what it gives loggers as the step) does not.
+    """
+    counted = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    return trainer.global_step if counted is None else int(counted)
 
 
 def _optimizer_steps_per_epoch(trainer: pl.Trainer) -> float:

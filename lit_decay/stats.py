@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 
 from lit_decay._compile import compiled_or_eager, wants_compiled
 from lit_decay._tensors import is_dtensor, local
+from lit_decay.modes import TORCH_APPLIED
 from lit_decay.penalties import is_attached, observe_proximal_step
 
 METRICS: tuple[str, ...] = (
@@ -114,11 +115,14 @@ def group_rule(optimizer: Optimizer, group: Mapping[str, Any]) -> Rule:
         'l2'
     """
     adam = isinstance(optimizer, torch.optim.Adam)
-    if "decay_mode" in group:
+    torch_key = group.get("weight_decay", 0.0) or 0.0
+    # Torch applies its own key whatever lit_decay's say (loops set it directly, as timm's and DINO's do): it is the
+    # coefficient of the modes torch applies, and a "none" group given one decays as torch's keys say.
+    if "decay_mode" in group and not (group["decay_mode"] == "none" and torch_key):
         mode = str(group["decay_mode"])
-        coefficient = float(group.get("decay_coefficient", 0.0))
+        coefficient = float(torch_key if mode in TORCH_APPLIED else group.get("decay_coefficient", 0.0))
     else:
-        coefficient = float(group.get("weight_decay", 0.0) or 0.0)
+        coefficient = float(torch_key)
         decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
         if decoupled:
             mode = "decoupled"

@@ -5,13 +5,17 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import pickle
 import warnings
+from fractions import Fraction
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,7 +25,8 @@ import lit_decay
 from lit_decay.grouping import GroupingReport
 from lit_decay.optim import report_of
 from lit_decay.penalties import is_attached
-from tests.reference import ReferenceAdam, clip_grad_norm
+from lit_decay.stats import group_rule
+from tests.reference import ReferenceAdam, ReferenceState, clip_grad_norm
 
 MODES = ("l2", "decoupled", "l1", "decoupled_l1", "none")
 LR = 1e-2
@@ -335,6 +340,114 @@ def test_grad_scaler_fused_step_matches_unscaled_and_skips_inf(mode: str, dtype:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Lightning's mixed precision with gradient clipping: the fused kernel stays, Lightning unscales before clipping
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class AmpNet(L.LightningModule):
+    """A float32 model (autocast casts float32 only) that records the gradients Lightning hands the optimizer: after
+    unscaling, before clipping. ``poison`` lists batches whose gradient gets an inf, which the GradScaler must skip."""
+
+    def __init__(self, mode: str, poison: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.net = Net()
+        self.mode = mode
+        self.poison = poison
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.backwards = 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x).float(), y.float())
+
+    def on_after_backward(self) -> None:
+        if self.backwards in self.poison:
+            self.net.body[0].weight.grad[0, 0] = float("inf")
+        self.backwards += 1
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.grads.append({name: p.grad.detach().clone() for name, p in self.net.named_parameters()})
+
+    def configure_optimizers(self):
+        overrides = overrides_for(self.mode)
+        return lit_decay.configure_adam(self, lr=LR, weight_decay=WD, mode=self.mode, overrides=overrides)
+
+
+def all_finite(grads: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(g).all()) for g in grads.values())
+
+
+def float_loader(n_batches: int) -> DataLoader:
+    x, y = (torch.cat(t) for t in zip(*batches(n_batches, torch.float32, seed=5)))
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+
+
+def precision_options(precision: str) -> dict:
+    """Trainer options for ``precision`` on CPU: Lightning turns ``precision="16-mixed"`` on CPU into bf16, so the
+    float16 path (with its GradScaler, on CPU since torch 2.4) is asked for through the plugin itself."""
+    if precision == "16-mixed":
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+    return {"precision": precision}
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1", "decoupled"])
+def test_mixed_precision_with_clipping_matches_reference(tmp_path, mode: str, precision: str) -> None:
+    """Lightning refuses to clip an optimizer that unscales its own gradients (torch's fused Adam): configure_adam
+    keeps the fused kernel and leaves unscaling to Lightning, and the run follows the float64 reference fed the same
+    unscaled gradients, clipped by the reference itself, with the scaler's skipped steps changing nothing."""
+    clip = 0.05
+    scaled = precision == "16-mixed"
+    module = AmpNet(mode, poison=(2, 5) if scaled else ())
+    ref = ReferenceAdam.from_named(module.net.named_parameters(), expected_settings("", mode))
+    trainer(tmp_path, max_steps=9, gradient_clip_val=clip, **precision_options(precision)).fit(module, float_loader(9))
+    optimizer = module.trainer.optimizers[0]
+    assert optimizer.defaults["fused"] is True and optimizer._step_supports_amp_scaling is False
+    implementation = report_of(optimizer).implementation
+    assert implementation.startswith("fused (") and precision in implementation
+    assert ("gradient_clip_val=0.05" in implementation) is scaled
+    norms, skipped = [], 0
+    for grads in module.grads:
+        if not all_finite(grads):
+            skipped += 1  # GradScaler.step skipped it: no update, no L1 term, no step count
+            continue
+        clipped, norm = clip_grad_norm(grads, clip)
+        norms.append(norm)
+        ref.step(clipped)
+    assert skipped == (2 if scaled else 0) and len(module.grads) == 9
+    assert min(norms) > clip  # clipping happened: on unscaled gradients, or the match below fails by the scale
+    assert_matches_reference(module.net, optimizer, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_amp_decision_follows_the_trainer(tmp_path) -> None:
+    """The flag is turned off only where Lightning needs it: not outside a Trainer, not under 32-bit or under
+    16-mixed without clipping (the fused kernel then unscales inside itself, with no host sync)."""
+    assert lit_decay.configure_adam(Net())._step_supports_amp_scaling is True
+    cases = [
+        ({"precision": "32-true", "gradient_clip_val": 1.0}, True),
+        (precision_options("16-mixed"), True),
+        ({**precision_options("16-mixed"), "gradient_clip_val": 1.0}, False),
+        (precision_options("bf16-mixed"), False),
+    ]
+    for options, flag in cases:
+        module = AmpNet("decoupled")
+        module.trainer = trainer(tmp_path, **options)
+        optimizer = module.configure_optimizers()
+        assert optimizer._step_supports_amp_scaling is flag, options
+        assert optimizer.defaults["fused"] is True
+
+    class OwnClipping(AmpNet):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.clip_gradients(optimizer, 1.0)
+
+    module = OwnClipping("decoupled")
+    module.trainer = trainer(tmp_path, **precision_options("16-mixed"))
+    optimizer = module.configure_optimizers()
+    assert optimizer._step_supports_amp_scaling is False
+    assert "OwnClipping.configure_gradient_clipping" in report_of(optimizer).implementation
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # decoupled_l1 leaves exact zeros
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -364,6 +477,117 @@ def test_decoupled_l1_zeros_match_reference_and_sparsity_rises() -> None:
     assert sparsity[-1] >= max(sparsity[:10])
     assert (model.body[0].weight == 0).any()  # the mildly penalised layer has a few exact zeros too
     assert_matches_reference(model, optimizer, ref, atol=1e-10, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A loop that writes torch's weight_decay key directly (timm, DINO): torch's key is the source of truth
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["l2", "decoupled", "l1", "decoupled_l1"])
+def test_torch_key_written_by_a_loop_is_the_decay_applied_and_reported(mode: str) -> None:
+    """A DINO-style loop sets group["weight_decay"] every step. torch applies it to l2/decoupled groups; an L1 group
+    takes it as its L1 coefficient (torch's own key back to 0, so no L2 term is added); the monitor reports it."""
+    model = Net().double()
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode=mode)
+    settings = {name: (LR, 0.0, "none") for name, _ in model.named_parameters()}
+    settings["body.0.weight"] = settings["body.2.weight"] = settings["head.weight"] = (LR, WD, mode)
+    ref = ReferenceAdam.from_named(model.named_parameters(), settings)
+    template = copy.deepcopy(model)
+    schedule = [0.04 * (1 + step) for step in range(8)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for (x, y), wd in zip(batches(8, torch.float64), schedule):
+            optimizer.param_groups[0]["weight_decay"] = wd  # the "decay" group
+            ref.group_of("body.0.weight").weight_decay = wd
+            optimizer.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            optimizer.step()
+            ref.step(reference_grads(template, ref.params, x, y))
+            group = optimizer.param_groups[0]
+            assert group["decay_coefficient"] == wd
+            assert group["weight_decay"] == (wd if mode in ("l2", "decoupled") else 0.0)
+            if mode == "decoupled":
+                figures = lit_decay.group_stats(optimizer, metrics=["effective_decay"])
+                assert figures["effective_decay/decay"] == pytest.approx(LR * wd)
+    assert_matches_reference(model, optimizer, ref, atol=1e-10, rtol=1e-9)
+    messages = [str(w.message) for w in caught if "weight_decay=" in str(w.message)]
+    if mode in ("l1", "decoupled_l1"):
+        assert len(messages) == 1, messages  # said once, not every step
+        assert f"param group 'decay' (decay_mode='{mode}') was given torch's weight_decay=0.04" in messages[0]
+    else:
+        assert messages == []
+
+
+def test_coefficient_written_alone_moves_torch_key_and_a_none_group_given_torch_key_decays() -> None:
+    model = Net()
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode="l2")
+    decay, no_decay = optimizer.param_groups
+    x, y = batches(1, torch.float32)[0]
+    for _ in range(2):
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    decay["decay_coefficient"] = 0.3  # lit_decay's key only: torch's follows at the next step
+    no_decay["weight_decay"] = 0.2  # torch would apply it: the group says so
+    with pytest.warns(UserWarning, match=r"'no_decay' \(decay_mode='none'\).*weight_decay=0\.2.*makes it a 'l2' group"):
+        optimizer.step()
+    assert decay["weight_decay"] == 0.3 and decay["decay_coefficient"] == 0.3
+    assert no_decay["decay_mode"] == "l2" and no_decay["decay_coefficient"] == 0.2
+    rule = group_rule(optimizer, no_decay)
+    assert (rule.mode, rule.coefficient) == ("l2", 0.2)
+
+
+def test_group_rule_reads_torch_key_before_any_step() -> None:
+    """A hand-built optimizer over param_groups() has no hooks to reconcile the keys: the monitor reads torch's key,
+    which is what torch applies."""
+    groups = lit_decay.param_groups(Net(), weight_decay=WD, mode="decoupled")
+    optimizer = torch.optim.Adam(groups, lr=LR)
+    optimizer.param_groups[0]["weight_decay"] = 0.04
+    optimizer.param_groups[1]["weight_decay"] = 0.02
+    decoupled, none = (group_rule(optimizer, g) for g in optimizer.param_groups)
+    assert (decoupled.mode, decoupled.coefficient) == ("decoupled", 0.04)
+    assert (none.mode, none.coefficient) == ("l2", 0.02)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Copies of the optimizer keep the L1 penalty (torch copies no step hooks)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1"])
+def test_copied_optimizer_keeps_the_l1_penalty(mode: str, how: str) -> None:
+    model = Net().double()
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode=mode, overrides=overrides_for(mode))
+    data = batches(6, torch.float64)
+    for x, y in data[:2]:
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    # Model and optimizer copied together, as a training state is (the copy's groups hold the copied tensors).
+    if how == "deepcopy":
+        copied_model, copied = copy.deepcopy((model, optimizer))
+    else:
+        copied_model, copied = pickle.loads(pickle.dumps((model, optimizer)))
+    assert copied.param_groups[0]["params"][0] is copied_model.body[0].weight
+    ref = ReferenceAdam.from_named(model.named_parameters(), expected_settings("", mode))
+    for name, p in model.named_parameters():  # the reference continues from the copied state
+        ref.state[name] = ReferenceState(
+            int(optimizer.state[p]["step"]),
+            optimizer.state[p]["exp_avg"].double().clone(),
+            optimizer.state[p]["exp_avg_sq"].double().clone(),
+            torch.zeros_like(p, dtype=torch.float64),
+        )
+    template = copy.deepcopy(model)
+    for x, y in data[2:]:
+        copied.zero_grad()
+        F.mse_loss(copied_model(x), y).backward()
+        copied.step()
+        ref.step(reference_grads(template, ref.params, x, y))
+    assert is_attached(copied)
+    assert_matches_reference(copied_model, copied, ref, atol=1e-10, rtol=1e-9)
+    # Still one set of hooks on each: the original steps as before, the copy's terms are applied once.
+    assert len(optimizer._optimizer_step_pre_hooks) == len(copied._optimizer_step_pre_hooks) == 1
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -476,6 +700,39 @@ def test_complex_parameter_falls_back_or_refuses_fused() -> None:
         lit_decay.configure_adam(WithComplex(), fused=True)
 
 
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1"])
+def test_complex_parameter_in_an_l1_group_is_refused_up_front(mode: str) -> None:
+    with pytest.raises(ValueError, match=rf"parameter 'phase' is in an '{mode}' group but is complex.*complex64"):
+        lit_decay.configure_adam(WithComplex(), weight_decay=WD, mode=mode)
+    # The way out the message gives works: the complex tensor in another mode, the rest in the L1 mode.
+    optimizer = lit_decay.configure_adam(
+        WithComplex(), weight_decay=WD, mode=mode, overrides=[{"pattern": "phase", "mode": "decoupled"}]
+    )
+    assert [g["decay_mode"] for g in optimizer.param_groups] == [mode, "none", "decoupled"]
+
+
+class WithSparseEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(10, 4, sparse=True)
+        self.bag = nn.EmbeddingBag(10, 4, sparse=True)
+        self.out = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1", "decoupled"])
+def test_sparse_embedding_is_refused_up_front(mode: str) -> None:
+    """In an L1 group torch would fail inside the L1 hook at the first step ("add(sparse, dense) is not supported"),
+    elsewhere in Adam's step; configure_adam names the parameter before any step, whatever its group."""
+    with pytest.raises(ValueError, match=r"'tokens\.weight' gets sparse gradients \(Embedding\(sparse=True\)\)"):
+        lit_decay.configure_adam(WithSparseEmbedding(), weight_decay=WD, mode=mode)
+    model = WithSparseEmbedding()
+    model.tokens.sparse = False
+    with pytest.raises(ValueError, match=r"'bag\.weight'.*EmbeddingBag\(sparse=True\).*SparseAdam"):
+        lit_decay.configure_adam(model, weight_decay=WD, mode=mode, exclude_embeddings=True)
+    model.tokens.sparse = model.bag.sparse = False
+    assert lit_decay.configure_adam(model, weight_decay=WD, mode=mode).defaults["fused"] is True
+
+
 def test_scheduler_callable_and_lightning_config() -> None:
     built = lit_decay.configure_adam(Net(), scheduler=step_lr)
     assert set(built) == {"optimizer", "lr_scheduler"}
@@ -509,11 +766,38 @@ BAD_ARGUMENTS = [
     ({"betas": (0.9, math.nan)}, ValueError, r"betas\[1\]=nan"),
     ({"betas": (0.9,)}, ValueError, r"betas.*pair.*\(0\.9,\)"),
     ({"betas": 0.9}, ValueError, r"betas.*pair.*0\.9"),
+    ({"amsgrad": "no"}, TypeError, r"amsgrad must be True or False; got 'no' of type str"),
+    ({"amsgrad": 1}, TypeError, r"amsgrad must be True or False; got 1 of type int"),
+    ({"exclude_1d": "false"}, TypeError, r"exclude_1d must be True or False; got 'false'"),
+    ({"exclude_embeddings": None}, TypeError, r"exclude_embeddings must be True or False; got None"),
+    ({"lr": "0.1"}, TypeError, r"lr must be a finite number >= 0; got '0\.1' of type str"),
+    ({"betas": (np.float32(0.9), 1.0)}, ValueError, r"betas\[1\]=1\.0"),
     ({"fused": "yes"}, ValueError, r"fused='yes'"),
     ({"fused": 1.5}, ValueError, r"fused=1\.5"),
     ({"scheduler": 5}, TypeError, r"scheduler.*got 5"),
     ({"scheduler": {"interval": "step"}}, TypeError, r"scheduler.*'interval': 'step'"),
 ]
+
+
+def test_numpy_and_other_real_numbers_are_accepted() -> None:
+    """Hyperparameters often come from numpy (a sweep, a config): np.float32(0.9) is a valid beta."""
+    optimizer = lit_decay.configure_adam(
+        Net(),
+        lr=np.float32(0.01),
+        weight_decay=np.float64(0.1),
+        betas=(np.float32(0.9), np.float64(0.99)),
+        eps=Fraction(1, 10**8),
+        amsgrad=np.bool_(True),
+        exclude_1d=np.bool_(False),
+        overrides=[{"pattern": "head.*", "lr_scale": np.int64(2), "weight_decay": np.float32(0.5)}],
+    )
+    group = optimizer.param_groups[0]
+    assert type(group["lr"]) is float and group["lr"] == pytest.approx(0.01)
+    assert group["betas"] == pytest.approx((0.9, 0.99)) and all(type(b) is float for b in group["betas"])
+    assert group["amsgrad"] is True and group["decay_coefficient"] == pytest.approx(0.1)
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.02)
+    # exclude_1d=np.bool_(False) is False: biases and the LayerNorm stay out of decay by their own rules.
+    assert "body.0.bias" in optimizer.state_dict()["param_groups"][1]["param_names"]
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGUMENTS, ids=[str(k) for k, _, _ in BAD_ARGUMENTS])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -197,12 +198,108 @@ def test_resume_mid_schedule_continues_exactly(tmp_path: Path) -> None:
         assert coefficient == pytest.approx(expected) and torch_key == pytest.approx(expected)
 
 
+class WithHead(Net):
+    def configure_optimizers(self) -> Any:
+        head = {"pattern": "net.2.*", "name": "head", "weight_decay": 0.5}
+        return lit_decay.configure_adam(self, lr=self.lr, weight_decay=self.weight_decay, overrides=[head])
+
+
+def test_two_schedulers_in_one_trainer_each_keep_their_state(tmp_path: Path) -> None:
+    """Lightning refuses two stateful callbacks with one state_key; each scheduler's key comes from its arguments."""
+    body = lit_decay.WeightDecayScheduler("cosine", end_factor=0.0, groups=["decay"])
+    head = lit_decay.WeightDecayScheduler("linear", end_factor=2.0, groups=["head"])
+    assert body.state_key != head.state_key
+    assert body.state_key == lit_decay.WeightDecayScheduler("cosine", end_factor=0.0, groups=["decay"]).state_key
+    assert lit_decay.WeightDecayScheduler(math.sqrt).state_key == lit_decay.WeightDecayScheduler(math.sqrt).state_key
+    recorder = Recorder()
+    trainer = L.Trainer(
+        callbacks=[body, head, recorder],
+        logger=False,
+        max_epochs=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(WithHead(), loader())
+    total = BATCHES_PER_EPOCH
+    expected_body = [0.04 * schedule_factor("cosine", s, total, end_factor=0.0) for s in range(total)]
+    expected_head = [0.5 * schedule_factor("linear", s, total, end_factor=2.0) for s in range(total)]
+    assert [seen["decay"][0] for seen in recorder.seen] == pytest.approx(expected_body)
+    assert [seen["head"][0] for seen in recorder.seen] == pytest.approx(expected_head)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    states = torch.load(tmp_path / "two.ckpt", weights_only=True)["callbacks"]
+    assert states[body.state_key] == {"base": {"0/decay": 0.04}}
+    assert states[head.state_key] == {"base": {"0/head": 0.5}}
+
+
 def test_hand_built_optimizer_uses_torch_key() -> None:
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.2)
     written = lit_decay.WeightDecayScheduler("linear", end_factor=0.0, total_steps=3).apply([optimizer], 1)
     assert written == {"0/pg1": pytest.approx(0.1)}
     assert optimizer.param_groups[0]["weight_decay"] == pytest.approx(0.1)
+
+
+def test_apply_outside_lightning_timescale_epochs_and_run_length() -> None:
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.01, weight_decay=0.3)
+    # τ = 2 epochs of 50 steps: wd = 1 / (lr · τ_steps), not the optimizer's own 0.3.
+    written = lit_decay.WeightDecayScheduler(timescale_epochs=2.0, steps_per_epoch=50).apply([optimizer], 0)
+    assert written == {"0/pg1": pytest.approx(1.0 / (0.01 * 100))}
+    assert optimizer.param_groups[0]["weight_decay"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"timescale_epochs=2\.0 needs the optimizer steps per epoch.*steps_per_epoch"):
+        lit_decay.WeightDecayScheduler(timescale_epochs=2.0).apply([optimizer], 0)
+    for shape in ("linear", "cosine"):
+        with pytest.raises(ValueError, match=rf"schedule='{shape}' needs the run's length: pass total_steps="):
+            lit_decay.WeightDecayScheduler(shape, end_factor=0.0).apply([optimizer], 0)
+    # A constant shape (with warmup) needs no length.
+    warm = lit_decay.WeightDecayScheduler(warmup_steps=4)
+    assert warm.apply([optimizer], 1) == {"0/pg1": pytest.approx(1.0 * 0.25)}
+
+
+class TwoOptimizers(L.LightningModule):
+    """Manual optimization with two optimizers, each stepped once per batch (a GAN's generator and critic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.first = torch.nn.Linear(4, 4)
+        self.second = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(torch.nn.functional.cross_entropy(self.second(self.first(x)), y))
+            optimizer.step()
+
+    def configure_optimizers(self) -> Any:
+        return [
+            lit_decay.configure_adam(self.first, lr=0.01, weight_decay=0.04),
+            lit_decay.configure_adam(self.second, lr=0.01, weight_decay=0.04),
+        ]
+
+
+@pytest.mark.parametrize("limit", ["max_epochs", "max_steps"])
+def test_two_optimizers_in_manual_optimization_schedule_per_batch(tmp_path: Path, limit: str) -> None:
+    """global_step advances once per optimizer step, twice per batch here; the schedule must follow batches."""
+    recorder = Recorder()
+    length = {"max_epochs": 1} if limit == "max_epochs" else {"max_epochs": 5, "max_steps": 2 * BATCHES_PER_EPOCH}
+    trainer = L.Trainer(
+        callbacks=[lit_decay.WeightDecayScheduler("linear", end_factor=0.0), recorder],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **length,
+    )
+    trainer.fit(TwoOptimizers(), loader())
+    assert trainer.global_step == 2 * BATCHES_PER_EPOCH
+    total = BATCHES_PER_EPOCH
+    expected = [0.04 * schedule_factor("linear", s, total, end_factor=0.0) for s in range(total)]
+    assert [seen["decay"][0] for seen in recorder.seen] == pytest.approx(expected)
+    assert trainer.optimizers[1].param_groups[0]["decay_coefficient"] == pytest.approx(expected[-1])
 
 
 @pytest.mark.parametrize(
@@ -223,6 +320,13 @@ def test_hand_built_optimizer_uses_torch_key() -> None:
 def test_bad_arguments_name_the_value(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         lit_decay.WeightDecayScheduler(**kwargs)
+
+
+def test_numbers_from_numpy_and_non_booleans() -> None:
+    scheduler = lit_decay.WeightDecayScheduler(lambda step: np.float32(0.5), timescale_steps=np.float64(10.0))
+    assert scheduler.factor(3) == 0.5 and scheduler.timescale_steps == 10.0
+    with pytest.raises(TypeError, match=r"hold_timescale must be True or False; got 'yes'"):
+        lit_decay.WeightDecayScheduler(timescale_steps=10.0, hold_timescale="yes")
 
 
 def test_inconsistent_options_fail_at_fit_start(tmp_path: Path) -> None:
