@@ -123,6 +123,7 @@ class WeightDecayMonitor(Callback):
         if not optimizers:
             rank_zero_warn("WeightDecayMonitor: the model has no optimizer, so there is nothing to monitor.")
             return
+        self._release()  # a fit that ended without teardown must not leave a second set of hooks
         names = {id(p): clean_name(n) for n, p in pl_module.named_parameters()}
         self._statistics = StepStatistics(
             optimizers, metrics=self.metrics, per_parameter=self.per_parameter, parameter_names=names
@@ -135,7 +136,10 @@ class WeightDecayMonitor(Callback):
             for optimizer in optimizers:
                 self._progress_handles.append(optimizer.register_step_post_hook(self._count_progress))
         if self.audit:
-            self._audit(trainer, pl_module, optimizers)
+            try:
+                self._audit(trainer, pl_module, optimizers)
+            except Exception as error:  # the audit only comments on a run: it must never be what stops it
+                rank_zero_warn(f"WeightDecayMonitor audit could not run ({type(error).__name__}: {error}); skipped.")
         if trainer.is_global_zero:
             self._write_tensorboard_extras(trainer, optimizers)
 
@@ -167,9 +171,11 @@ class WeightDecayMonitor(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning skips the callbacks' teardown when fit raises: without this the hooks stay on the optimizers.
         self._release()
+        self._progress_restored = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
+        self._progress_restored = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"warned_nonfinite": sorted(self._warned_nonfinite), "decay_progress": self._progress.state_dict()}
