@@ -22,6 +22,7 @@ from lit_decay.diagnostics import DECOUPLED, DecayProgress, peak_lr, timescale_w
 from lit_decay.optim import report_of
 from lit_decay.penalties import is_attached
 from lit_decay.rules import RULE_BIAS, RULE_NORMALIZATION, clean_name, place_parameters
+from lit_decay.schedule import WeightDecayScheduler
 from lit_decay.stats import L1_MODES, METRICS, StepStatistics, check_metrics, group_names, group_rule
 from lit_decay.tensorboard import custom_scalars_layout, group_values, grouping_markdown
 
@@ -272,9 +273,7 @@ class WeightDecayMonitor(Callback):
     def _audit_timescales(self, trainer: pl.Trainer, optimizers: Sequence[Optimizer]) -> None:
         """Warn for each decoupled group whose τ = 1/(lr·wd), at the schedule's peak lr, exceeds the whole run."""
         run_steps = _run_length(trainer)
-        if run_steps is None or any(
-            type(c).__name__ == "WeightDecayScheduler" for c in getattr(trainer, "callbacks", ())
-        ):
+        if run_steps is None or any(isinstance(c, WeightDecayScheduler) for c in getattr(trainer, "callbacks", ())):
             # Unknown length, or a scheduler that rewrites wd at every step: the coefficient now says nothing.
             return
         for index, (optimizer, names) in enumerate(zip(optimizers, group_names(optimizers))):

@@ -914,3 +914,20 @@ def test_group_name_with_a_slash(tmp_path: Path) -> None:
     (regex,) = chart.multiline.tag
     matched = {t for t in tags if re.search(regex, t)}
     assert matched == {"decay/weight_norm/decay", "decay/weight_norm/no_decay", "decay/weight_norm/enc/dec"}
+
+
+def test_audit_leaves_timescales_to_a_weight_decay_scheduler(tmp_path: Path) -> None:
+    # the scheduler rewrites wd = 1/(lr·τ) before every step: the coefficient at fit start says nothing
+    make = lambda m: lit_decay.configure_adam(m, lr=0.01, weight_decay=0.1, mode="decoupled")  # noqa: E731
+    trainer = L.Trainer(
+        max_steps=6,
+        logger=CSVLogger(tmp_path),
+        callbacks=[WeightDecayMonitor(), lit_decay.WeightDecayScheduler(timescale_steps=2)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(Net(make))
+    assert audit_messages(record, timescales=True) == []
