@@ -6,7 +6,13 @@ What it shows, in the three steps a Lightning user takes:
    CPU and GPU) whose "decay" group holds the Linear weights and whose "no_decay" group holds the biases and the
    BatchNorm parameters. The grouping summary is printed when training starts.
 2. ``lit_decay.WeightDecayMonitor()`` in the Trainer's callbacks logs per-group weight norms, gradient norms, update
-   ratios and the effective decay under ``decay/...``.
+   ratios, the effective decay, the rotational equilibrium and the decay progress under ``decay/...``.
+
+The decay is set so that it acts within the run: τ = 1/(lr·wd) = 1/(3e-3 × 2) ≈ 170 optimizer steps, under half of
+the 440 steps of 20 epochs, for 1.4 points of validation accuracy (0.964 against 0.978 with wd = 0.05, whose
+τ ≈ 6,700 steps would leave the decay barely begun; the monitor's audit warns about such a setting).
+``decay/decay_progress/decay`` ends at 440/167 ≈ 2.6 e-folds, and ``decay/equilibrium/decay`` shows how close the
+decayed weights are to rotational equilibrium (docs/monitoring.md).
 3. ``tensorboard --logdir runs`` shows them next to the training loss and the validation accuracy.
 
 The data is scikit-learn's 8×8 handwritten digits (bundled with scikit-learn, no download): 80 % for training, 20 %
@@ -42,9 +48,7 @@ from examples.models import MLP
 class DigitClassifier(L.LightningModule):
     """``MLP`` on flattened 8×8 digits, trained with Adam and decoupled weight decay (AdamW's rule)."""
 
-    def __init__(
-        self, hidden: int = 128, lr: float = 3e-3, weight_decay: float = 0.05, mode: str = "decoupled"
-    ) -> None:
+    def __init__(self, hidden: int = 128, lr: float = 3e-3, weight_decay: float = 2.0, mode: str = "decoupled") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = MLP(in_features=64, hidden=hidden, num_classes=10)
@@ -79,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
+    # τ = 1/(lr·wd) ≈ 170 steps, 0.38 of the default run's 440 steps: long enough for the decay to act
+    # (Wang & Aitchison, 2024). With wd=0.05, τ ≈ 6,700 steps and the decay would barely have begun.
+    parser.add_argument("--weight-decay", type=float, default=2.0)
     parser.add_argument("--mode", default="decoupled", choices=lit_decay.MODES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")

@@ -18,10 +18,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
 from lit_decay._tensors import is_dtensor
+from lit_decay.diagnostics import DECOUPLED, DecayProgress, peak_lr, timescale_warning
 from lit_decay.optim import report_of
 from lit_decay.penalties import is_attached
 from lit_decay.rules import RULE_BIAS, RULE_NORMALIZATION, clean_name, place_parameters
-from lit_decay.stats import L1_MODES, METRICS, StepStatistics, check_metrics, group_rule
+from lit_decay.schedule import WeightDecayScheduler
+from lit_decay.stats import L1_MODES, METRICS, StepStatistics, check_metrics, group_names, group_rule
 from lit_decay.tensorboard import custom_scalars_layout, group_values, grouping_markdown
 
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")
@@ -30,20 +32,23 @@ NONFINITE_ACTIONS = ("warn", "raise", "ignore")
 class WeightDecayMonitor(Callback):
     r"""Log per-group weight norms, gradient norms, update ratios and the effective decay to the Trainer's loggers.
 
-    Tags are ``{prefix}/{metric}/{group}`` (group: the param group's ``"name"``, else ``pg1``, ``pg2``...), logged at
-    ``trainer.global_step`` on logging steps, from figures taken right after the optimizer step. A step that does not
-    log costs nothing; one that does moves its figures to the host once. With a ``TensorBoardLogger`` it also writes a
-    custom-scalars layout (one chart per metric, all groups in it) and the grouping table as text.
+    Tags are ``{prefix}/{metric}/{group}`` (group: the param group's ``"name"``, else ``pg1``, ``pg2``...), logged on
+    the batches and at the step values on which Lightning logs the user's own ``self.log`` metrics, from figures taken
+    right after the optimizer step. A step that does not log costs nothing; one that does moves its figures to the
+    host once. With a ``TensorBoardLogger`` it also writes a custom-scalars layout (one chart per metric, all groups in
+    it) and the grouping table as text.
 
     Args:
         log_every_n_steps: log every this many optimizer steps; None follows ``Trainer(log_every_n_steps=...)``.
         metrics: which of ``weight_norm``, ``grad_norm``, ``update_ratio``, ``effective_decay``,
-            ``decay_timescale``, ``sparsity`` to log; None for all.
+            ``decay_timescale``, ``sparsity``, ``equilibrium``, ``decay_progress`` to log; None for all.
         prefix: the first part of every tag.
-        per_parameter: also log ``{prefix}/{metric}/{group}/{param}`` for weight_norm, grad_norm and update_ratio.
+        per_parameter: also log ``{prefix}/{metric}/{group}/{param}`` for weight_norm, grad_norm, update_ratio and
+            equilibrium.
         histograms: with a TensorBoard logger, also write per-group weight histograms (an extra transfer).
         audit: at fit start, warn when a hand-built optimizer decays norm or bias parameters, asks for an L1 mode
-            nobody applies, or misses trainable parameters.
+            nobody applies, or misses trainable parameters, and when a decoupled group's decay timescale
+            τ = 1/(lr·wd) is longer than the whole run.
         on_nonfinite: ``"warn"`` once per group, ``"raise"`` to stop training, or ``"ignore"``.
 
     Example::
@@ -88,6 +93,21 @@ class WeightDecayMonitor(Callback):
         self.on_nonfinite = on_nonfinite
         self._warned_nonfinite: set[str] = set()
         self._statistics: StepStatistics | None = None
+        self._progress = DecayProgress()
+        self._progress_restored = False
+        self._progress_handles: list[Any] = []
+
+    @property
+    def state_key(self) -> str:
+        # Derived from the arguments, as ModelCheckpoint's is, so that two monitors (a cheap one beside a
+        # histogram one) can share a Trainer and each keeps its own state in checkpoints.
+        return self._generate_state_key(
+            log_every_n_steps=self.log_every_n_steps,
+            metrics=list(self.metrics),
+            prefix=self.prefix,
+            per_parameter=self.per_parameter,
+            histograms=self.histograms,
+        )
 
     # ---- Lightning hooks -------------------------------------------------------------------------------------------
 
@@ -104,13 +124,23 @@ class WeightDecayMonitor(Callback):
         if not optimizers:
             rank_zero_warn("WeightDecayMonitor: the model has no optimizer, so there is nothing to monitor.")
             return
+        self._release()  # a fit that ended without teardown must not leave a second set of hooks
         names = {id(p): clean_name(n) for n, p in pl_module.named_parameters()}
         self._statistics = StepStatistics(
             optimizers, metrics=self.metrics, per_parameter=self.per_parameter, parameter_names=names
         )
         self._statistics.attach()
+        if not self._progress_restored:
+            self._progress = DecayProgress()
+        self._progress_restored = False
+        if "decay_progress" in self.metrics:
+            for optimizer in optimizers:
+                self._progress_handles.append(optimizer.register_step_post_hook(self._count_progress))
         if self.audit:
-            self._audit(pl_module, optimizers)
+            try:
+                self._audit(trainer, pl_module, optimizers)
+            except Exception as error:  # the audit only comments on a run: it must never be what stops it
+                rank_zero_warn(f"WeightDecayMonitor audit could not run ({type(error).__name__}: {error}); skipped.")
         if trainer.is_global_zero:
             self._write_tensorboard_extras(trainer, optimizers)
 
@@ -128,7 +158,10 @@ class WeightDecayMonitor(Callback):
         figures = self._statistics.collect()
         if not figures:
             return
-        step = trainer.global_step
+        if "decay_progress" in self.metrics:
+            figures.update({f"decay_progress/{name}": total for name, total in self._progress.figures().items()})
+        # The step value Lightning gives the user's metrics of this batch (its LoggerConnector's default).
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         tagged = {f"{self.prefix}/{key}": value for key, value in figures.items()}
         for logger in trainer.loggers:
             logger.log_metrics(tagged, step=step)
@@ -136,28 +169,56 @@ class WeightDecayMonitor(Callback):
             self._write_histograms(trainer, step)
         self._check_finite(figures, step)
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning skips the callbacks' teardown when fit raises: without this the hooks stay on the optimizers.
+        self._release()
+        self._progress_restored = False
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._statistics is not None:
-            self._statistics.detach()
-        self._statistics = None
+        self._release()
+        self._progress_restored = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"warned_nonfinite": sorted(self._warned_nonfinite)}
+        return {"warned_nonfinite": sorted(self._warned_nonfinite), "decay_progress": self._progress.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._warned_nonfinite = set(state_dict.get("warned_nonfinite", ()))
+        # Lightning restores callbacks before or after on_fit_start (depending on the strategy): either way the
+        # restored sums are what the counting continues from.
+        self._progress = DecayProgress.from_state(state_dict.get("decay_progress", {}))
+        self._progress_restored = True
 
     # ---- helpers ---------------------------------------------------------------------------------------------------
 
-    def _is_logging_batch(self, trainer: pl.Trainer) -> bool:
-        every = self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50)
-        if not every:
-            return False
-        # The same count Lightning's own logging uses, so our figures land on the steps the user's metrics do.
-        stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
-        return (stepped + 1) % every == 0
+    def _release(self) -> None:
+        """Remove every hook this monitor put on the optimizers and drop what it was measuring."""
+        if self._statistics is not None:
+            self._statistics.detach()
+        self._statistics = None
+        for handle in self._progress_handles:
+            handle.remove()
+        self._progress_handles.clear()
 
-    def _audit(self, pl_module: pl.LightningModule, optimizers: Sequence[Optimizer]) -> None:
+    def _count_progress(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """Every optimizer step: add each decoupled group's lr·wd to its decay progress (host floats only)."""
+        if self._statistics is None:
+            return
+        for index, known in enumerate(self._statistics.optimizers):
+            if known is optimizer:
+                for name, group in zip(self._statistics.names[index], optimizer.param_groups):
+                    rule = group_rule(optimizer, group)
+                    if rule.mode == DECOUPLED:
+                        self._progress.add(name, group["lr"], rule.coefficient)
+
+    def _is_logging_batch(self, trainer: pl.Trainer) -> bool:
+        if self.log_every_n_steps is None:
+            # Lightning's own decision for the user's metrics of this batch, so the two always log together.
+            return bool(trainer._logger_connector.should_update_logs)
+        # Our own interval, on the counter Lightning's decision uses (one per batch, whatever the optimizers).
+        stepped = trainer.fit_loop.epoch_loop._batches_that_stepped
+        return (stepped + 1) % self.log_every_n_steps == 0 or bool(trainer.should_stop)
+
+    def _audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizers: Sequence[Optimizer]) -> None:
         in_optimizers = {id(p) for optimizer in optimizers for g in optimizer.param_groups for p in g["params"]}
         missing = [
             clean_name(n) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_optimizers
@@ -167,10 +228,18 @@ class WeightDecayMonitor(Callback):
                 f"WeightDecayMonitor audit: {len(missing)} trainable parameter(s) are in no optimizer and will not be "
                 f"trained: {_listing(missing)}. Freeze them (requires_grad=False) or add them to an optimizer."
             )
-        placements = {id(p.tensor): p for p in place_parameters(pl_module)[0]}
+        try:
+            placements = {id(p.tensor): p for p in place_parameters(pl_module)[0]}
+        except ValueError as error:
+            # e.g. a lazy module before its first forward: the audit only comments, it must not stop the run.
+            placements = None
+            rank_zero_warn(
+                f"WeightDecayMonitor audit: could not check which parameters are normalization or bias parameters "
+                f"({error}); that part of the audit is skipped."
+            )
         for index, optimizer in enumerate(optimizers):
             label = f"optimizer {index} ({type(optimizer).__name__})"
-            if report_of(optimizer) is None:
+            if report_of(optimizer) is None and placements is not None:
                 decayed = [
                     f"{placement.name} ({placement.reason})"
                     for group in optimizer.param_groups
@@ -199,6 +268,23 @@ class WeightDecayMonitor(Callback):
                         "but torch applies no L1 term by itself and none is attached, so these groups get no decay at "
                         "all. Build the optimizer with lit_decay.configure_adam(...), which attaches it."
                     )
+        self._audit_timescales(trainer, optimizers)
+
+    def _audit_timescales(self, trainer: pl.Trainer, optimizers: Sequence[Optimizer]) -> None:
+        """Warn for each decoupled group whose τ = 1/(lr·wd), at the schedule's peak lr, exceeds the whole run."""
+        run_steps = _run_length(trainer)
+        if run_steps is None or any(isinstance(c, WeightDecayScheduler) for c in getattr(trainer, "callbacks", ())):
+            # Unknown length, or a scheduler that rewrites wd at every step: the coefficient now says nothing.
+            return
+        for index, (optimizer, names) in enumerate(zip(optimizers, group_names(optimizers))):
+            for name, group in zip(names, optimizer.param_groups):
+                rule = group_rule(optimizer, group)
+                if rule.mode != DECOUPLED:
+                    continue
+                label = f"optimizer {index} ({type(optimizer).__name__}) group {name!r}"
+                message = timescale_warning(label, peak_lr(group), rule.coefficient, run_steps)
+                if message is not None:
+                    rank_zero_warn(message)
 
     def _tensorboard_loggers(self, trainer: pl.Trainer) -> list[TensorBoardLogger]:
         return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
@@ -207,8 +293,9 @@ class WeightDecayMonitor(Callback):
         loggers = self._tensorboard_loggers(trainer)
         if not loggers or self._statistics is None:
             return
-        layout = custom_scalars_layout(self.prefix, [m for m in METRICS if m in self.metrics])
-        text = grouping_markdown(optimizers, self._statistics.names)
+        groups = [name for names in self._statistics.names for name in names]
+        layout = custom_scalars_layout(self.prefix, [m for m in METRICS if m in self.metrics], groups)
+        text = grouping_markdown(optimizers, self._statistics.names, run_steps=_run_length(trainer))
         for logger in loggers:
             logger.experiment.add_custom_scalars(layout)
             logger.experiment.add_text(f"{self.prefix}/grouping", text, global_step=trainer.global_step)
@@ -228,18 +315,40 @@ class WeightDecayMonitor(Callback):
                     logger.experiment.add_histogram(f"{self.prefix}/histogram/{name}", values, global_step=step)
 
     def _check_finite(self, figures: dict[str, float], step: int) -> None:
-        if self.on_nonfinite == "ignore":
+        if self.on_nonfinite == "ignore" or self._statistics is None:
             return
+        groups = [name for names in self._statistics.names for name in names]
         for key, value in figures.items():
             if math.isfinite(value):
                 continue
-            metric, group = key.split("/")[:2]
+            metric, group = _split_key(key, groups)
             message = f"WeightDecayMonitor: {metric} of group {group!r} is {value} at step {step}"
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(message + " (on_nonfinite='raise')")
             if group not in self._warned_nonfinite:
                 self._warned_nonfinite.add(group)
                 rank_zero_warn(message + "; further non-finite figures of this group are logged without a warning.")
+
+
+def _split_key(key: str, groups: Sequence[str]) -> tuple[str, str]:
+    """(metric, group) of a figure's key ``{metric}/{group}[/{param}]``, where a group's name may hold "/" itself.
+
+    Examples:
+        >>> _split_key("update_ratio/enc/dec/w", ["enc", "enc/dec"])
+        ('update_ratio', 'enc/dec')
+    """
+    metric, rest = key.split("/", 1)
+    owners = [g for g in groups if rest == g or rest.startswith(g + "/")]
+    return metric, max(owners, key=len) if owners else rest.split("/")[0]
+
+
+def _run_length(trainer: pl.Trainer) -> float | None:
+    """The run's optimizer steps per optimizer (Lightning's estimate), or None when it is not known or infinite."""
+    try:
+        steps = float(trainer.estimated_stepping_batches)
+    except Exception:  # no dataloader length yet, an iterable dataset, or a stand-in trainer
+        return None
+    return steps if math.isfinite(steps) and steps > 0 else None
 
 
 def _listing(items: Sequence[str], limit: int = 10) -> str:

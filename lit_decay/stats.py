@@ -6,7 +6,11 @@ For each param group, right after ``optimizer.step()``:
   groups it includes the penalty's ``wd·sign(w)``, since that is what Adam was given),
 - ``update_ratio`` ‖Δw‖₂/‖w‖₂,
 - ``effective_decay`` d = −⟨Δw_reg, w⟩/‖w‖², the fraction of the weight norm the penalty removes per step,
-- ``decay_timescale`` 1/d in steps (absent when d = 0), and ``sparsity`` (L1 groups).
+- ``decay_timescale`` 1/d in steps (absent when d = 0), and ``sparsity`` (L1 groups),
+- ``equilibrium``: ``update_ratio`` over its value at rotational equilibrium (``lit_decay.diagnostics``), for
+  ``decoupled`` groups of Adam/AdamW and SGD groups with plain momentum.
+
+``decay_progress`` (Σ η·λ over all steps so far) is a count across steps, kept by ``WeightDecayMonitor``.
 
 Every figure of a tensor comes from one pass that reads its weights, gradient and Adam moments once (a compiled
 kernel for large tensors), the update is read from Adam's state rather than from a copy of the weights, and all
@@ -28,6 +32,7 @@ from torch.optim import Optimizer
 
 from lit_decay._compile import compiled_or_eager, wants_compiled
 from lit_decay._tensors import is_dtensor, local
+from lit_decay.diagnostics import equilibrium_factor
 from lit_decay.modes import TORCH_APPLIED
 from lit_decay.penalties import is_attached, observe_proximal_step
 
@@ -38,8 +43,12 @@ METRICS: tuple[str, ...] = (
     "effective_decay",
     "decay_timescale",
     "sparsity",
+    "equilibrium",
+    "decay_progress",
 )
-PER_PARAMETER_METRICS: tuple[str, ...] = ("weight_norm", "grad_norm", "update_ratio")
+PER_PARAMETER_METRICS: tuple[str, ...] = ("weight_norm", "grad_norm", "update_ratio", "equilibrium")
+# Counted by the monitor at every optimizer step (lit_decay.diagnostics.DecayProgress), not measured on logging steps.
+COUNTED_METRICS = frozenset({"decay_progress"})
 L1_MODES = frozenset({"l1", "decoupled_l1"})
 
 # What the penalty term of a group is, for the effective-decay formula (see `Rule`).
@@ -70,7 +79,8 @@ def check_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
 
 def group_names(optimizers: Sequence[Optimizer]) -> list[list[str]]:
     """Tag names of every group: its ``"name"`` key, else ``pg1``, ``pg2``... as Lightning's LearningRateMonitor
-    names them; a name seen before gets ``-1``, ``-2``... so several optimizers never share a tag.
+    names them; a name seen before gets the first free ``-1``, ``-2``... (never one that another group is named),
+    so several optimizers never share a tag.
 
     Examples:
         >>> a = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "name": "decay"}], lr=0.1)
@@ -78,16 +88,23 @@ def group_names(optimizers: Sequence[Optimizer]) -> list[list[str]]:
         >>> group_names([a, b, a])
         [['decay'], ['pg1'], ['decay-1']]
     """
-    seen: dict[str, int] = defaultdict(int)
+    bases = [
+        [str(group.get("name", f"pg{index + 1}")) for index, group in enumerate(optimizer.param_groups)]
+        for optimizer in optimizers
+    ]
+    reserved = {base for current in bases for base in current}
+    used: set[str] = set()
     names: list[list[str]] = []
-    for optimizer in optimizers:
-        current = []
-        for index, group in enumerate(optimizer.param_groups):
-            base = str(group.get("name", f"pg{index + 1}"))
-            count = seen[base]
-            seen[base] += 1
-            current.append(base if count == 0 else f"{base}-{count}")
-        names.append(current)
+    for current in bases:
+        tagged = []
+        for base in current:
+            name, suffix = base, 0
+            while name in used or (suffix and name in reserved):
+                suffix += 1
+                name = f"{base}-{suffix}"
+            used.add(name)
+            tagged.append(name)
+        names.append(tagged)
     return names
 
 
@@ -507,18 +524,30 @@ class StepStatistics:
     def _figures(self, pending: _Pending, table: list[list[float]]) -> dict[str, float]:
         figures: dict[str, float] = {}
         wanted = set(self.metrics)
+        factors = self._equilibrium_factors()
         for name, rule, lr_ref, numel, has_update, rows, param_names in pending.groups:
             lr = table[lr_ref][0] if isinstance(lr_ref, int) else lr_ref
             total = [sum(table[r][c] for r in rows) for c in range(5)]
-            group_figures = _figures_of(total, rule, lr, numel, has_update)
+            factor = factors.get(name)
+            group_figures = _figures_of(total, rule, lr, numel, has_update, factor)
             figures.update({f"{metric}/{name}": value for metric, value in group_figures.items() if metric in wanted})
             if self.per_parameter:
                 for row, param_name in zip(rows, param_names):
-                    single = _figures_of(table[row], rule, lr, 0, has_update)
+                    single = _figures_of(table[row], rule, lr, 0, has_update, factor)
                     for metric in PER_PARAMETER_METRICS:
                         if metric in wanted and metric in single:
                             figures[f"{metric}/{name}/{param_name}"] = single[metric]
         return figures
+
+    def _equilibrium_factors(self) -> dict[str, float | None]:
+        """Each group's equilibrium factor (``lit_decay.diagnostics.equilibrium_factor``), from its host-side keys."""
+        if "equilibrium" not in self.metrics:
+            return {}
+        return {
+            name: equilibrium_factor(optimizer, group, group_rule(optimizer, group).mode)
+            for optimizer, names in zip(self.optimizers, self.names)
+            for name, group in zip(names, optimizer.param_groups)
+        }
 
 
 def to_host(table: torch.Tensor) -> list[list[float]]:
@@ -532,11 +561,22 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator
 
 
-def _figures_of(sums: Sequence[float], rule: Rule, lr: float, numel: int, has_update: bool) -> dict[str, float]:
+def _figures_of(
+    sums: Sequence[float],
+    rule: Rule,
+    lr: float,
+    numel: int,
+    has_update: bool,
+    equilibrium_constant: float | None = None,
+) -> dict[str, float]:
     w2, g2, d2, reg, zeros = sums
     figures = {"weight_norm": math.sqrt(w2), "grad_norm": math.sqrt(g2)}
     if has_update:
         figures["update_ratio"] = _ratio(math.sqrt(d2), math.sqrt(w2))
+        # Rotational equilibrium: the update ratio over √(c·η·λ), its value at equilibrium (Kosson et al., 2024).
+        if equilibrium_constant is not None and lr * rule.coefficient > 0:
+            predicted = math.sqrt(equilibrium_constant * lr * rule.coefficient)
+            figures["equilibrium"] = figures["update_ratio"] / predicted
     decay = lr * rule.coefficient
     effective: float | None
     if rule.kind == _NONE:

@@ -7,62 +7,94 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from lit_decay._tensors import is_dtensor, local
+from lit_decay.diagnostics import DECOUPLED, peak_lr, timescale_cells
 from lit_decay.optim import describe_implementation, report_of
 from lit_decay.stats import group_rule
 
 
-def custom_scalars_layout(prefix: str, metrics: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
+def custom_scalars_layout(
+    prefix: str, metrics: Sequence[str], groups: Sequence[str] | None = None
+) -> dict[str, dict[str, list[Any]]]:
     """TensorBoard's custom-scalars layout: one chart per metric with every group overlaid (tags matched by regex).
+
+    With ``groups``, each chart matches exactly those group tags, so a group whose name holds "/" is charted too
+    (and a per-parameter tag never is); without, any one-segment group name.
 
     Examples:
         >>> custom_scalars_layout("decay", ["weight_norm"])
         {'decay': {'weight_norm': ['Multiline', ['^decay/weight_norm/[^/]+$']]}}
+        >>> custom_scalars_layout("decay", ["weight_norm"], ["decay", "enc/dec"])
+        {'decay': {'weight_norm': ['Multiline', ['^decay/weight_norm/(decay|enc/dec)$']]}}
     """
-    return {prefix: {metric: ["Multiline", [f"^{re.escape(prefix)}/{re.escape(metric)}/[^/]+$"]] for metric in metrics}}
+    tail = "[^/]+" if groups is None else "(" + "|".join(re.escape(g) for g in groups) + ")"
+    return {
+        prefix: {metric: ["Multiline", [f"^{re.escape(prefix)}/{re.escape(metric)}/{tail}$"]] for metric in metrics}
+    }
 
 
-def grouping_markdown(optimizers: Sequence[Optimizer], names: Sequence[Sequence[str]]) -> str:
+def grouping_markdown(
+    optimizers: Sequence[Optimizer], names: Sequence[Sequence[str]], *, run_steps: float | None = None
+) -> str:
     """The grouping of every optimizer as markdown: lit_decay's full report where ``configure_adam`` built the
-    optimizer, else a table of its groups.
+    optimizer, else a table of its groups; then each decoupled group's decay timescale τ = 1/(lr·wd) at the peak lr,
+    and τ over the run's length (``run_steps``, where known).
 
     Examples:
         >>> opt = torch.optim.AdamW([torch.zeros(3, requires_grad=True)], weight_decay=0.01)
-        >>> print(grouping_markdown([opt], [["pg1"]]))
+        >>> print(grouping_markdown([opt], [["pg1"]], run_steps=200_000))
         **optimizer 0: AdamW** (for-loop)
         <BLANKLINE>
-        | group | mode | coefficient | lr | tensors | elements |
-        |---|---|---|---|---|---|
-        | pg1 | decoupled | 0.01 | 0.001 | 1 | 3 |
+        | group | mode | coefficient | lr | tensors | elements | τ (steps) | τ / run |
+        |---|---|---|---|---|---|---|---|
+        | pg1 | decoupled | 0.01 | 0.001 | 1 | 3 | 100,000 | 0.5 |
     """
     parts = []
     for index, (optimizer, group_names) in enumerate(zip(optimizers, names)):
         report = report_of(optimizer)
+        header = f"**optimizer {index}: {type(optimizer).__name__}**"
         if report is not None:
-            parts.append(f"**optimizer {index}: {type(optimizer).__name__}**\n\n{report.to_markdown()}")
+            parts.append(f"{header}\n\n{report.to_markdown()}\n\n{_timescale_table(optimizer, group_names, run_steps)}")
             continue
         lines = [
-            f"**optimizer {index}: {type(optimizer).__name__}** ({describe_implementation(optimizer)})",
+            f"{header} ({describe_implementation(optimizer)})",
             "",
-            "| group | mode | coefficient | lr | tensors | elements |",
-            "|---|---|---|---|---|---|",
+            "| group | mode | coefficient | lr | tensors | elements | τ (steps) | τ / run |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, group in zip(group_names, optimizer.param_groups):
             rule = group_rule(optimizer, group)
-            elements = sum(p.numel() for p in group["params"])
+            lazy = any(is_lazy(p) for p in group["params"])
+            elements = "?" if lazy else f"{sum(p.numel() for p in group['params']):,}"
             cells = (
                 name,
                 rule.mode,
                 f"{rule.coefficient:g}",
                 f"{float(group['lr']):g}",
                 len(group["params"]),
-                f"{elements:,}",
+                elements,
+                *_timescale_of(optimizer, group, run_steps),
             )
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def _timescale_of(optimizer: Optimizer, group: Mapping[str, Any], run_steps: float | None) -> tuple[str, str]:
+    rule = group_rule(optimizer, group)
+    if rule.mode != DECOUPLED:
+        return "–", "–"
+    return timescale_cells(peak_lr(group), rule.coefficient, run_steps)
+
+
+def _timescale_table(optimizer: Optimizer, group_names: Sequence[str], run_steps: float | None) -> str:
+    lines = ["| group | τ = 1/(lr·wd) (steps) | τ / run |", "|---|---|---|"]
+    for name, group in zip(group_names, optimizer.param_groups):
+        lines.append("| " + " | ".join((name, *_timescale_of(optimizer, group, run_steps))) + " |")
+    return "\n".join(lines)
 
 
 def group_values(group: Mapping[str, Any]) -> torch.Tensor:

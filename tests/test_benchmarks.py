@@ -198,8 +198,9 @@ def test_monitor_smoke_prints_both_tables(smoke: dict[str, dict[str, Any]], timi
     ]
     assert all(row["overhead"][0] in "+-" and "%" in row["overhead"] for row in overhead)
     assert all(row["target"].startswith("≤ 1%") for row in overhead[:3])
-    # The timed fits really ran the monitor: with 8 steps logging every 3, the CSV logger got figures at 3 and 6.
-    assert "The monitor logged at steps 3, 6 of the last fit" in run["stdout"]
+    # The timed fits really ran the monitor: with 8 steps logging every 3, the CSV logger got figures at the step
+    # values Lightning gives the user's metrics of those batches, 2 and 5.
+    assert "The monitor logged at steps 2, 5 of the last fit" in run["stdout"]
     assert "2 of them are logging steps" in run["stdout"]
 
 

@@ -33,7 +33,7 @@ import lit_decay
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed" / "fit_run.py"
 RUN_TIMEOUT_S = 240
-BETA2, EPS = 0.999, 1e-8  # configure_adam's defaults
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # configure_adam's defaults
 PREFIX = "decay"
 
 _spec = importlib.util.spec_from_file_location("lit_decay_fit_run", SCRIPT)
@@ -77,7 +77,8 @@ FSDP2_CONFIG: dict[str, Any] = {
         ],
     },
 }
-LOGGED_STEPS = [2, 4]
+# 4 steps logging every 2: the step values Lightning gives the user's metrics of batches 1 and 3
+LOGGED_STEPS = [1, 3]
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -314,12 +315,20 @@ def expected_figures(config: dict[str, Any], saved: dict[str, Any]) -> dict[str,
         figures[f"weight_norm/{name}"] = math.sqrt(w2)
         figures[f"grad_norm/{name}"] = math.sqrt(g2)
         figures[f"update_ratio/{name}"] = math.sqrt(d2) / math.sqrt(w2)
+        # rotational equilibrium (Kosson, Messmer & Jaggi, 2024) and Σ lr·wd over the steps, for decoupled groups
+        equilibrium = math.sqrt(2 * lr * wd * (1 - BETA1) / (1 + BETA1)) if mode == "decoupled" and wd else None
+        if equilibrium:
+            figures[f"equilibrium/{name}"] = figures[f"update_ratio/{name}"] / equilibrium
+        if mode == "decoupled":
+            figures[f"decay_progress/{name}"] = int(config["steps"]) * lr * wd
         if config.get("per_parameter"):
             for n in names:
                 pw2, pg2, pd2 = sums([n])
                 figures[f"weight_norm/{name}/{n}"] = math.sqrt(pw2)
                 figures[f"grad_norm/{name}/{n}"] = math.sqrt(pg2)
                 figures[f"update_ratio/{name}/{n}"] = math.sqrt(pd2) / math.sqrt(pw2)
+                if equilibrium:
+                    figures[f"equilibrium/{name}/{n}"] = figures[f"update_ratio/{name}/{n}"] / equilibrium
 
         def denominator(n: str) -> torch.Tensor:
             state = saved["state"][n]
@@ -394,7 +403,7 @@ def test_ddp_figures_match_single_process_at_last_step(ddp: dict[str, Any]) -> N
     assert {k.split("/")[-1] for k in expected} == {"decay", "mid", "head", "no_decay"}
     assert expected[f"{PREFIX}/effective_decay/mid"] == pytest.approx(0.01 * 0.2)
     last = LOGGED_STEPS[-1]
-    assert ddp[0]["step"] == last
+    assert ddp[0]["step"] == last + 1  # the global step after the last batch's step
     assert_figures(at_step(tensorboard_scalars(ddp["outdir"]), last), expected, "TensorBoard")
     assert_figures(at_step(csv_scalars(ddp["outdir"]), last), expected, "CSV")
     for rank in (0, 1):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
+from lightning.pytorch.loggers import CSVLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lit_decay
@@ -55,17 +58,22 @@ def test_quickstart_logs_decay_figures_and_prints_how_to_open_them(tmp_path: Pat
     assert set(logged) >= DECAY_TAGS
     assert {"train/loss", "val/loss", "val/acc"} <= set(logged)
     assert not any("sparsity" in tag for tag in logged)  # decoupled mode: no L1 group
-    # Decoupled decay removes exactly lr·wd of the weight norm per step (quickstart's defaults: 3e-3 and 0.05).
+    # Decoupled decay removes exactly lr·wd of the weight norm per step (quickstart's defaults: 3e-3 and 2.0).
     assert [value for _, value in logged["decay/effective_decay/decay"]] == pytest.approx(
-        [3e-3 * 0.05] * len(logged["decay/effective_decay/decay"]), rel=1e-5
+        [3e-3 * 2.0] * len(logged["decay/effective_decay/decay"]), rel=1e-5
     )
+    # Σ lr·wd over every step so far: the step value s is logged after s + 1 steps.
+    assert [value for _, value in logged["decay/decay_progress/decay"]] == pytest.approx(
+        [(step + 1) * 3e-3 * 2.0 for step, _ in logged["decay/decay_progress/decay"]], rel=1e-5
+    )
+    assert "decay/equilibrium/decay" in logged
     assert all(value == 0 for _, value in logged["decay/effective_decay/no_decay"])
     assert {"custom_scalars__config__", "decay/grouping/text_summary"} <= tensor_tags(run_dir)
 
     final = float(re.search(r"Final validation accuracy: ([0-9.]+)", output).group(1))
     assert final == pytest.approx(logged["val/acc"][-1][1], abs=5e-4)
     assert final > 0.5  # two epochs already learn the digits; chance is 0.1
-    assert re.search(r"decay\s+decoupled\s+0\.05\s+2\s+9,472", output)  # the grouping summary of configure_adam
+    assert re.search(r"decay\s+decoupled\s+2\s+2\s+9,472", output)  # the grouping summary of configure_adam
     assert f"tensorboard --logdir {tmp_path / 'runs'}" in output
 
 
@@ -124,6 +132,49 @@ def test_compare_modes_writes_one_run_per_mode_and_a_report_from_the_runs(tmp_pa
         assert float(rows[mode][3]) == pytest.approx(logged[mode]["val/acc"][-1][1], abs=5e-4), mode
     assert rows["none"][10].strip() == "0.0%"
     assert (docs_report.stat().st_mtime_ns if docs_report.exists() else None) == docs_before
+
+
+class _Stop(Exception):
+    """Ends a fit once the audit has run: the quickstart's full training is not needed to read it."""
+
+
+class _StopAtTrainStart(L.Callback):
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise _Stop
+
+
+@pytest.mark.parametrize(("argv", "warns"), [(["--weight-decay", "0.05"], True), ([], False)])
+def test_quickstart_decay_timescale_audit(tmp_path: Path, argv: list[str], warns: bool) -> None:
+    # The quickstart's former wd = 0.05 gives τ = 1/(3e-3 · 0.05) ≈ 6,700 steps in a run of 440: the decay would
+    # barely act, and the audit says so. Its present defaults put τ well inside the run.
+    from examples._common import DigitsDataModule
+    from examples.quickstart import DigitClassifier, parse_args
+
+    args = parse_args(argv)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        logger=CSVLogger(tmp_path),
+        callbacks=[lit_decay.WeightDecayMonitor(), _StopAtTrainStart()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    data = DigitsDataModule(batch_size=args.batch_size, train_size=0.8, seed=args.seed)
+    with warnings.catch_warnings(record=True) as record, pytest.raises(_Stop):
+        warnings.simplefilter("always")
+        trainer.fit(DigitClassifier(lr=args.lr, weight_decay=args.weight_decay), datamodule=data)
+    messages = [str(w.message) for w in record if "decay timescale" in str(w.message)]
+    assert trainer.estimated_stepping_batches == 440
+    if warns:
+        (message,) = messages
+        assert (
+            "6,667 steps" in message and "lr=0.003, weight_decay=0.05" in message and "440 optimizer steps" in message
+        )
+        assert "at most 6% of the weight norm" in message
+    else:
+        assert messages == []
+        tau = 1 / (args.lr * args.weight_decay)
+        assert tau < trainer.estimated_stepping_batches / 2
 
 
 def test_examples_import_without_running() -> None:

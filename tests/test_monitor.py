@@ -39,6 +39,8 @@ GROUP_PARAMS = {
     "first": ["net.0.weight"],
 }
 PER_PARAMETER = ("weight_norm", "grad_norm", "update_ratio")
+# the logging steps of a 6-step run with log_every_n_steps=2: the step values Lightning gives the user's own metrics
+LOGGED = [1, 3, 5]
 
 
 # ---- model, data, recording ---------------------------------------------------------------------------------------
@@ -67,8 +69,14 @@ class Net(L.LightningModule):
         return DataLoader(data, batch_size=4)
 
 
+def logging_step(trainer: L.Trainer) -> int:
+    """The step value Lightning gives the user's ``self.log`` metrics of the current batch."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 class Recorder(L.Callback):
-    """Copies every group's weights, gradients and Adam state at the first batch end of each global step.
+    """Copies every group's weights, gradients and Adam state at the end of the batch that stepped, keyed by the
+    step value Lightning logs that batch's metrics at.
 
     Placed after the monitor in ``callbacks``, it sees the same post-step weights the monitor measured.
     """
@@ -77,9 +85,7 @@ class Recorder(L.Callback):
         self.steps: dict[int, list[dict[str, Any]]] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step in self.steps:
-            # an accumulating batch after the step: same weights, but its gradients are not the ones that stepped
-            return
+        # Accumulating batches share the step value of the batch that steps after them; that last one is kept.
         optimizers = []
         for optimizer in trainer.optimizers:
             groups = []
@@ -100,7 +106,7 @@ class Recorder(L.Callback):
                     }
                 )
             optimizers.append(groups)
-        self.steps[trainer.global_step] = optimizers
+        self.steps[logging_step(trainer)] = optimizers
 
 
 def fit(
@@ -218,6 +224,8 @@ def expected_group_tags(prefix: str = "decay", metrics: tuple[str, ...] = METRIC
                 continue
             if metric == "sparsity" and mode not in ("l1", "decoupled_l1"):
                 continue
+            if metric in ("equilibrium", "decay_progress") and mode != "decoupled":
+                continue
             tags.add(f"{prefix}/{metric}/{group}")
     return tags
 
@@ -227,12 +235,12 @@ def test_every_tag_at_the_logging_steps(main_run: dict[str, Any]) -> None:
     group_tags = {t for t in logged if t.count("/") == 2}
     assert group_tags == expected_group_tags()
     for tag in logged:
-        assert sorted(logged[tag]) == [2, 4, 6], tag
+        assert sorted(logged[tag]) == LOGGED, tag
 
 
 def test_weight_and_grad_norms_match_recorded(main_run: dict[str, Any]) -> None:
     logged, recorded = scalars(main_run["tb"]), main_run["recorder"].steps
-    for step in (2, 4, 6):
+    for step in LOGGED:
         for name, group in zip(main_run["groups"], recorded[step][0]):
             assert logged[f"decay/weight_norm/{name}"][step] == pytest.approx(norm(group["weights"]), rel=1e-6)
             grads = [g for g in group["grads"] if g is not None]
@@ -241,7 +249,7 @@ def test_weight_and_grad_norms_match_recorded(main_run: dict[str, Any]) -> None:
 
 def test_update_ratio_from_consecutive_steps(main_run: dict[str, Any]) -> None:
     logged, recorded = scalars(main_run["tb"]), main_run["recorder"].steps
-    for step in (2, 4, 6):
+    for step in LOGGED:
         for name, now, previous in zip(main_run["groups"], recorded[step][0], recorded[step - 1][0]):
             delta = norm([a - b for a, b in zip(now["weights"], previous["weights"])])
             assert logged[f"decay/update_ratio/{name}"][step] == pytest.approx(
@@ -251,7 +259,7 @@ def test_update_ratio_from_consecutive_steps(main_run: dict[str, Any]) -> None:
 
 def test_effective_decay_and_sparsity_match_formulas(main_run: dict[str, Any]) -> None:
     logged, recorded = scalars(main_run["tb"]), main_run["recorder"].steps
-    for step in (2, 4, 6):
+    for step in LOGGED:
         for name, group in zip(main_run["groups"], recorded[step][0]):
             mode, wd = GROUPS[name]
             expected = effective_decay(group, mode, wd)
@@ -262,7 +270,7 @@ def test_effective_decay_and_sparsity_match_formulas(main_run: dict[str, Any]) -
         sparse = recorded[step][0][main_run["groups"].index("sparse")]
         assert logged["decay/sparsity/sparse"][step] == pytest.approx(sparsity(sparse), rel=1e-6)
     # the proximal step has zeroed some weights by the last step, so the sparsity check above is not vacuous
-    assert logged["decay/sparsity/sparse"][6] > 0
+    assert logged["decay/sparsity/sparse"][5] > 0
 
 
 def test_csv_logger_gets_the_same_figures(main_run: dict[str, Any]) -> None:
@@ -270,12 +278,12 @@ def test_csv_logger_gets_the_same_figures(main_run: dict[str, Any]) -> None:
     decay_columns = {c for c in columns if c.startswith("decay/")}
     assert decay_columns == set(logged)
     for tag, by_step in logged.items():
-        assert sorted(columns[tag]) == [2, 4, 6]
+        assert sorted(columns[tag]) == LOGGED
         for step, value in by_step.items():
             assert columns[tag][step] == pytest.approx(value, rel=1e-6, abs=1e-12), tag
     # CSV keeps float64: compare the l2 group's effective decay to the formula more tightly
     recorded = main_run["recorder"].steps
-    for step in (2, 4, 6):
+    for step in LOGGED:
         group = recorded[step][0][main_run["groups"].index("decay")]
         assert columns["decay/effective_decay/decay"][step] == pytest.approx(
             effective_decay(group, "l2", 0.1), rel=1e-6
@@ -290,11 +298,13 @@ def test_per_parameter_tags(main_run: dict[str, Any]) -> None:
         for group, names in GROUP_PARAMS.items()
         for name in names
         for metric in PER_PARAMETER
-    }
+    } | {"decay/equilibrium/first/net.0.weight"}  # equilibrium: a decoupled group's per-tensor property
     for group_index, (group, names) in enumerate(GROUP_PARAMS.items()):
         for i, name in enumerate(names):
-            w = recorded[4][0][group_index]["weights"][i]
-            assert logged[f"decay/weight_norm/{group}/{name}"][4] == pytest.approx(norm([w]), rel=1e-6)
+            w = recorded[3][0][group_index]["weights"][i]
+            assert logged[f"decay/weight_norm/{group}/{name}"][3] == pytest.approx(norm([w]), rel=1e-6)
+    # the first group holds one tensor: its per-tensor equilibrium is the group's
+    assert logged["decay/equilibrium/first/net.0.weight"] == logged["decay/equilibrium/first"]
 
 
 def test_histograms(main_run: dict[str, Any]) -> None:
@@ -302,7 +312,7 @@ def test_histograms(main_run: dict[str, Any]) -> None:
     assert set(ea.Tags()["histograms"]) == {f"decay/histogram/{g}" for g in GROUPS}
     for index, group in enumerate(main_run["groups"]):
         events = ea.Histograms(f"decay/histogram/{group}")
-        assert [e.step for e in events] == [2, 4, 6]
+        assert [e.step for e in events] == LOGGED
         for event in events:
             weights = recorded[event.step][0][index]["weights"]
             assert event.histogram_value.num == sum(w.numel() for w in weights)
@@ -335,7 +345,7 @@ def test_custom_scalars_layout(main_run: dict[str, Any]) -> None:
     tags = set(scalars(main_run["tb"]))
     for chart in category.chart:
         (regex,) = chart.multiline.tag
-        assert regex == f"^decay/{chart.title}/[^/]+$"
+        assert regex == f"^decay/{chart.title}/(decay|no_decay|sparse|first)$"
         # one chart holds exactly that metric's group tags, none of the per-parameter ones
         matched = {t for t in tags if re.search(regex, t)}
         assert matched == {t for t in expected_group_tags() if t.split("/")[1] == chart.title}
@@ -354,9 +364,9 @@ def test_trainer_interval_prefix_and_metric_subset(tmp_path: Path) -> None:
     assert not [t for t in logged if t.startswith("decay/")]
     for tag, by_step in logged.items():
         if tag.startswith("wd/"):
-            assert sorted(by_step) == [3, 6], tag
+            assert sorted(by_step) == [2, 5], tag
     groups = [g["name"] for g in trainer.optimizers[0].param_groups]
-    for step in (3, 6):
+    for step in (2, 5):
         for name, group in zip(groups, recorder.steps[step][0]):
             assert logged[f"wd/weight_norm/{name}"][step] == pytest.approx(norm(group["weights"]), rel=1e-6)
     layout = custom_scalars(log_dir)
@@ -398,9 +408,10 @@ def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
     logged = scalars(accumulator(trainer.logger.log_dir))
     names = ["decay", "no_decay", "decay-1", "no_decay-1"]
     assert set(logged) == {f"decay/{m}/{g}" for m in ("weight_norm", "effective_decay") for g in names}
-    # two optimizer steps per batch: Lightning's global step moves by two, the monitor logs every second batch
-    steps = sorted(recorder.steps)
-    logging_steps = steps[1::2]
+    # two optimizer steps per batch: Lightning's global step moves by two, its logging step by one per batch, and
+    # the monitor logs every second batch at the logging step
+    assert trainer.global_step == 8 and sorted(recorder.steps) == [0, 1, 2, 3]
+    logging_steps = [1, 3]
     for tag in logged:
         assert sorted(logged[tag]) == logging_steps, tag
     for step in logging_steps:
@@ -420,8 +431,8 @@ def test_gradient_accumulation_logs_at_global_steps(tmp_path: Path) -> None:
     logged = scalars(accumulator(trainer.logger.log_dir))
     groups = [g["name"] for g in trainer.optimizers[0].param_groups]
     for tag in logged:
-        assert sorted(logged[tag]) == [2, 4, 6], tag
-    for step in (2, 4, 6):
+        assert sorted(logged[tag]) == LOGGED, tag
+    for step in LOGGED:
         for name, group in zip(groups, recorder.steps[step][0]):
             assert logged[f"decay/weight_norm/{name}"][step] == pytest.approx(norm(group["weights"]), rel=1e-6)
             # the gradient the step used: summed over both accumulated batches
@@ -442,22 +453,27 @@ def test_effective_decay_uses_the_lr_of_the_step(tmp_path: Path) -> None:
     monitor = WeightDecayMonitor(log_every_n_steps=1, metrics=["effective_decay"])
     recorder, trainer, _ = fit(tmp_path, monitor, module=Net(with_schedule), max_steps=4)
     logged = scalars(accumulator(trainer.logger.log_dir))
-    # the s-th optimizer step runs with lr = LR * 0.5**(s - 1); the scheduler moves it after the step
+    # the step of batch k runs with lr = LR * 0.5**k; the scheduler moves it after the step
     assert logged["decay/effective_decay/first"] == pytest.approx(
-        {s: LR * 0.5 ** (s - 1) * 0.1 for s in (1, 2, 3, 4)}, rel=1e-6
+        {k: LR * 0.5**k * 0.1 for k in (0, 1, 2, 3)}, rel=1e-6
     )
     groups = [g["name"] for g in trainer.optimizers[0].param_groups]
-    for step in (1, 2, 3, 4):
+    for step in (0, 1, 2, 3):
         # by the batch end Lightning has already stepped the scheduler, so the recorded lr is the next one
-        decay = {**recorder.steps[step][0][groups.index("decay")], "lr": LR * 0.5 ** (step - 1)}
+        decay = {**recorder.steps[step][0][groups.index("decay")], "lr": LR * 0.5**step}
         assert logged["decay/effective_decay/decay"][step] == pytest.approx(effective_decay(decay, "l2", 0.1), rel=1e-5)
 
 
 # ---- audit --------------------------------------------------------------------------------------------------------
 
 
-def audit_messages(record: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in record if "WeightDecayMonitor audit" in str(w.message)]
+def audit_messages(record: list[warnings.WarningMessage], timescales: bool = False) -> list[str]:
+    """The audit's warnings; those about the decay timescale only with ``timescales`` (short runs all get one)."""
+    return [
+        str(w.message)
+        for w in record
+        if "WeightDecayMonitor audit" in str(w.message) and ("decay timescale" in str(w.message)) == timescales
+    ]
 
 
 def test_audit_user_built_adamw_decaying_norms_and_biases(tmp_path: Path) -> None:
@@ -549,16 +565,16 @@ def nan_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_nonfinite_warns_once_per_group_and_still_logs(nan_run: dict[str, Any]) -> None:
     messages = nan_run["messages"]
     assert len(messages) == 1
-    assert "weight_norm of group 'decay' is nan at step 2" in messages[0]
+    assert "weight_norm of group 'decay' is nan at step 1" in messages[0]
     columns = nan_run["csv"]
-    assert sorted(columns["decay/weight_norm/decay"]) == [2, 4, 6]
+    assert sorted(columns["decay/weight_norm/decay"]) == LOGGED
     assert all(math.isnan(v) for v in columns["decay/weight_norm/decay"].values())
     assert all(math.isfinite(v) for v in columns["decay/weight_norm/no_decay"].values())
 
 
 def test_nonfinite_raise_names_group_and_metric(tmp_path: Path) -> None:
     monitor = WeightDecayMonitor(log_every_n_steps=2, on_nonfinite="raise")
-    with pytest.raises(FloatingPointError, match=r"weight_norm of group 'decay' is nan at step 2"):
+    with pytest.raises(FloatingPointError, match=r"weight_norm of group 'decay' is nan at step 1"):
         fit(tmp_path, monitor, module=NaNNet(), loggers="csv", max_steps=6)
 
 
@@ -574,7 +590,7 @@ def test_checkpoint_loads_with_weights_only(nan_run: dict[str, Any]) -> None:
     checkpoint = torch.load(nan_run["checkpoint"], weights_only=True)
     monitor = nan_run["monitor"]
     state = checkpoint["callbacks"][monitor.state_key]
-    assert state == {"warned_nonfinite": ["decay"]}
+    assert state == {"warned_nonfinite": ["decay"], "decay_progress": {}}  # an l2 model: no decoupled group
     assert _plain(state)
     restored = WeightDecayMonitor()
     restored.load_state_dict(state)
@@ -661,13 +677,257 @@ model:
         for m in ("weight_norm", "grad_norm", "update_ratio", "effective_decay")
         for g in GROUPS
         if g in ("decay", "no_decay")
-    } | {"decay/decay_timescale/decay"}
+    } | {"decay/decay_timescale/decay", "decay/equilibrium/decay", "decay/decay_progress/decay"}
     assert {t for t in logged if t.count("/") == 3} == {
-        f"decay/{m}/decay/{n}" for m in PER_PARAMETER for n in decay_names
+        f"decay/{m}/decay/{n}" for m in (*PER_PARAMETER, "equilibrium") for n in decay_names
     } | {f"decay/{m}/no_decay/{n}" for m in PER_PARAMETER for n in names if n not in decay_names}
     for tag in logged:
-        assert sorted(logged[tag]) == [1, 2, 3], tag
-    assert logged["decay/effective_decay/decay"][3] == pytest.approx(0.02 * 0.1, rel=1e-6)
-    assert logged["decay/weight_norm/decay"][3] == pytest.approx(
+        assert sorted(logged[tag]) == [0, 1, 2], tag
+    assert logged["decay/effective_decay/decay"][2] == pytest.approx(0.02 * 0.1, rel=1e-6)
+    assert logged["decay/decay_progress/decay"] == pytest.approx({k: (k + 1) * 0.02 * 0.1 for k in (0, 1, 2)})
+    assert logged["decay/weight_norm/decay"][2] == pytest.approx(
         norm([names[n].detach().double() for n in decay_names]), rel=1e-6
     )
+
+
+# ---- rotational equilibrium and decay progress (Kosson, Messmer & Jaggi, 2024; Wang & Aitchison, 2024) -------------
+
+
+def test_equilibrium_is_the_update_ratio_over_adamws_prediction(main_run: dict[str, Any]) -> None:
+    logged = scalars(main_run["tb"])
+    predicted = math.sqrt(2 * LR * 0.1 * (1 - 0.9) / (1 + 0.9))  # the "first" group: decoupled, wd 0.1, β₁ 0.9
+    for step in LOGGED:
+        assert logged["decay/equilibrium/first"][step] == pytest.approx(
+            logged["decay/update_ratio/first"][step] / predicted, rel=1e-5
+        )
+
+
+def test_decay_progress_counts_every_step_not_only_logged_ones(main_run: dict[str, Any]) -> None:
+    # after the step of batch k, k + 1 steps of lr·wd have been applied to the decoupled group
+    assert scalars(main_run["tb"])["decay/decay_progress/first"] == pytest.approx(
+        {k: (k + 1) * LR * 0.1 for k in LOGGED}, rel=1e-6
+    )
+
+
+class NormalizedNet(L.LightningModule):
+    """A bias-free Linear followed by a LayerNorm (its weights' scale does not matter), and a plain Linear head."""
+
+    def __init__(self, lr: float, weight_decay: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(32, 128, bias=False), nn.LayerNorm(128), nn.Linear(128, 1))
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        overrides = [{"pattern": "net.0.weight", "name": "normalized"}, {"pattern": "net.2.weight", "name": "head"}]
+        return lit_decay.configure_adam(
+            self, lr=self.lr, weight_decay=self.weight_decay, mode="decoupled", overrides=overrides
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(512, 32, generator=g), torch.randn(512, 1, generator=g))
+        return DataLoader(data, batch_size=64, shuffle=True, generator=g)
+
+
+def test_layernorm_followed_linear_reaches_equilibrium(tmp_path: Path) -> None:
+    # τ = 1/(lr·wd) = 5 steps: from 4τ on, the normalized layer's update ratio is, on average, the one the paper
+    # predicts; the head, whose scale matters to the loss, is not held there
+    torch.manual_seed(0)
+    monitor = WeightDecayMonitor(log_every_n_steps=1, metrics=["update_ratio", "equilibrium"])
+    module = NormalizedNet(lr=0.05, weight_decay=4.0)
+    _, trainer, _ = fit(tmp_path, monitor, module=module, loggers="csv", max_steps=60)
+    columns = csv_metrics(trainer.logger.log_dir)
+    normalized, head = columns["decay/equilibrium/normalized"], columns["decay/equilibrium/head"]
+    late = range(20, 60)
+    assert sum(normalized[k] for k in late) / len(late) == pytest.approx(1.0, abs=0.15)
+    assert sum(head[k] for k in late) / len(late) > 1.5
+    assert abs(normalized[0] - 1) > 0.5  # far from it at the start: the figure can fail
+
+
+def test_no_extra_transfer_for_equilibrium_and_decay_progress(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    transfers: list[int] = []
+    real_to_host = lit_decay.stats.to_host
+    monkeypatch.setattr(lit_decay.stats, "to_host", lambda table: transfers.append(1) or real_to_host(table))
+    _, trainer, _ = fit(tmp_path, WeightDecayMonitor(log_every_n_steps=2), loggers="csv", max_steps=6)
+    columns = csv_metrics(trainer.logger.log_dir)
+    assert sorted(columns["decay/equilibrium/first"]) == sorted(columns["decay/decay_progress/first"]) == LOGGED
+    assert transfers == [1, 1, 1]  # one per logging step, as without the two figures
+
+
+def test_decay_progress_is_restored_on_resume(tmp_path: Path) -> None:
+    _, trainer, _ = fit(tmp_path / "a", WeightDecayMonitor(log_every_n_steps=2), loggers="csv", max_steps=4)
+    path = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)["callbacks"][WeightDecayMonitor(log_every_n_steps=2).state_key]
+    assert state["decay_progress"]["first"] == pytest.approx(4 * LR * 0.1)
+    resumed = L.Trainer(
+        max_steps=8,
+        logger=CSVLogger(tmp_path / "b", name="csv"),
+        callbacks=[WeightDecayMonitor(log_every_n_steps=2)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    resumed.fit(Net(), ckpt_path=path)
+    progress = csv_metrics(resumed.logger.log_dir)["decay/decay_progress/first"]
+    assert progress == pytest.approx({5: 6 * LR * 0.1, 7: 8 * LR * 0.1}, rel=1e-6)
+
+
+def test_audit_warns_when_the_decay_timescale_exceeds_the_run(tmp_path: Path) -> None:
+    def warmup(module: L.LightningModule) -> Any:
+        # the lr starts at 0 in a warmup: the audit must use the peak, 0.01
+        schedule = {
+            "scheduler": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: k / 6),
+            "interval": "step",
+        }
+        return lit_decay.configure_adam(module, lr=0.01, weight_decay=0.1, mode="decoupled", scheduler=schedule)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(tmp_path, WeightDecayMonitor(), module=Net(warmup), loggers="csv", max_steps=6)
+    (message,) = audit_messages(record, timescales=True)
+    assert "optimizer 0 (Adam) group 'decay'" in message
+    assert "τ = 1/(lr·wd) = 1,000 steps" in message and "lr=0.01, weight_decay=0.1" in message
+    assert "run of 6 optimizer steps" in message and "at most 1% of the weight norm" in message
+    assert "WeightDecayScheduler(timescale_steps=" in message
+    # τ shorter than the run: nothing to say
+    short = lambda m: lit_decay.configure_adam(m, lr=0.05, weight_decay=5.0, mode="decoupled")  # noqa: E731
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(tmp_path, WeightDecayMonitor(), module=Net(short), loggers="csv", max_steps=6)
+    assert audit_messages(record, timescales=True) == []
+
+
+# ---- the x-axis: the step values of the user's own metrics ---------------------------------------------------------
+
+
+class LoggingNet(Net):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("user/loss", loss)
+        return loss
+
+
+class LoggingTwoOptimizers(TwoOptimizers):
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        super().training_step(batch, batch_idx)
+        self.log("user/batch", float(batch_idx))
+
+
+@pytest.mark.parametrize(("module", "max_steps"), [(LoggingNet, 9), (LoggingTwoOptimizers, 18)])
+def test_monitor_logs_on_the_steps_of_the_users_metrics(
+    tmp_path: Path, module: type[L.LightningModule], max_steps: int
+) -> None:
+    # 9 batches either way (two optimizer steps per batch in manual optimization): the user's metrics land on 2, 5, 8
+    _, trainer, _ = fit(tmp_path, WeightDecayMonitor(), module=module(), max_steps=max_steps, log_every_n_steps=3)
+    logged = scalars(accumulator(trainer.logger.log_dir), prefix="")
+    user = next(tag for tag in logged if tag.startswith("user/"))
+    assert sorted(logged[user]) == [2, 5, 8]
+    for tag in logged:
+        if tag.startswith("decay/"):
+            assert sorted(logged[tag]) == [2, 5, 8], tag
+
+
+# ---- set-ups that broke before: two monitors, lazy modules, a failing fit, group names ------------------------------
+
+
+def test_two_monitors_in_one_trainer_keep_their_own_state(tmp_path: Path) -> None:
+    cheap = WeightDecayMonitor(metrics=["weight_norm"])
+    detailed = WeightDecayMonitor(histograms=True, per_parameter=True, prefix="detail")
+    assert cheap.state_key != detailed.state_key
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=[cheap, detailed],
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Net())
+    path = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(path)
+    states = torch.load(path, weights_only=True)["callbacks"]
+    assert {cheap.state_key, detailed.state_key} <= set(states)
+    logged = scalars(accumulator(trainer.logger.log_dir), prefix="")
+    assert "decay/weight_norm/decay" in logged and "decay/grad_norm/decay" not in logged
+    assert "detail/grad_norm/decay/net.2.weight" in logged
+
+
+class LazyNet(Net):
+    def __init__(self) -> None:
+        super().__init__(lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.1))
+        self.net = nn.Sequential(nn.LazyLinear(16), nn.LayerNorm(16), nn.Linear(16, 2))
+
+
+def test_lazy_module_with_a_hand_built_optimizer(tmp_path: Path) -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, trainer, _ = fit(tmp_path, WeightDecayMonitor(log_every_n_steps=1), module=LazyNet(), loggers="csv")
+    assert trainer.global_step == 6
+    (message,) = [m for m in audit_messages(record) if "could not check" in m]
+    assert "lazy module is not initialised yet" in message
+    assert sorted(csv_metrics(trainer.logger.log_dir)["decay/weight_norm/pg1"]) == list(range(6))
+
+
+def hooks(optimizer: torch.optim.Optimizer) -> int:
+    return len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks)
+
+
+@pytest.mark.parametrize("failure", ["nonfinite", "user"])
+def test_hooks_are_removed_when_fit_raises(tmp_path: Path, failure: str) -> None:
+    class Failing(NaNNet):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if failure == "user" and batch_idx == 3:
+                raise RuntimeError("a bug in the user's training_step")
+            return super().training_step(batch, batch_idx)
+
+    module = Failing()
+    plain = lit_decay.configure_adam(Failing(), lr=0.01, weight_decay=0.1, mode="l2")
+    monitor = WeightDecayMonitor(log_every_n_steps=2, on_nonfinite="raise")
+    with pytest.raises((FloatingPointError, RuntimeError)):
+        fit(tmp_path, monitor, module=module, loggers="csv", max_steps=6)
+    (optimizer,) = module.trainer.optimizers
+    assert hooks(optimizer) == hooks(plain)  # only configure_adam's own
+    assert monitor._statistics is None
+
+
+def test_group_name_with_a_slash(tmp_path: Path) -> None:
+    class SlashNet(NaNNet):
+        def configure_optimizers(self) -> Any:
+            overrides = [{"pattern": "spare", "name": "enc/dec"}]
+            return lit_decay.configure_adam(self, lr=0.01, weight_decay=0.1, mode="l2", overrides=overrides)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, trainer, _ = fit(tmp_path, WeightDecayMonitor(log_every_n_steps=2, per_parameter=True), module=SlashNet())
+    messages = [str(w.message) for w in record if "WeightDecayMonitor:" in str(w.message)]
+    assert len(messages) == 1 and "of group 'enc/dec' is nan" in messages[0]
+    log_dir = trainer.logger.log_dir
+    tags = set(scalars(accumulator(log_dir)))
+    assert {"decay/weight_norm/enc/dec", "decay/weight_norm/enc/dec/spare"} <= tags
+    (chart,) = [c for c in custom_scalars(log_dir).category[0].chart if c.title == "weight_norm"]
+    (regex,) = chart.multiline.tag
+    matched = {t for t in tags if re.search(regex, t)}
+    assert matched == {"decay/weight_norm/decay", "decay/weight_norm/no_decay", "decay/weight_norm/enc/dec"}
+
+
+def test_audit_leaves_timescales_to_a_weight_decay_scheduler(tmp_path: Path) -> None:
+    # the scheduler rewrites wd = 1/(lr·τ) before every step: the coefficient at fit start says nothing
+    make = lambda m: lit_decay.configure_adam(m, lr=0.01, weight_decay=0.1, mode="decoupled")  # noqa: E731
+    trainer = L.Trainer(
+        max_steps=6,
+        logger=CSVLogger(tmp_path),
+        callbacks=[WeightDecayMonitor(), lit_decay.WeightDecayScheduler(timescale_steps=2)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(Net(make))
+    assert audit_messages(record, timescales=True) == []

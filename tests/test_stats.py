@@ -88,6 +88,15 @@ def expected_group(
     if before is not None:
         delta = norm64(p.detach().double() - before[id(p)].double() for p in params)
         figures[f"update_ratio/{name}"] = delta / figures[f"weight_norm/{name}"]
+        lr = float(group["lr"])
+        # rotational equilibrium (Kosson, Messmer & Jaggi, 2024): AdamW's and plain-momentum SGD's predictions
+        if mode == "decoupled" and isinstance(optimizer, torch.optim.Adam) and wd > 0:
+            beta1 = group["betas"][0]
+            predicted = math.sqrt(2 * lr * wd * (1 - beta1) / (1 + beta1))
+            figures[f"equilibrium/{name}"] = figures[f"update_ratio/{name}"] / predicted
+        if mode == "sgd" and wd > 0 and not group["nesterov"] and not group["dampening"]:
+            predicted = math.sqrt(2 * lr * wd / (1 + group["momentum"]))
+            figures[f"equilibrium/{name}"] = figures[f"update_ratio/{name}"] / predicted
     effective = expected_effective_decay(optimizer, group, mode, wd, stepped)
     figures[f"effective_decay/{name}"] = effective
     if effective != 0:
@@ -266,6 +275,7 @@ def test_sgd_with_weight_decay() -> None:
     # without a snapshot there is no update to read from SGD's state
     plain = group_stats(optimizer)
     expected.pop("update_ratio/pg1")
+    expected.pop("equilibrium/pg1")
     assert_figures(plain, expected)
 
 
@@ -305,6 +315,19 @@ def test_duplicate_names_across_optimizers_get_suffixes() -> None:
     assert_figures(figures, expected)
     with pytest.raises(ValueError, match="not given"):
         StepStatistics([opt_a]).after_step(opt_b)
+
+
+def test_suffixed_names_never_collide_with_given_ones() -> None:
+    def named(*names: str) -> torch.optim.Optimizer:
+        return torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "name": n} for n in names], lr=0.1)
+
+    # "decay-1" is a name of its own: the second optimizer's "decay" must not take it
+    assert group_names([named("decay", "decay-1"), named("decay")]) == [["decay", "decay-1"], ["decay-2"]]
+    # ... even when the given "decay-1" comes after the duplicate
+    assert group_names([named("decay", "decay"), named("decay-1")]) == [["decay", "decay-2"], ["decay-1"]]
+    names = group_names([named("a", "a", "a-1", "a-2"), named("a", "pg1"), torch.optim.SGD([torch.zeros(1)], lr=1)])
+    flat = [n for current in names for n in current]
+    assert len(flat) == len(set(flat))
 
 
 def test_per_parameter_keys_and_values() -> None:

@@ -67,6 +67,17 @@ def test_layout_regex_matches_a_prefix_with_regex_characters() -> None:
     assert re.search(regex, "decay+l1/weight_norm/decay")
 
 
+def test_layout_with_group_names_holding_a_slash() -> None:
+    # a group named "enc/dec" is charted; "enc"'s per-parameter tag "enc/dec" would look alike, but no group is
+    # named "enc" here, so it is a group tag by construction
+    layout = custom_scalars_layout("decay", ["weight_norm"], ["decay", "enc/dec", "a+b"])
+    (regex,) = layout["decay"]["weight_norm"][1]
+    for tag in ("decay/weight_norm/decay", "decay/weight_norm/enc/dec", "decay/weight_norm/a+b"):
+        assert re.search(regex, tag), tag
+    for tag in ("decay/weight_norm/decay/net.0.weight", "decay/weight_norm/enc", "decay/weight_norm/aab"):
+        assert not re.search(regex, tag), tag
+
+
 # ---- grouping_markdown --------------------------------------------------------------------------------------------
 
 
@@ -76,7 +87,8 @@ def test_grouping_markdown_of_configure_adam() -> None:
     text = grouping_markdown([optimizer], [["decay", "no_decay"]])
     report = lit_decay.optim.report_of(optimizer)
     assert report is not None
-    assert text == f"**optimizer 0: Adam**\n\n{report.to_markdown()}"
+    timescales = "| group | τ = 1/(lr·wd) (steps) | τ / run |\n|---|---|---|\n| decay | – | – |\n| no_decay | – | – |"
+    assert text == f"**optimizer 0: Adam**\n\n{report.to_markdown()}\n\n{timescales}"  # l2: no timescale
     assert "Adam implementation: fused" in text
     assert "| decay | l2 | 0.1 |" in text
     assert "| 1.weight | (8,) | 8 | no_decay | normalization layer LayerNorm |" in text
@@ -92,15 +104,33 @@ def test_grouping_markdown_of_hand_built_optimizers() -> None:
     adamw = torch.optim.AdamW(model.parameters(), lr=0.001, weight_decay=0.05, foreach=False)
     text = grouping_markdown([adam, sgd, adamw], [["pg1", "pg2"], ["pg1-1"], ["pg1-2"]])
     parts = text.split("\n\n")
-    header = "| group | mode | coefficient | lr | tensors | elements |\n|---|---|---|---|---|---|"
+    header = "| group | mode | coefficient | lr | tensors | elements | τ (steps) | τ / run |\n" + "|---" * 8 + "|"
     assert parts == [
         f"**optimizer 0: Adam** ({lit_decay.optim.describe_implementation(adam)})",
-        f"{header}\n| pg1 | l2 | 0.1 | 0.003 | 2 | 40 |\n| pg2 | l2 | 0 | 0.003 | 4 | 34 |",
+        f"{header}\n| pg1 | l2 | 0.1 | 0.003 | 2 | 40 | – | – |\n| pg2 | l2 | 0 | 0.003 | 4 | 34 | – | – |",
         f"**optimizer 1: SGD** ({lit_decay.optim.describe_implementation(sgd)})",
-        f"{header}\n| pg1-1 | sgd | 0.0001 | 0.5 | 6 | 74 |",
+        f"{header}\n| pg1-1 | sgd | 0.0001 | 0.5 | 6 | 74 | – | – |",
         "**optimizer 2: AdamW** (for-loop)",
-        f"{header}\n| pg1-2 | decoupled | 0.05 | 0.001 | 6 | 74 |",
+        f"{header}\n| pg1-2 | decoupled | 0.05 | 0.001 | 6 | 74 | 20,000 | – |",
     ]
+
+
+def test_grouping_markdown_timescale_against_the_run() -> None:
+    model = small_model()
+    optimizer = lit_decay.configure_adam(model, lr=0.01, weight_decay=0.5, mode="decoupled")
+    # a warmup schedule starts the lr at 0: the timescale is that of the peak lr, 1/(0.01·0.5) = 200 steps
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 10))
+    text = grouping_markdown([optimizer], [["decay", "no_decay"]], run_steps=1000)
+    assert "| group | τ = 1/(lr·wd) (steps) | τ / run |" in text
+    assert "| decay | 200 | 0.2 |" in text
+    assert "| no_decay | – | – |" in text
+
+
+def test_grouping_markdown_of_a_lazy_module() -> None:
+    model = nn.Sequential(nn.LazyLinear(4), nn.LayerNorm(4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    text = grouping_markdown([optimizer], [["pg1"]])
+    assert "| pg1 | decoupled | 0.1 | 0.001 | 4 | ? | 10,000 | – |" in text
 
 
 # ---- group_values -------------------------------------------------------------------------------------------------
@@ -143,7 +173,8 @@ class WeightNorms(L.Callback):
         decay = trainer.optimizers[0].param_groups[0]
         assert decay["name"] == "decay"
         flat = torch.cat([p.detach().double().reshape(-1) for p in decay["params"]])
-        self.by_step[trainer.global_step] = float(torch.linalg.vector_norm(flat))
+        # keyed by the step value Lightning logs this batch's metrics at
+        self.by_step[trainer.fit_loop.epoch_loop._batches_that_stepped] = float(torch.linalg.vector_norm(flat))
 
 
 def free_port() -> int:
@@ -220,11 +251,11 @@ def test_tensorboard_server_shows_our_tags_and_layout(tmp_path: Path) -> None:
             f"decay/{metric}/{group}"
             for metric in ("weight_norm", "grad_norm", "update_ratio", "effective_decay")
             for group in ("decay", "no_decay")
-        } | {"decay/decay_timescale/decay"}
+        } | {"decay/decay_timescale/decay", "decay/equilibrium/decay", "decay/decay_progress/decay"}
         assert {t for t in tags[run] if t.startswith("decay/")} == expected_tags
 
         points = series["decay/weight_norm/decay"]
-        assert [step for _, step, _ in points] == [2, 4, 6]
+        assert [step for _, step, _ in points] == [1, 3, 5]
         for _, step, value in points:
             assert value == pytest.approx(norms.by_step[step], rel=1e-6)
         points = series["decay/effective_decay/decay"]
@@ -236,12 +267,13 @@ def test_tensorboard_server_shows_our_tags_and_layout(tmp_path: Path) -> None:
         charts = {chart["title"]: chart["multiline"]["tag"] for chart in category["chart"]}
         assert list(charts) == list(METRICS)
         for metric, regexes in charts.items():
-            assert regexes == [f"^decay/{metric}/[^/]+$"]
+            assert regexes == [f"^decay/{metric}/(decay|no_decay)$"]
 
         # torch's SummaryWriter.add_text files the text under "<tag>/text_summary"
         assert "decay/grouping/text_summary" in get_json(base, "/data/plugin/text/tags")[run]
         texts = get_json(base, "/data/plugin/text/text", run=run, tag="decay/grouping/text_summary")
         assert "Adam implementation: fused" in texts[0]["text"]
+        assert "τ = 1/(lr·wd)" in texts[0]["text"]
     finally:
         server.terminate()
         try:
