@@ -19,11 +19,12 @@ from torch.optim import Optimizer
 
 from lit_decay._tensors import is_dtensor
 from lit_decay.diagnostics import DECOUPLED, DecayProgress, peak_lr, timescale_warning
+from lit_decay.modes import L1_MODES, group_names, group_rule
 from lit_decay.optim import report_of
 from lit_decay.penalties import is_attached
 from lit_decay.rules import RULE_BIAS, RULE_NORMALIZATION, clean_name, place_parameters
 from lit_decay.schedule import WeightDecayScheduler
-from lit_decay.stats import L1_MODES, METRICS, StepStatistics, check_metrics, group_names, group_rule
+from lit_decay.stats import METRICS, StepStatistics, check_metrics
 from lit_decay.tensorboard import custom_scalars_layout, group_values, grouping_markdown
 
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")

@@ -22,8 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
 from lit_decay._checks import check_bool, check_non_negative, is_real_number
-from lit_decay.modes import set_decay_coefficient
-from lit_decay.stats import group_names, group_rule
+from lit_decay.modes import group_names, group_rule, set_decay_coefficient
 
 SHAPES = ("constant", "linear", "cosine")
 

@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 from lit_decay._compile import compiled_or_eager, wants_compiled
 from lit_decay._tensors import is_dtensor, local
 from lit_decay.diagnostics import equilibrium_factor
-from lit_decay.modes import TORCH_APPLIED
+from lit_decay.modes import L1_MODES, Penalty, Rule, group_names, group_rule
 from lit_decay.penalties import is_attached, observe_proximal_step
 
 METRICS: tuple[str, ...] = (
@@ -49,10 +49,7 @@ METRICS: tuple[str, ...] = (
 PER_PARAMETER_METRICS: tuple[str, ...] = ("weight_norm", "grad_norm", "update_ratio", "equilibrium")
 # Counted by the monitor at every optimizer step (lit_decay.diagnostics.DecayProgress), not measured on logging steps.
 COUNTED_METRICS = frozenset({"decay_progress"})
-L1_MODES = frozenset({"l1", "decoupled_l1"})
 
-# What the penalty term of a group is, for the effective-decay formula (see `Rule`).
-_NONE, _DECOUPLED, _ADAM_L2, _ADAM_L1, _PROXIMAL_L1, _SGD, _UNKNOWN = range(7)
 # Columns of the per-tensor sums: Σw², Σg², Σ(Δw)², Σ(penalty term), number of exact zeros.
 _W2, _G2, _D2, _REG, _ZEROS = range(5)
 
@@ -77,86 +74,6 @@ def check_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(m for m in METRICS if m in chosen)
 
 
-def group_names(optimizers: Sequence[Optimizer]) -> list[list[str]]:
-    """Tag names of every group: its ``"name"`` key, else ``pg1``, ``pg2``... as Lightning's LearningRateMonitor
-    names them; a name seen before gets the first free ``-1``, ``-2``... (never one that another group is named),
-    so several optimizers never share a tag.
-
-    Examples:
-        >>> a = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "name": "decay"}], lr=0.1)
-        >>> b = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-        >>> group_names([a, b, a])
-        [['decay'], ['pg1'], ['decay-1']]
-    """
-    bases = [
-        [str(group.get("name", f"pg{index + 1}")) for index, group in enumerate(optimizer.param_groups)]
-        for optimizer in optimizers
-    ]
-    reserved = {base for current in bases for base in current}
-    used: set[str] = set()
-    names: list[list[str]] = []
-    for current in bases:
-        tagged = []
-        for base in current:
-            name, suffix = base, 0
-            while name in used or (suffix and name in reserved):
-                suffix += 1
-                name = f"{base}-{suffix}"
-            used.add(name)
-            tagged.append(name)
-        names.append(tagged)
-    return names
-
-
-@dataclass(frozen=True)
-class Rule:
-    """How a group's penalty acts, read from lit_decay's keys or else from torch's own.
-
-    ``kind`` picks the effective-decay formula; ``mode`` is the lit_decay mode name (``"sgd"`` or ``"unknown"`` for
-    what the contract has no mode for); ``coefficient`` is the strength.
-    """
-
-    mode: str
-    coefficient: float
-    kind: int
-
-
-def group_rule(optimizer: Optimizer, group: Mapping[str, Any]) -> Rule:
-    """The decay rule of ``group``: lit_decay's ``decay_mode`` if present, else what torch's keys mean.
-
-    Examples:
-        >>> w = torch.zeros(2, requires_grad=True)
-        >>> group_rule(torch.optim.AdamW([w], weight_decay=0.1), {"weight_decay": 0.1}).mode
-        'decoupled'
-        >>> group_rule(torch.optim.Adam([w], weight_decay=0.1), {"weight_decay": 0.1}).mode
-        'l2'
-    """
-    adam = isinstance(optimizer, torch.optim.Adam)
-    torch_key = group.get("weight_decay", 0.0) or 0.0
-    # Torch applies its own key whatever lit_decay's say (loops set it directly, as timm's and DINO's do): it is the
-    # coefficient of the modes torch applies, and a "none" group given one decays as torch's keys say.
-    if "decay_mode" in group and not (group["decay_mode"] == "none" and torch_key):
-        mode = str(group["decay_mode"])
-        coefficient = float(torch_key if mode in TORCH_APPLIED else group.get("decay_coefficient", 0.0))
-    else:
-        coefficient = float(torch_key)
-        decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
-        if decoupled:
-            mode = "decoupled"
-        elif adam:
-            mode = "l2"
-        elif isinstance(optimizer, torch.optim.SGD):
-            mode = "sgd"
-        else:
-            mode = "unknown"
-    if coefficient == 0.0 or mode == "none":
-        return Rule(mode, coefficient, _NONE)
-    kinds = {"decoupled": _DECOUPLED, "sgd": _SGD, "decoupled_l1": _PROXIMAL_L1}
-    if adam:
-        kinds.update({"l2": _ADAM_L2, "l1": _ADAM_L1})
-    return Rule(mode, coefficient, kinds.get(mode, _UNKNOWN))
-
-
 def update_from_state(
     optimizer: Optimizer, group: Mapping[str, Any], rule: Rule, *, sees_proximal_step: bool = False
 ) -> bool:
@@ -166,11 +83,11 @@ def update_from_state(
     Adam's) in every mode; for ``decoupled_l1`` only when the figures are taken just before lit_decay's proximal step
     (``sees_proximal_step``), since the weights after it no longer tell what they were.
     """
-    if not isinstance(optimizer, torch.optim.Adam) or rule.kind in (_UNKNOWN, _SGD):
+    if not isinstance(optimizer, torch.optim.Adam) or rule.penalty is Penalty.UNKNOWN:
         return False
-    if rule.kind == _PROXIMAL_L1 and not sees_proximal_step:
+    if rule.penalty == Penalty.PROXIMAL_L1 and not sees_proximal_step:
         return False
-    if rule.kind == _DECOUPLED:
+    if rule.penalty == Penalty.DECOUPLED:
         # Rebuilding AdamW's w_old divides by 1 − lr·wd; a tensor lr would have to be read on the host to check it.
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) or lr * rule.coefficient >= 0.5:
@@ -190,7 +107,7 @@ def _tensor_sums(
     grad_factor: torch.Tensor | None,
     eps: float,
     decay: float | torch.Tensor,
-    kind: int,
+    penalty: Penalty,
     threshold: float | torch.Tensor | None = None,
     count_zeros: bool = True,
 ) -> torch.Tensor:
@@ -225,7 +142,7 @@ def _tensor_sums(
         update = step_size * m.to(acc) / denom
         if keep is not None:
             update = update * keep
-        if kind == _DECOUPLED:
+        if penalty == Penalty.DECOUPLED:
             # AdamW: w = w_old·(1 − lr·wd) − update, so w_old = (w + update)/(1 − lr·wd).
             delta = -update - (decay / (1.0 - decay)) * (wf + update)
             if keep is not None:
@@ -236,11 +153,11 @@ def _tensor_sums(
             delta = -update
         d2 = (delta * delta).sum()
     reg = torch.zeros((), dtype=acc, device=w.device)
-    if kind == _ADAM_L2 and denom is not None:
+    if penalty == Penalty.ADAM_L2 and denom is not None:
         reg = (wf * wf / denom).sum()
-    elif kind == _ADAM_L1 and denom is not None:
+    elif penalty == Penalty.ADAM_L1 and denom is not None:
         reg = (wf.abs() / denom).sum()
-    elif kind == _PROXIMAL_L1:
+    elif penalty == Penalty.PROXIMAL_L1:
         reg = (wf.abs() * torch.clamp(wf.abs(), max=decay)).sum()
     return torch.stack([w2, g2, d2, reg, zeros])
 
@@ -447,7 +364,7 @@ class StepStatistics:
             and self._wants_update()
             and update_from_state(optimizer, group, rule, sees_proximal_step=threshold is not None)
         )
-        wants_denominator = from_state or rule.kind in (_ADAM_L2, _ADAM_L1)
+        wants_denominator = from_state or rule.penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1)
         params = group["params"]
         states = [optimizer.state.get(p, {}) for p in params]
         # A tensor without a gradient was not stepped: no update and no penalty this step, whatever its state.
@@ -486,7 +403,7 @@ class StepStatistics:
                 grad_factor=grad_factor if stepped else None,
                 eps=eps,
                 decay=lr * rule.coefficient,
-                kind=rule.kind,
+                penalty=rule.penalty,
                 threshold=threshold if stepped else None,
                 count_zeros=rule.mode in L1_MODES,
             )
@@ -579,13 +496,13 @@ def _figures_of(
             figures["equilibrium"] = figures["update_ratio"] / predicted
     decay = lr * rule.coefficient
     effective: float | None
-    if rule.kind == _NONE:
+    if rule.penalty == Penalty.NONE:
         effective = 0.0
-    elif rule.kind in (_DECOUPLED, _SGD):
+    elif rule.penalty is Penalty.DECOUPLED:
         effective = decay
-    elif rule.kind in (_ADAM_L2, _ADAM_L1):
+    elif rule.penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1):
         effective = decay * _ratio(reg, w2)
-    elif rule.kind == _PROXIMAL_L1:
+    elif rule.penalty == Penalty.PROXIMAL_L1:
         effective = _ratio(reg, w2)
     else:
         effective = None

@@ -12,8 +12,8 @@ from torch.optim import Optimizer
 
 from lit_decay._tensors import is_dtensor, local
 from lit_decay.diagnostics import DECOUPLED, peak_lr, timescale_cells
+from lit_decay.modes import group_rule
 from lit_decay.optim import describe_implementation, report_of
-from lit_decay.stats import group_rule
 
 
 def custom_scalars_layout(

@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lit_decay
 from lit_decay.grouping import GroupingReport
+from lit_decay.modes import group_rule
 from lit_decay.optim import report_of
 from lit_decay.penalties import is_attached
-from lit_decay.stats import group_rule
 from tests.reference import ReferenceAdam, ReferenceState, clip_grad_norm
 
 MODES = ("l2", "decoupled", "l1", "decoupled_l1", "none")

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import lit_decay
 import lit_decay._compile
 import lit_decay.stats
-from lit_decay.stats import METRICS, StepStatistics, group_names, group_stats
+from lit_decay.modes import group_names
+from lit_decay.stats import METRICS, StepStatistics, group_stats
 
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal"})
 
@@ -257,7 +258,7 @@ def test_user_built_adam_modes_read_from_torch_keys(build: Callable[..., torch.o
     assert_figures(figures, expected)
     assert_figures(group_stats(optimizer), expected)
     # torch's keys alone decide the mode (wd=0 on Adam is still read as l2, with a zero coefficient)
-    assert lit_decay.stats.group_rule(optimizer, group).mode == {"none": "l2"}.get(mode, mode)
+    assert lit_decay.modes.group_rule(optimizer, group).mode == {"none": "l2"}.get(mode, mode)
 
 
 def test_sgd_with_weight_decay() -> None:
