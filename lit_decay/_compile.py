@@ -1,8 +1,8 @@
 """Single-pass kernels for large tensors through ``torch.compile``, with the eager form everywhere else.
 
 An elementwise formula written with torch ops reads and writes a temporary per op; compiled, it is one pass over
-memory. That matters only for large tensors (the L1 term over a 50M-parameter model, the monitor's statistics), so
-small tensors and anything compile cannot handle take the eager form, which computes the same formula.
+memory. That matters only for large tensors (the monitor's statistics over a 50M-parameter model), so small tensors
+(which take torch's multi-tensor ops instead) and anything compile cannot handle take the eager form.
 
 ``LIT_DECAY_COMPILE=0`` turns compilation off; ``LIT_DECAY_COMPILE=always`` compiles whatever the size (tests use
 it to check the compiled form against the eager one).
@@ -25,8 +25,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 MIN_COMPILED_NUMEL = 1 << 17
 
 # Each kernel is specialised on which optional inputs are None, on dtypes and on the mode: more variants than
-# dynamo's default of 8 per function, after which fullgraph=True would fail. The limit is raised only while our own
-# kernels run, so the user's compiled code keeps its settings.
+# dynamo's default of 8 per function, after which fullgraph=True would fail. The limit is raised once, at the first
+# compile (never lowered: a user's higher setting stays), rather than entered around every call, which would cost
+# host time per tensor.
 _RECOMPILE_LIMIT = 64
 
 _failed: set[str] = set()
@@ -61,9 +62,10 @@ def compiled_or_eager(eager: F) -> F:
             return eager(first, *args, **kwargs)
         try:
             if not compiled:
+                config = torch._dynamo.config
+                config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
                 compiled.append(torch.compile(eager, dynamic=True, fullgraph=True))
-            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-                return compiled[0](first, *args, **kwargs)
+            return compiled[0](first, *args, **kwargs)
         except Exception as error:
             _failed.add(name)
             warnings.warn(

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lit_decay._compile import compiled_or_eager, wants_compiled
 from lit_decay._tensors import is_dtensor, local
 from lit_decay.diagnostics import equilibrium_factor
-from lit_decay.modes import L1_MODES, Penalty, Rule, group_names, group_rule
+from lit_decay.modes import Penalty, Rule, group_names, group_rule
 from lit_decay.penalties import is_attached, observe_proximal_step
+from lit_decay.step_sums import COLUMNS, StepContext, gather, group_sums, update_from_state
 
 METRICS: tuple[str, ...] = (
     "weight_norm",
@@ -49,9 +49,6 @@ METRICS: tuple[str, ...] = (
 PER_PARAMETER_METRICS: tuple[str, ...] = ("weight_norm", "grad_norm", "update_ratio", "equilibrium")
 # Counted by the monitor at every optimizer step (lit_decay.diagnostics.DecayProgress), not measured on logging steps.
 COUNTED_METRICS = frozenset({"decay_progress"})
-
-# Columns of the per-tensor sums: Σw², Σg², Σ(Δw)², Σ(penalty term), number of exact zeros.
-_W2, _G2, _D2, _REG, _ZEROS = range(5)
 
 
 def check_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
@@ -74,120 +71,32 @@ def check_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(m for m in METRICS if m in chosen)
 
 
-def update_from_state(
-    optimizer: Optimizer, group: Mapping[str, Any], rule: Rule, *, sees_proximal_step: bool = False
-) -> bool:
-    """Whether the step's update of ``group`` can be read from Adam's state (else a snapshot is needed).
+@dataclass
+class _MeasuredGroup:
+    """One group's place in the table of a logging step, and what turns its sums into figures."""
 
-    True for torch's Adam/AdamW with float32/float64 weights (lower precision rounds the applied update away from
-    Adam's) in every mode; for ``decoupled_l1`` only when the figures are taken just before lit_decay's proximal step
-    (``sees_proximal_step``), since the weights after it no longer tell what they were.
-    """
-    if not isinstance(optimizer, torch.optim.Adam) or rule.penalty is Penalty.UNKNOWN:
-        return False
-    if rule.penalty == Penalty.PROXIMAL_L1 and not sees_proximal_step:
-        return False
-    if rule.penalty == Penalty.DECOUPLED:
-        # Rebuilding AdamW's w_old divides by 1 − lr·wd; a tensor lr would have to be read on the host to check it.
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor) or lr * rule.coefficient >= 0.5:
-            return False
-    return all(p.dtype in (torch.float32, torch.float64) for p in group["params"])
-
-
-def _tensor_sums(
-    w: torch.Tensor,
-    g: torch.Tensor | None,
-    m: torch.Tensor | None,
-    v: torch.Tensor | None,
-    w_old: torch.Tensor | None,
-    step_size: torch.Tensor | None,
-    inv_sqrt_bias2: torch.Tensor | None,
-    keep: torch.Tensor | None,
-    grad_factor: torch.Tensor | None,
-    eps: float,
-    decay: float | torch.Tensor,
-    penalty: Penalty,
-    threshold: float | torch.Tensor | None = None,
-    count_zeros: bool = True,
-) -> torch.Tensor:
-    """Σw², Σg², Σ(Δw)², Σ(penalty term), number of zeros, for one (local, flat) tensor, in one pass.
-
-    ``Δw`` is ``w − w_old`` with a snapshot, else rebuilt from Adam's moments: ``Δw = −step_size·m/D`` with
-    ``D = √v·inv_sqrt_bias2 + eps`` (plus AdamW's decay), zeroed by ``keep`` on a step the grad scaler skipped;
-    ``decay`` is lr·wd. Scalars that depend on the step count come in precomputed, so the pass does no scalar work.
-    With ``threshold``, ``w`` is the weight after Adam's step but before the proximal L1 step, which this pass applies
-    to its own copy: the figures are those of the weights after the whole step, and w_old = w + Adam's update.
-    """
-    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-    wf = w.to(acc)
-    adam_stepped = wf
-    if threshold is not None:
-        wf = wf - torch.clamp(wf, -threshold, threshold)  # type: ignore[arg-type]
-    w2 = (wf * wf).sum()
-    # Only sparsity needs the count, and only L1 groups log it: a reduction less (about a tenth of the pass).
-    zeros = (wf == 0).to(acc).sum() if count_zeros else torch.zeros((), dtype=acc, device=w.device)
-    g2 = torch.zeros((), dtype=acc, device=w.device)
-    if g is not None:
-        gf = g.to(acc) if grad_factor is None else g.to(acc) * grad_factor
-        g2 = (gf * gf).sum()
-    denom = None
-    if v is not None and inv_sqrt_bias2 is not None:
-        denom = torch.sqrt(v.to(acc)) * inv_sqrt_bias2 + eps
-    d2 = torch.zeros((), dtype=acc, device=w.device)
-    if w_old is not None:
-        delta = wf - w_old.to(acc)
-        d2 = (delta * delta).sum()
-    elif m is not None and denom is not None and step_size is not None:
-        update = step_size * m.to(acc) / denom
-        if keep is not None:
-            update = update * keep
-        if penalty == Penalty.DECOUPLED:
-            # AdamW: w = w_old·(1 − lr·wd) − update, so w_old = (w + update)/(1 − lr·wd).
-            delta = -update - (decay / (1.0 - decay)) * (wf + update)
-            if keep is not None:
-                delta = delta * keep
-        elif threshold is not None:
-            delta = wf - (adam_stepped + update)
-        else:
-            delta = -update
-        d2 = (delta * delta).sum()
-    reg = torch.zeros((), dtype=acc, device=w.device)
-    if penalty == Penalty.ADAM_L2 and denom is not None:
-        reg = (wf * wf / denom).sum()
-    elif penalty == Penalty.ADAM_L1 and denom is not None:
-        reg = (wf.abs() / denom).sum()
-    elif penalty == Penalty.PROXIMAL_L1:
-        reg = (wf.abs() * torch.clamp(wf.abs(), max=decay)).sum()
-    return torch.stack([w2, g2, d2, reg, zeros])
-
-
-def _bias_corrections(
-    steps: Sequence[torch.Tensor], lr: float | torch.Tensor, beta1: float, beta2: float
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Adam's ``lr/(1 − β₁ᵗ)`` and ``1/√(1 − β₂ᵗ)`` for each step count, in a few device ops for the whole group."""
-    if not steps:
-        return [], []
-    t = torch.stack([s.detach().to(torch.float64 if s.device.type != "mps" else torch.float32) for s in steps])
-    if isinstance(lr, torch.Tensor):
-        lr = lr.detach().to(t.device, t.dtype, non_blocking=True)
-    step_size = lr / (1 - beta1**t)
-    inv_sqrt_bias2 = (1 - beta2**t).rsqrt()
-    return list(step_size.unbind()), list(inv_sqrt_bias2.unbind())
-
-
-_tensor_sums_fast = compiled_or_eager(_tensor_sums)
+    name: str
+    rule: Rule
+    lr: float | None  # None: a tensor lr, read from the group's header row
+    header: int | None  # row holding [lr, found_inf] when either is a tensor (they leave the device with the sums)
+    rows: list[int]  # one row per tensor, in the group's order
+    numels: list[int]
+    has_update: bool
+    param_names: list[str]
 
 
 @dataclass
 class _Pending:
-    """Per-tensor sums of one step, on device, with what is needed to turn them into figures."""
+    """Rows of sums of one logging step, on device, and the groups they belong to."""
 
-    sums: list[torch.Tensor] = field(default_factory=list)
-    # (group tag, rule, lr (a float, or the row of `sums` holding a tensor lr), numel, has_update, rows, param names)
-    groups: list[tuple[str, Rule, float | int, int, bool, list[int], list[str]]] = field(default_factory=list)
-    # rows of `sums` that come from DTensor shards, by the process groups their partial sums must be reduced over
+    rows: list[torch.Tensor] = field(default_factory=list)
+    groups: list[_MeasuredGroup] = field(default_factory=list)
+    # rows that come from DTensor shards, by the process groups their partial sums must be reduced over
     sharded: dict[tuple[Any, ...], list[int]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, row: torch.Tensor) -> int:
+        self.rows.append(row)
+        return len(self.rows) - 1
 
 
 def _shard_groups(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -238,6 +147,8 @@ class StepStatistics:
         self._snapshots: dict[int, list[torch.Tensor]] = {}
         self._measured: set[int] = set()  # groups measured before their proximal step, during the current step
         self._pending = _Pending()
+        #: Names of the groups whose step a grad scaler skipped, as of the last ``collect``.
+        self.skipped: frozenset[str] = frozenset()
         self._handles: list[Any] = []
         self._armed = False
 
@@ -341,92 +252,79 @@ class StepStatistics:
         *,
         threshold: float | torch.Tensor | None = None,
     ) -> None:
-        found_inf = getattr(optimizer, "found_inf", None)
-        grad_scale = getattr(optimizer, "grad_scale", None)
-        keep = None if found_inf is None else 1.0 - found_inf.float()
-        grad_factor = None
-        if grad_scale is not None and found_inf is not None:
-            # The fused kernel unscales gradients in place, except on a step it skips.
-            grad_factor = torch.where(found_inf > 0, 1.0 / grad_scale, torch.ones_like(grad_scale))
-        pending = self._pending
         rule = group_rule(optimizer, group)
-        lr: float | torch.Tensor = group["lr"]
-        lr_ref: float | int = float(lr) if not isinstance(lr, torch.Tensor) else len(pending.sums)
-        if isinstance(lr, torch.Tensor):
-            # A tensor lr (capturable or scheduled on device) leaves the device with the sums: one row of its own.
-            lr = lr.detach()
-            pending.sums.append(torch.cat([lr.reshape(1), torch.zeros(4, dtype=lr.dtype, device=lr.device)]))
-        beta1, beta2 = (float(b) for b in group.get("betas", (0.0, 0.0)))
-        eps = float(group.get("eps", 0.0))
         snapshots = self._snapshots.pop(id(group), None)
         from_state = (
             snapshots is None
             and self._wants_update()
             and update_from_state(optimizer, group, rule, sees_proximal_step=threshold is not None)
         )
-        wants_denominator = from_state or rule.penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1)
-        params = group["params"]
-        states = [optimizer.state.get(p, {}) for p in params]
-        # A tensor without a gradient was not stepped: no update and no penalty this step, whatever its state.
-        with_state = [
-            i for i, st in enumerate(states) if wants_denominator and "exp_avg_sq" in st and params[i].grad is not None
-        ]
-        step_sizes, inv_sqrt_bias2s = _bias_corrections(
-            [local(states[i]["step"]) for i in with_state], lr, beta1, beta2
+        tensors = gather(
+            optimizer,
+            group,
+            from_state=from_state,
+            wants_denominator=rule.penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1),
+            snapshots=snapshots,
         )
-        scalars = dict(zip(with_state, zip(step_sizes, inv_sqrt_bias2s)))
-        rows: list[int] = []
-        for p_index, (param, state) in enumerate(zip(params, states)):
-            grad = None if param.grad is None else local(param.grad)
-            stepped = grad is not None
-            w_old = snapshots[p_index] if (snapshots is not None and stepped) else None
-            step_size, inv_sqrt_bias2 = scalars.get(p_index, (None, None))
-            use_state = from_state and stepped and step_size is not None
-            v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
-            w = local(param.detach())
-            m = local(state["exp_avg"]) if use_state else None
-            v = local(v) if (v is not None and inv_sqrt_bias2 is not None) else None
-            kernel = _tensor_sums
-            if wants_compiled(w) and all(t is None or t.is_contiguous() for t in (w, grad, m, v, w_old)):
-                kernel = _tensor_sums_fast
-                w = w.view(-1)
-                grad, m, v, w_old = (None if t is None else t.view(-1) for t in (grad, m, v, w_old))
-            sums = kernel(
-                w,
-                grad,
-                m,
-                v,
-                w_old,
-                step_size=step_size if use_state else None,
-                inv_sqrt_bias2=inv_sqrt_bias2,
-                keep=keep if use_state else None,
-                grad_factor=grad_factor if stepped else None,
-                eps=eps,
-                decay=lr * rule.coefficient,
-                penalty=rule.penalty,
-                threshold=threshold if stepped else None,
-                count_zeros=rule.mode in L1_MODES,
-            )
-            rows.append(len(pending.sums))
+        found_inf = getattr(optimizer, "found_inf", None)
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        grad_factor = None
+        if grad_scale is not None and found_inf is not None:
+            # The fused kernel unscales gradients in place, except on a step it skips.
+            grad_factor = torch.where(found_inf > 0, 1.0 / grad_scale, torch.ones_like(grad_scale))
+        lr = group["lr"]
+        context = StepContext(
+            rule=rule,
+            decay=lr * rule.coefficient,
+            eps=float(group.get("eps", 0.0)),
+            keep=None if found_inf is None else 1.0 - found_inf.float(),
+            grad_factor=grad_factor,
+            threshold=threshold,
+            count_zeros=rule.l1,
+        )
+        pending = self._pending
+        header = None
+        if isinstance(lr, torch.Tensor) or found_inf is not None:
+            # A tensor lr (capturable, or scheduled on device) and the scaler's verdict leave with the sums.
+            values = [torch.as_tensor(lr).detach().reshape(()), torch.zeros(()) if found_inf is None else found_inf]
+            device = values[0].device if isinstance(lr, torch.Tensor) else values[1].device
+            row = torch.stack([v.to(device, torch.float64, non_blocking=True).reshape(()) for v in values])
+            header = pending.add(torch.cat([row, torch.zeros(len(COLUMNS) - 2, dtype=row.dtype, device=device)]))
+        rows = []
+        for param, sums in zip(group["params"], group_sums(tensors, context)):
+            index = pending.add(sums)
+            rows.append(index)
             if is_dtensor(param):
-                pending.sharded[_shard_groups(param)].append(len(pending.sums))
-            pending.sums.append(sums)
-        has_update = snapshots is not None or from_state
-        numel = sum(p.numel() for p in params)
-        pending.groups.append((name, rule, lr_ref, numel, has_update, rows, self._param_names(group)))
+                pending.sharded[_shard_groups(param)].append(index)
+        pending.groups.append(
+            _MeasuredGroup(
+                name=name,
+                rule=rule,
+                lr=None if isinstance(lr, torch.Tensor) else float(lr),
+                header=header,
+                rows=rows,
+                numels=[p.numel() * (2 if p.is_complex() else 1) for p in group["params"]],
+                has_update=snapshots is not None or (from_state and bool(tensors.exp_avgs is not None)),
+                param_names=self._param_names(group),
+            )
+        )
 
     def collect(self) -> dict[str, float]:
         """The figures since the last call, keyed ``{metric}/{group}`` (and ``{metric}/{group}/{param}`` per
-        parameter), after one device-to-host transfer; disarms. Empty if no step was measured."""
+        parameter), after one device-to-host transfer; disarms. Empty if no step was measured.
+
+        ``skipped`` then names the groups whose step a grad scaler skipped: they made no update.
+        """
         self._armed = False
         pending, self._pending = self._pending, _Pending()
         self._snapshots.clear()
         self._measured.clear()
-        if not pending.sums:
+        self.skipped = frozenset()
+        if not pending.rows:
             return {}
-        device = pending.sums[0].device
+        device = pending.rows[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        table = torch.stack([s.to(device, dtype, non_blocking=True) for s in pending.sums])
+        table = torch.stack([row.to(device, dtype, non_blocking=True) for row in pending.rows])
         if pending.sharded:
             import torch.distributed as dist
 
@@ -442,18 +340,24 @@ class StepStatistics:
         figures: dict[str, float] = {}
         wanted = set(self.metrics)
         factors = self._equilibrium_factors()
-        for name, rule, lr_ref, numel, has_update, rows, param_names in pending.groups:
-            lr = table[lr_ref][0] if isinstance(lr_ref, int) else lr_ref
-            total = [sum(table[r][c] for r in rows) for c in range(5)]
-            factor = factors.get(name)
-            group_figures = _figures_of(total, rule, lr, numel, has_update, factor)
-            figures.update({f"{metric}/{name}": value for metric, value in group_figures.items() if metric in wanted})
+        skipped = set()
+        for group in pending.groups:
+            header = table[group.header] if group.header is not None else None
+            lr = group.lr if group.lr is not None else header[0]  # type: ignore[index]
+            step = _Step(group.rule, lr, group.has_update, skipped=header is not None and header[1] > 0)
+            if step.skipped:
+                skipped.add(group.name)
+            total = [sum(table[r][c] for r in group.rows) for c in range(len(COLUMNS))]
+            factor = factors.get(group.name)
+            group_figures = _figures_of(total, step, sum(group.numels), factor)
+            figures.update({f"{m}/{group.name}": v for m, v in group_figures.items() if m in wanted})
             if self.per_parameter:
-                for row, param_name in zip(rows, param_names):
-                    single = _figures_of(table[row], rule, lr, 0, has_update, factor)
+                for row, numel, param_name in zip(group.rows, group.numels, group.param_names):
+                    single = _figures_of(table[row], step, numel, factor)
                     for metric in PER_PARAMETER_METRICS:
                         if metric in wanted and metric in single:
-                            figures[f"{metric}/{name}/{param_name}"] = single[metric]
+                            figures[f"{metric}/{group.name}/{param_name}"] = single[metric]
+        self.skipped = frozenset(skipped)
         return figures
 
     def _equilibrium_factors(self) -> dict[str, float | None]:
@@ -472,46 +376,52 @@ def to_host(table: torch.Tensor) -> list[list[float]]:
     return table.tolist()
 
 
+@dataclass(frozen=True)
+class _Step:
+    """What a group's step was, for turning its sums into figures."""
+
+    rule: Rule
+    lr: float
+    has_update: bool
+    skipped: bool  # a grad scaler skipped it: nothing changed
+
+
 def _ratio(numerator: float, denominator: float) -> float:
-    if denominator == 0.0:
-        return 0.0 if numerator == 0.0 else math.inf
-    return numerator / denominator
+    """``numerator/denominator``, 0 for a zero denominator: the figures of an all-zero tensor stay finite."""
+    return 0.0 if denominator == 0.0 else numerator / denominator
 
 
 def _figures_of(
-    sums: Sequence[float],
-    rule: Rule,
-    lr: float,
-    numel: int,
-    has_update: bool,
-    equilibrium_constant: float | None = None,
+    sums: Sequence[float], step: _Step, numel: int, equilibrium_constant: float | None = None
 ) -> dict[str, float]:
-    w2, g2, d2, reg, zeros = sums
+    w2, g2, d2, penalty, nonzeros, penalised_w2 = sums[: len(COLUMNS)]
+    rule = step.rule
     figures = {"weight_norm": math.sqrt(w2), "grad_norm": math.sqrt(g2)}
-    if has_update:
-        figures["update_ratio"] = _ratio(math.sqrt(d2), math.sqrt(w2))
+    decay = step.lr * rule.coefficient
+    if step.has_update:
+        # Relative to the weights after the step; a tensor the step left all zero (a proximal step zeroing a gate)
+        # is measured against the weights it was applied to.
+        figures["update_ratio"] = 0.0 if step.skipped else _ratio(math.sqrt(d2), math.sqrt(w2 or penalised_w2))
         # Rotational equilibrium: the update ratio over √(c·η·λ), its value at equilibrium (Kosson et al., 2024).
-        if equilibrium_constant is not None and lr * rule.coefficient > 0:
-            predicted = math.sqrt(equilibrium_constant * lr * rule.coefficient)
-            figures["equilibrium"] = figures["update_ratio"] / predicted
-    decay = lr * rule.coefficient
+        if equilibrium_constant is not None and decay > 0:
+            figures["equilibrium"] = figures["update_ratio"] / math.sqrt(equilibrium_constant * decay)
     effective: float | None
-    if rule.penalty == Penalty.NONE:
-        effective = 0.0
+    if rule.penalty is Penalty.NONE or step.skipped:
+        effective = 0.0  # a skipped step applied no penalty either
     elif rule.penalty is Penalty.DECOUPLED:
         effective = decay
     elif rule.penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1):
-        effective = decay * _ratio(reg, w2)
-    elif rule.penalty == Penalty.PROXIMAL_L1:
-        effective = _ratio(reg, w2)
+        effective = decay * _ratio(penalty, w2)
+    elif rule.penalty is Penalty.PROXIMAL_L1:
+        effective = _ratio(penalty, penalised_w2)
     else:
         effective = None
     if effective is not None:
         figures["effective_decay"] = effective
         if effective != 0.0:
             figures["decay_timescale"] = 1.0 / effective
-    if rule.mode in L1_MODES and numel:
-        figures["sparsity"] = zeros / numel
+    if rule.l1 and numel:
+        figures["sparsity"] = (numel - nonzeros) / numel
     return figures
 
 

@@ -83,6 +83,15 @@ class Recorder(L.Callback):
 
     def __init__(self) -> None:
         self.steps: dict[int, list[dict[str, Any]]] = {}
+        self._before_shrink: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        for optimizer in trainer.optimizers:
+            lit_decay.penalties.observe_proximal_step(optimizer, self._copy_before_shrink)
+
+    def _copy_before_shrink(self, optimizer: Any, group: dict[str, Any], threshold: Any) -> None:
+        # decoupled_l1's effective decay is defined on the weights the proximal step acts on (docs/modes.md).
+        self._before_shrink[id(group)] = [p.detach().double().clone() for p in group["params"]]
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         # Accumulating batches share the step value of the batch that steps after them; that last one is kept.
@@ -98,6 +107,7 @@ class Recorder(L.Callback):
                         "eps": group.get("eps"),
                         "amsgrad": group.get("amsgrad"),
                         "weights": [p.detach().double().clone() for p in params],
+                        "before_shrink": self._before_shrink.pop(id(group), None),
                         "grads": [None if p.grad is None else p.grad.detach().double().clone() for p in params],
                         "state": [
                             {k: v.detach().double().clone() for k, v in optimizer.state.get(p, {}).items()}
@@ -180,7 +190,9 @@ def effective_decay(recorded: dict[str, Any], mode: str, wd: float) -> float:
     if mode == "decoupled":
         return lr * wd
     if mode == "decoupled_l1":
-        return sum(float((w.abs() * w.abs().clamp(max=lr * wd)).sum()) for w in weights) / w2
+        acted_on = recorded["before_shrink"]
+        num = sum(float((w.abs() * w.abs().clamp(max=lr * wd)).sum()) for w in acted_on)
+        return num / sum(float((w**2).sum()) for w in acted_on)
     beta2, eps = recorded["betas"][1], recorded["eps"]
     num = 0.0
     for w, state in zip(weights, recorded["state"]):

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lit_decay
 import lit_decay._compile
+import lit_decay.penalties
 import lit_decay.stats
 from lit_decay.modes import group_names
 from lit_decay.stats import METRICS, StepStatistics, group_stats
@@ -523,6 +524,98 @@ def test_grad_scaler_unscaled_grad_norm_and_skipped_step(mode: str) -> None:
     assert figures["update_ratio/no_decay"] == 0.0
     assert figures["weight_norm/decay"] == pytest.approx(norm64(decay["params"]), rel=1e-6)
     assert math.isinf(figures["grad_norm/decay"])
+
+
+@pytest.mark.parametrize("mode", ["l2", "decoupled", "l1", "decoupled_l1"])
+def test_scaler_skipping_the_first_step_gives_finite_figures(mode: str) -> None:
+    """fp16 training's usual first step: the scaler's initial scale overflows, the step is skipped and Adam's step
+    count rolled back to 0. Nothing was updated: update_ratio and effective_decay are 0, every figure but the
+    (infinite) gradient norm is finite, and ``skipped`` names the groups; the next step is measured normally."""
+    model = make_model()
+    optimizer = lit_decay.configure_adam(model, lr=0.05, weight_decay=0.2, mode=mode)
+    scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+    statistics = StepStatistics([optimizer])
+    statistics.attach()
+    statistics.arm()
+    _scaled_step(model, optimizer, scaler, poison=True)
+    scaler.step(optimizer)
+    scaler.update()
+    figures = statistics.collect()
+    assert all(float(state["step"]) == 0 for state in optimizer.state.values())
+    assert statistics.skipped == {"decay", "no_decay"}
+    for key, value in figures.items():
+        assert math.isfinite(value) or key.startswith("grad_norm/"), (key, value)
+    assert figures["update_ratio/decay"] == 0.0 and figures["effective_decay/decay"] == 0.0
+    assert "decay_timescale/decay" not in figures
+
+    statistics.arm()
+    _scaled_step(model, optimizer, scaler, poison=False)
+    scaler.step(optimizer)
+    figures = statistics.collect()
+    statistics.detach()
+    assert statistics.skipped == frozenset()
+    assert all(math.isfinite(v) for v in figures.values()), figures
+    assert figures["update_ratio/decay"] > 0 and figures["effective_decay/decay"] > 0
+
+
+def _proximal_step(weights: list[float], lr: float, coefficient: float) -> tuple[dict[str, float], torch.Tensor]:
+    """One decoupled_l1 step of a hand-built Adam with zero gradients (so Adam itself moves nothing), measured the
+    way the monitor measures it: hooked, just before the proximal step."""
+    w = torch.tensor(weights, dtype=torch.float64, requires_grad=True)
+    group = {"params": [w], "decay_mode": "decoupled_l1", "decay_coefficient": coefficient, "name": "gate"}
+    optimizer = torch.optim.Adam([group], lr=lr)
+    lit_decay.penalties.attach(optimizer)
+    statistics = StepStatistics([optimizer])
+    statistics.attach()
+    statistics.arm()
+    w.grad = torch.zeros_like(w)
+    optimizer.step()
+    statistics.detach()
+    return statistics.collect(), w.detach()
+
+
+def test_decoupled_l1_effective_decay_is_measured_on_the_weights_it_acts_on() -> None:
+    """d = −⟨Δw_reg, w⟩/‖w‖² with w the weights before the shrink. One weight of 0.15 and lr·wd = 0.1: the
+    shrink removes 0.1 of 0.15, d = 0.015/0.0225 = 2/3 (read on the weights after the shrink it would be 1)."""
+    figures, after = _proximal_step([0.15], lr=0.1, coefficient=1.0)
+    assert after.tolist() == pytest.approx([0.05])
+    assert figures["effective_decay/gate"] == pytest.approx(2 / 3, rel=1e-12)
+    figures, _ = _proximal_step([0.15, -2.0], lr=0.1, coefficient=1.0)
+    assert figures["effective_decay/gate"] == pytest.approx((0.15 * 0.1 + 2.0 * 0.1) / (0.15**2 + 2.0**2), rel=1e-12)
+    # many weights near the threshold: the three readings (before, after, after with the old formula) differ a lot
+    weights = [0.09, 0.11, -0.12, 0.2, -0.05]
+    figures, _ = _proximal_step(weights, lr=0.1, coefficient=1.0)
+    before = torch.tensor(weights, dtype=torch.float64)
+    expected = float((before.abs() * before.abs().clamp(max=0.1)).sum() / before.square().sum())
+    assert figures["effective_decay/gate"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_proximal_step_zeroing_a_whole_group_keeps_every_figure_finite() -> None:
+    """The purpose of L1 on a gate: the proximal step zeroes it. The update ratio is then measured against the
+    weights the step acted on (‖Δw‖/0 would be a false non-finite alarm)."""
+    figures, after = _proximal_step([0.03, -0.04], lr=0.1, coefficient=1.0)
+    assert torch.equal(after, torch.zeros(2, dtype=torch.float64))
+    assert all(math.isfinite(v) for v in figures.values()), figures
+    assert figures["weight_norm/gate"] == 0.0 and figures["sparsity/gate"] == 1.0
+    assert figures["update_ratio/gate"] == pytest.approx(1.0, rel=1e-12)  # ‖Δw‖ = ‖w before‖
+    assert figures["effective_decay/gate"] == pytest.approx(1.0, rel=1e-12)  # the whole norm removed
+
+
+def test_complex_parameters_are_measured_as_real_pairs() -> None:
+    """A complex tensor's norm is √Σ|z|² (real and imaginary parts), and its update is read from Adam's state,
+    which torch's Adam keeps as real pairs."""
+    torch.manual_seed(3)
+    z = torch.randn(5, 3, dtype=torch.complex128, requires_grad=True)
+    optimizer = torch.optim.AdamW([z], lr=0.05, weight_decay=0.1)
+    for _ in range(2):
+        z.grad = torch.randn_like(z)
+        before = z.detach().clone()
+        optimizer.step()
+    figures = group_stats(optimizer)
+    assert figures["weight_norm/pg1"] == pytest.approx(float(torch.linalg.vector_norm(z.detach())), rel=1e-12)
+    assert figures["grad_norm/pg1"] == pytest.approx(float(torch.linalg.vector_norm(z.grad)), rel=1e-12)
+    expected_ratio = float(torch.linalg.vector_norm(z.detach() - before) / torch.linalg.vector_norm(z.detach()))
+    assert figures["update_ratio/pg1"] == pytest.approx(expected_ratio, rel=1e-9)
 
 
 # ---- compiled kernels --------------------------------------------------------------------------------------------

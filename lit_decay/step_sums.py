@@ -1,0 +1,390 @@
+"""The sums behind the monitor's figures, for one param group right after its step, computed on device.
+
+Split the way torch splits Adam: ``gather`` collects a group's tensors and Adam's state (local shards, complex
+tensors as real pairs); ``adam_update`` rebuilds the step Adam just took from that state (so no copy of the weights
+is needed); ``group_sums`` reduces each tensor to one row of ``COLUMNS``:
+
+- ``w2`` Σw² of the weights after the whole step, ``g2`` Σg² of the unscaled gradient Adam used,
+- ``d2`` Σ(Δw)² of the step's change,
+- ``penalty`` the numerator of the effective decay d = −⟨Δw_reg, w⟩/‖w‖² of the group's ``Penalty``
+  (``lit_decay.modes``), ``penalised_w2`` its denominator: Σw² of the weights the penalty acted on,
+- ``nonzeros`` the number of weights that are not exactly zero after the step (L1 groups' sparsity).
+
+Small tensors go through torch's multi-tensor (foreach) ops, a few calls for all of them; each large tensor through
+one compiled pass that reads its weights, gradient and moments once (``lit_decay._compile``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lit_decay._batches import by_device_and_dtype, real
+from lit_decay._compile import compiled_or_eager, wants_compiled
+from lit_decay._tensors import local
+from lit_decay.modes import Penalty, Rule
+
+TensorList = list[torch.Tensor] | tuple[torch.Tensor, ...]  # what torch's foreach ops take and return
+
+COLUMNS: tuple[str, ...] = ("w2", "g2", "d2", "penalty", "nonzeros", "penalised_w2")
+W2, G2, D2, PENALTY, NONZEROS, PENALISED_W2 = range(len(COLUMNS))
+
+
+def update_from_state(
+    optimizer: Optimizer, group: Mapping[str, Any], rule: Rule, *, sees_proximal_step: bool = False
+) -> bool:
+    """Whether the step's update of ``group`` can be read from Adam's state (else a snapshot is needed).
+
+    True for torch's Adam/AdamW with float32/float64 (or complex) weights (lower precision rounds the applied update
+    away from Adam's) in every mode; for ``decoupled_l1`` only when the figures are taken just before lit_decay's
+    proximal step (``sees_proximal_step``), since the weights after it no longer tell what they were.
+    """
+    if not isinstance(optimizer, torch.optim.Adam) or rule.penalty is Penalty.UNKNOWN:
+        return False
+    if rule.penalty is Penalty.PROXIMAL_L1 and not sees_proximal_step:
+        return False
+    if rule.penalty is Penalty.DECOUPLED:
+        # Rebuilding AdamW's w_old divides by 1 − lr·wd; a tensor lr would have to be read on the host to check it.
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) or lr * rule.coefficient >= 0.5:
+            return False
+    exact = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+    return all(p.dtype in exact for p in group["params"])
+
+
+@dataclass
+class StepContext:
+    """What a group's sums need besides its tensors: the step's scalars, all on device or host floats."""
+
+    rule: Rule
+    decay: float | torch.Tensor  # lr·wd
+    eps: float
+    keep: torch.Tensor | None  # 0 on a step the grad scaler skipped, else 1 (None without a scaler)
+    grad_factor: torch.Tensor | None  # unscales gradients the fused kernel left scaled (a skipped step)
+    threshold: float | torch.Tensor | None  # the proximal step about to be applied (figures taken just before it)
+    count_zeros: bool
+
+
+@dataclass
+class GroupTensors:
+    """A group's tensors after its step: all weights, and for those that had a gradient, what Adam used."""
+
+    weights: list[torch.Tensor]
+    stepped: list[int]  # indices into ``weights`` of the tensors that had a gradient (the others were not stepped)
+    grads: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor] | None  # when the update is read from Adam's state
+    exp_avg_sqs: list[torch.Tensor] | None  # when the update or the penalty needs Adam's denominator
+    snapshots: list[torch.Tensor] | None  # weights before the step, when the update cannot be read from the state
+    step_sizes: torch.Tensor | None  # lr/(1 − β₁ᵗ) per stepped tensor
+    inv_sqrt_bias2: torch.Tensor | None  # 1/√(1 − β₂ᵗ) per stepped tensor
+
+
+def bias_corrections(
+    steps: Sequence[torch.Tensor], lr: float | torch.Tensor, beta1: float, beta2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's ``lr/(1 − β₁ᵗ)`` and ``1/√(1 − β₂ᵗ)`` for each step count, in a few device ops for the whole group.
+
+    A count of 0 (a grad scaler skipped every step so far and rolled the count back) is read as 1: that step made
+    no update, and its figures must stay finite.
+
+    Examples:
+        >>> step_size, inv_sqrt = bias_corrections([torch.tensor(1.0), torch.tensor(0.0)], 0.1, 0.9, 0.999)
+        >>> [round(x, 4) for x in step_size.tolist()]
+        [1.0, 1.0]
+    """
+    wide = torch.float64 if steps[0].device.type != "mps" else torch.float32
+    t = torch.stack([s.detach().to(wide) for s in steps]).clamp(min=1.0)
+    if isinstance(lr, torch.Tensor):
+        lr = lr.detach().to(t.device, t.dtype, non_blocking=True)
+    return lr / (1 - beta1**t), (1 - beta2**t).rsqrt()
+
+
+def gather(
+    optimizer: Optimizer,
+    group: Mapping[str, Any],
+    *,
+    from_state: bool,
+    wants_denominator: bool,
+    snapshots: list[torch.Tensor] | None,
+) -> GroupTensors:
+    """Collect ``group``'s tensors and Adam's state after the step (local shards; complex tensors as real pairs)."""
+    params = group["params"]
+    stepped = [i for i, p in enumerate(params) if p.grad is not None]
+    states = [optimizer.state.get(params[i], {}) for i in stepped]
+    has_state = bool(stepped) and all("exp_avg_sq" in s for s in states)
+    from_state = from_state and has_state
+    wants_denominator = (wants_denominator or from_state) and has_state
+    weights = [real(local(p.detach())) for p in params]
+    grads = [real(local(params[i].grad)) for i in stepped]
+    exp_avgs = [real(local(s["exp_avg"])) for s in states] if from_state else None
+    exp_avg_sqs = None
+    step_sizes = inv_sqrt_bias2 = None
+    if wants_denominator:
+        key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+        exp_avg_sqs = [real(local(s[key])) for s in states]
+        beta1, beta2 = (float(b) for b in group["betas"])
+        step_sizes, inv_sqrt_bias2 = bias_corrections([local(s["step"]) for s in states], group["lr"], beta1, beta2)
+    kept = None if snapshots is None else [real(snapshots[i]) for i in stepped]
+    return GroupTensors(weights, stepped, grads, exp_avgs, exp_avg_sqs, kept, step_sizes, inv_sqrt_bias2)
+
+
+# ---- one large tensor: a single elementwise pass, compiled --------------------------------------------------------
+
+
+def _tensor_sums(
+    w: torch.Tensor,
+    g: torch.Tensor | None,
+    m: torch.Tensor | None,
+    v: torch.Tensor | None,
+    w_old: torch.Tensor | None,
+    step_size: torch.Tensor | None,
+    inv_sqrt_bias2: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    grad_factor: torch.Tensor | None,
+    eps: float,
+    decay: float | torch.Tensor,
+    penalty: Penalty,
+    threshold: float | torch.Tensor | None,
+    count_zeros: bool,
+) -> torch.Tensor:
+    """The row of ``COLUMNS`` for one (local, flat) tensor, in one pass over its weights, gradient and moments.
+
+    With ``threshold``, ``w`` holds the weights after Adam's step and before the proximal step, which this pass
+    applies to its own copy: the figures are those of the weights after the whole step, the penalty's are those of
+    the weights it acts on.
+    """
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    penalised = w.to(acc)
+    shrink = None
+    wf = penalised
+    if threshold is not None:
+        shrink = torch.clamp(penalised, -threshold, threshold)  # type: ignore[arg-type]
+        wf = penalised - shrink
+    zero = torch.zeros((), dtype=acc, device=w.device)
+    w2 = (wf * wf).sum()
+    # Only sparsity needs the count, and only L1 groups log it: a reduction less (about a tenth of the pass).
+    nonzeros = (wf != 0).to(acc).sum() if count_zeros else zero
+    g2 = zero
+    if g is not None:
+        gf = g.to(acc) if grad_factor is None else g.to(acc) * grad_factor
+        g2 = (gf * gf).sum()
+    denom = None
+    if v is not None and inv_sqrt_bias2 is not None:
+        denom = torch.sqrt(v.to(acc)) * inv_sqrt_bias2 + eps
+    d2 = zero
+    if w_old is not None:
+        delta = wf - w_old.to(acc)
+        d2 = (delta * delta).sum()
+    elif m is not None and denom is not None and step_size is not None:
+        update = adam_update(m.to(acc), denom, step_size, keep)
+        if penalty is Penalty.DECOUPLED:
+            # AdamW: w = w_old·(1 − lr·wd) − update, so w_old = (w + update)/(1 − lr·wd).
+            delta = -update - (decay / (1.0 - decay)) * (wf + update)
+            if keep is not None:
+                delta = delta * keep
+        elif shrink is not None:
+            delta = -shrink - update
+        else:
+            delta = -update
+        d2 = (delta * delta).sum()
+    reg = zero
+    if penalty is Penalty.ADAM_L2 and denom is not None:
+        reg = (wf * wf / denom).sum()
+    elif penalty is Penalty.ADAM_L1 and denom is not None:
+        reg = (wf.abs() / denom).sum()
+    elif penalty is Penalty.PROXIMAL_L1:
+        reg = (shrink * penalised).sum() if shrink is not None else (wf.abs() * torch.clamp(wf.abs(), max=decay)).sum()
+    penalised_w2 = (penalised * penalised).sum() if shrink is not None else w2
+    return torch.stack([w2, g2, d2, reg, nonzeros, penalised_w2])
+
+
+def adam_update(
+    exp_avg: torch.Tensor, denominator: torch.Tensor, step_size: torch.Tensor, keep: torch.Tensor | None
+) -> torch.Tensor:
+    """The step Adam took, read back from its state: ``step_size·m/D`` (subtracted from the weights), with
+    ``D = √v/√(1 − β₂ᵗ) + eps``; zero on a step the grad scaler skipped (``keep`` = 0)."""
+    update = step_size * exp_avg / denominator
+    return update if keep is None else update * keep
+
+
+_compiled_tensor_sums = compiled_or_eager(_tensor_sums)
+
+
+# ---- many small tensors: torch's multi-tensor ops -----------------------------------------------------------------
+
+
+def _squared_norms(tensors: TensorList, acc: torch.dtype) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).square()
+
+
+def _abs_sums(tensors: TensorList, acc: torch.dtype) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(tensors, 1, dtype=acc))
+
+
+def _foreach_sums(
+    w: list[torch.Tensor],
+    g: list[torch.Tensor] | None,
+    m: list[torch.Tensor] | None,
+    v: list[torch.Tensor] | None,
+    w_old: list[torch.Tensor] | None,
+    step_size: torch.Tensor | None,
+    inv_sqrt_bias2: torch.Tensor | None,
+    context: StepContext,
+) -> torch.Tensor:
+    """The rows of ``COLUMNS`` for a list of tensors on one device and of one dtype: ``_tensor_sums``'s formula
+    with one multi-tensor call per operation for the whole list."""
+    n, device, dtype = len(w), w[0].device, w[0].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    penalty, threshold = context.rule.penalty, context.threshold
+    zero = torch.zeros(n, dtype=acc, device=device)
+    shrink = None
+    after: TensorList = w
+    if threshold is not None:
+        if isinstance(threshold, torch.Tensor):
+            t = threshold.to(device, dtype, non_blocking=True)
+            shrink = torch._foreach_clamp_max(w, [t] * n)
+            torch._foreach_clamp_min_(shrink, [-t] * n)
+        else:
+            shrink = torch._foreach_clamp_max(w, threshold)
+            torch._foreach_clamp_min_(shrink, -threshold)
+        after = torch._foreach_sub(w, shrink)
+    w2 = _squared_norms(after, acc)
+    nonzeros = torch.stack(torch._foreach_norm(after, 0, dtype=acc)) if context.count_zeros else zero
+    g2 = zero
+    if g is not None:
+        g2 = _squared_norms(g, acc)
+        if context.grad_factor is not None:
+            g2 = g2 * context.grad_factor.to(acc).square()
+    denom = None
+    if v is not None and inv_sqrt_bias2 is not None:
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_mul_(denom, list(inv_sqrt_bias2.to(dtype).unbind()))
+        torch._foreach_add_(denom, context.eps)
+    d2 = zero
+    if w_old is not None:
+        if dtype != acc:
+            # Low-precision weights (their update comes from a snapshot): subtract in float32, as the old and new
+            # weights of a bfloat16 tensor can differ by more than bfloat16 can hold exactly.
+            after, w_old = [t.to(acc) for t in after], [t.to(acc) for t in w_old]
+        d2 = _squared_norms(torch._foreach_sub(after, w_old), acc)
+    elif m is not None and denom is not None and step_size is not None:
+        scale = step_size if context.keep is None else step_size * context.keep
+        ratio = torch._foreach_div(m, denom)
+        if penalty is Penalty.DECOUPLED or shrink is not None:
+            update = torch._foreach_mul(ratio, list(scale.to(dtype).unbind()))
+            if shrink is not None:
+                d2 = _squared_norms(torch._foreach_add(update, shrink), acc)  # Δw = −shrink − update
+            else:
+                # AdamW: Δw = −update − k·(w + update) with k = lr·wd/(1 − lr·wd) (a host float here).
+                k = float(context.decay) / (1.0 - float(context.decay))
+                delta = torch._foreach_add(w, update)
+                torch._foreach_mul_(delta, k)
+                torch._foreach_add_(delta, update)
+                d2 = _squared_norms(delta, acc)
+                if context.keep is not None:
+                    d2 = d2 * context.keep.to(acc)
+        else:
+            d2 = _squared_norms(ratio, acc) * scale.to(acc).square()
+    reg = zero
+    if penalty is Penalty.ADAM_L2 and denom is not None:
+        terms = torch._foreach_mul(after, after)
+        torch._foreach_div_(terms, denom)
+        reg = _abs_sums(terms, acc)
+    elif penalty is Penalty.ADAM_L1 and denom is not None:
+        reg = _abs_sums(torch._foreach_div(after, denom), acc)
+    elif penalty is Penalty.PROXIMAL_L1:
+        if shrink is not None:
+            reg = _abs_sums(torch._foreach_mul(shrink, w), acc)  # shrink and w share their signs
+        else:
+            magnitudes = torch._foreach_abs(after)
+            decay = context.decay
+            if isinstance(decay, torch.Tensor):
+                capped = torch._foreach_clamp_max(magnitudes, [decay.to(device, dtype)] * n)
+            else:
+                capped = torch._foreach_clamp_max(magnitudes, decay)
+            torch._foreach_mul_(capped, magnitudes)
+            reg = _abs_sums(capped, acc)
+    penalised_w2 = _squared_norms(w, acc) if shrink is not None else w2
+    return torch.stack([w2, g2, d2, reg, nonzeros, penalised_w2], dim=1)
+
+
+# ---- a whole group --------------------------------------------------------------------------------------------------
+
+
+def group_sums(tensors: GroupTensors, context: StepContext) -> list[torch.Tensor]:
+    """One row of ``COLUMNS`` per weight tensor of the group (in the group's order), on device."""
+    rows: list[torch.Tensor | None] = [None] * len(tensors.weights)
+    position = {index: k for k, index in enumerate(tensors.stepped)}
+
+    def stepped_part(k: int, name: str) -> torch.Tensor | None:
+        values = getattr(tensors, name)
+        return None if values is None else values[k]
+
+    small: list[int] = []
+    for index, weight in enumerate(tensors.weights):
+        k = position.get(index)
+        names = ("grads", "exp_avgs", "exp_avg_sqs", "snapshots")
+        parts = [stepped_part(k, name) if k is not None else None for name in names]
+        if wants_compiled(weight) and all(t is None or t.is_contiguous() for t in (weight, *parts)):
+            g, m, v, w_old = (None if t is None else t.view(-1) for t in parts)
+            rows[index] = _compiled_tensor_sums(
+                weight.view(-1),
+                g,
+                m,
+                v,
+                w_old,
+                step_size=None if k is None or tensors.step_sizes is None else tensors.step_sizes[k],
+                inv_sqrt_bias2=None if k is None or tensors.inv_sqrt_bias2 is None else tensors.inv_sqrt_bias2[k],
+                keep=context.keep if m is not None else None,
+                grad_factor=context.grad_factor if g is not None else None,
+                eps=context.eps,
+                decay=context.decay,
+                penalty=context.rule.penalty if k is not None else Penalty.NONE,
+                threshold=context.threshold if k is not None else None,
+                count_zeros=context.count_zeros,
+            )
+        else:
+            small.append(index)
+    for indices in by_device_and_dtype([tensors.weights[i] for i in small]).values():
+        members = [small[i] for i in indices]
+        for stepped in (True, False):
+            chosen = [i for i in members if (i in position) == stepped]
+            if not chosen:
+                continue
+            ks = [position[i] for i in chosen] if stepped else []
+            block = _foreach_block(tensors, chosen, ks, context)
+            for index, row in zip(chosen, block.unbind()):
+                rows[index] = row
+    return [row for row in rows if row is not None]
+
+
+def _foreach_block(tensors: GroupTensors, chosen: list[int], ks: list[int], context: StepContext) -> torch.Tensor:
+    def pick(values: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        return None if values is None or not ks else [values[k] for k in ks]
+
+    def pick_scalars(values: torch.Tensor | None) -> torch.Tensor | None:
+        if values is None or not ks:
+            return None
+        # Indexing by host ints and stacking: no index tensor to copy to the device.
+        return values if len(ks) == len(values) else torch.stack([values[k] for k in ks])
+
+    weights = [tensors.weights[i] for i in chosen]
+    if not ks:
+        # Tensors that were not stepped: no gradient, no update, no penalty this step.
+        rule = Rule(context.rule.mode, context.rule.coefficient, Penalty.NONE)
+        unstepped = StepContext(rule, context.decay, context.eps, None, None, None, context.count_zeros)
+        return _foreach_sums(weights, None, None, None, None, None, None, unstepped)
+    return _foreach_sums(
+        weights,
+        pick(tensors.grads),
+        pick(tensors.exp_avgs),
+        pick(tensors.exp_avg_sqs),
+        pick(tensors.snapshots),
+        pick_scalars(tensors.step_sizes),
+        pick_scalars(tensors.inv_sqrt_bias2),
+        context,
+    )
