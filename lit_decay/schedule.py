@@ -77,6 +77,25 @@ def timescale_coefficient(lr: float, timescale_steps: float) -> float:
     return 1.0 / (lr * timescale_steps) if lr > 0 else 0.0
 
 
+def batches_in_run(estimated_batches: float, *, max_steps: int | None = None, optimizers: int = 1) -> float:
+    """The training steps (batches that step the optimizers) of a run, from Lightning's estimate.
+
+    ``estimated_batches`` is ``trainer.estimated_stepping_batches``. In manual optimization with several optimizers
+    Lightning's ``max_steps`` counts every optimizer's steps (``global_step``) while a schedule counts batches: with
+    each optimizer stepping once per batch, the run ends after ``max_steps / optimizers`` batches. Give
+    ``max_steps`` only in that case (None or -1: no step limit).
+
+    Examples:
+        >>> batches_in_run(100.0)
+        100.0
+        >>> batches_in_run(100.0, max_steps=60, optimizers=2)
+        30
+    """
+    if optimizers > 1 and max_steps is not None and max_steps != -1:
+        return min(estimated_batches, math.ceil(max_steps / optimizers))
+    return estimated_batches
+
+
 def _positive(name: str, value: Any) -> float:
     value = check_non_negative(name, value)
     if value == 0:
@@ -355,12 +374,12 @@ class WeightDecayScheduler(Callback):
         """Run length and timescale in steps, once the training data is set up (after any checkpoint restore)."""
         self._total = self.total_steps or 1
         if self.total_steps is None and self.settings.needs_run_length:
-            estimated = float(trainer.estimated_stepping_batches)
-            optimizers = len(trainer.optimizers)
-            if not pl_module.automatic_optimization and optimizers > 1 and trainer.max_steps not in (-1, None):
-                # max_steps counts every optimizer's steps (global_step), the schedule counts batches: with each
-                # optimizer stepping once per batch, the run ends after max_steps / optimizers batches.
-                estimated = min(estimated, math.ceil(trainer.max_steps / optimizers))
+            manual = not pl_module.automatic_optimization
+            estimated = batches_in_run(
+                float(trainer.estimated_stepping_batches),
+                max_steps=trainer.max_steps if manual else None,
+                optimizers=len(trainer.optimizers),
+            )
             if not math.isfinite(estimated):
                 raise ValueError(
                     f"schedule={self.schedule!r} needs the run's length, but the Trainer has no max_steps or "
