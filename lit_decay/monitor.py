@@ -18,13 +18,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
 from lit_decay._tensors import is_dtensor
-from lit_decay.diagnostics import DECOUPLED, DecayProgress, peak_lr, timescale_warning
-from lit_decay.modes import L1_MODES, group_names, group_rule
-from lit_decay.optim import report_of
-from lit_decay.penalties import is_attached
-from lit_decay.rules import RULE_BIAS, RULE_NORMALIZATION, clean_name, place_parameters
+from lit_decay.audit import audit_messages
+from lit_decay.diagnostics import DecayProgress
+from lit_decay.modes import group_rule
+from lit_decay.rules import clean_name
 from lit_decay.schedule import WeightDecayScheduler
 from lit_decay.stats import METRICS, StepStatistics, check_metrics
+from lit_decay.tags import GROUPING, HISTOGRAM, TagIndex, check_prefix, extra_tag, prefixed, tag
 from lit_decay.tensorboard import custom_scalars_layout, group_values, grouping_markdown
 
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")
@@ -79,8 +79,7 @@ class WeightDecayMonitor(Callback):
             raise ValueError(
                 f"log_every_n_steps must be a positive int or None (follow the Trainer); got {log_every_n_steps!r}"
             )
-        if not isinstance(prefix, str) or not prefix or prefix.startswith("/") or prefix.endswith("/"):
-            raise ValueError(f"prefix must be a non-empty tag prefix such as 'decay'; got {prefix!r}")
+        check_prefix(prefix)
         if on_nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(
                 f"on_nonfinite={on_nonfinite!r} is not valid; valid values are {', '.join(NONFINITE_ACTIONS)}"
@@ -138,10 +137,7 @@ class WeightDecayMonitor(Callback):
             for optimizer in optimizers:
                 self._progress_handles.append(optimizer.register_step_post_hook(self._count_progress))
         if self.audit:
-            try:
-                self._audit(trainer, pl_module, optimizers)
-            except Exception as error:  # the audit only comments on a run: it must never be what stops it
-                rank_zero_warn(f"WeightDecayMonitor audit could not run ({type(error).__name__}: {error}); skipped.")
+            self._audit(trainer, pl_module, optimizers)
         if trainer.is_global_zero:
             self._write_tensorboard_extras(trainer, optimizers)
 
@@ -160,10 +156,11 @@ class WeightDecayMonitor(Callback):
         if not figures:
             return
         if "decay_progress" in self.metrics:
-            figures.update({f"decay_progress/{name}": total for name, total in self._progress.figures().items()})
+            progress = self._progress.figures()
+            figures.update({tag(None, "decay_progress", name): total for name, total in progress.items()})
         # The step value Lightning gives the user's metrics of this batch (its LoggerConnector's default).
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        tagged = {f"{self.prefix}/{key}": value for key, value in figures.items()}
+        tagged = {prefixed(self.prefix, key): value for key, value in figures.items()}
         for logger in trainer.loggers:
             logger.log_metrics(tagged, step=step)
         if self.histograms:
@@ -208,7 +205,9 @@ class WeightDecayMonitor(Callback):
             if known is optimizer:
                 for name, group in zip(self._statistics.names[index], optimizer.param_groups):
                     rule = group_rule(optimizer, group)
-                    if rule.mode == DECOUPLED:
+                    # By mode, not rule.decoupled: a decoupled group at coefficient 0 (a schedule's warmup starts
+                    # there) still counts, so its decay_progress is logged from the first step on.
+                    if rule.mode == "decoupled":
                         self._progress.add(name, group["lr"], rule.coefficient)
 
     def _is_logging_batch(self, trainer: pl.Trainer) -> bool:
@@ -220,72 +219,14 @@ class WeightDecayMonitor(Callback):
         return (stepped + 1) % self.log_every_n_steps == 0 or bool(trainer.should_stop)
 
     def _audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizers: Sequence[Optimizer]) -> None:
-        in_optimizers = {id(p) for optimizer in optimizers for g in optimizer.param_groups for p in g["params"]}
-        missing = [
-            clean_name(n) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in in_optimizers
-        ]
-        if missing:
-            rank_zero_warn(
-                f"WeightDecayMonitor audit: {len(missing)} trainable parameter(s) are in no optimizer and will not be "
-                f"trained: {_listing(missing)}. Freeze them (requires_grad=False) or add them to an optimizer."
-            )
+        """Warn what ``lit_decay.audit.audit_messages`` finds; a scheduler's coefficients make the timescales moot."""
+        scheduled = any(isinstance(c, WeightDecayScheduler) for c in getattr(trainer, "callbacks", ()))
         try:
-            placements = {id(p.tensor): p for p in place_parameters(pl_module)[0]}
-        except ValueError as error:
-            # e.g. a lazy module before its first forward: the audit only comments, it must not stop the run.
-            placements = None
-            rank_zero_warn(
-                f"WeightDecayMonitor audit: could not check which parameters are normalization or bias parameters "
-                f"({error}); that part of the audit is skipped."
-            )
-        for index, optimizer in enumerate(optimizers):
-            label = f"optimizer {index} ({type(optimizer).__name__})"
-            if report_of(optimizer) is None and placements is not None:
-                decayed = [
-                    f"{placement.name} ({placement.reason})"
-                    for group in optimizer.param_groups
-                    if group_rule(optimizer, group).coefficient > 0 and group_rule(optimizer, group).mode != "none"
-                    for p in group["params"]
-                    if (placement := placements.get(id(p))) is not None
-                    and placement.rule in (RULE_NORMALIZATION, RULE_BIAS)
-                ]
-                if decayed:
-                    rank_zero_warn(
-                        f"WeightDecayMonitor audit: {label} applies weight decay to {len(decayed)} "
-                        "normalization or bias "
-                        f"parameter(s): {_listing(decayed)}. Usually they should not be decayed; build the groups with "
-                        "lit_decay.param_groups(...) or lit_decay.configure_adam(...)."
-                    )
-            if not is_attached(optimizer):
-                unapplied = [
-                    f"{group.get('name', f'pg{i + 1}')} ({group['decay_mode']})"
-                    for i, group in enumerate(optimizer.param_groups)
-                    if group.get("decay_mode") in L1_MODES and group.get("decay_coefficient", 0.0) > 0
-                ]
-                if unapplied:
-                    rank_zero_warn(
-                        f"WeightDecayMonitor audit: {label} has group(s) {_listing(unapplied)} "
-                        "asking for an L1 penalty, "
-                        "but torch applies no L1 term by itself and none is attached, so these groups get no decay at "
-                        "all. Build the optimizer with lit_decay.configure_adam(...), which attaches it."
-                    )
-        self._audit_timescales(trainer, optimizers)
-
-    def _audit_timescales(self, trainer: pl.Trainer, optimizers: Sequence[Optimizer]) -> None:
-        """Warn for each decoupled group whose τ = 1/(lr·wd), at the schedule's peak lr, exceeds the whole run."""
-        run_steps = _run_length(trainer)
-        if run_steps is None or any(isinstance(c, WeightDecayScheduler) for c in getattr(trainer, "callbacks", ())):
-            # Unknown length, or a scheduler that rewrites wd at every step: the coefficient now says nothing.
-            return
-        for index, (optimizer, names) in enumerate(zip(optimizers, group_names(optimizers))):
-            for name, group in zip(names, optimizer.param_groups):
-                rule = group_rule(optimizer, group)
-                if rule.mode != DECOUPLED:
-                    continue
-                label = f"optimizer {index} ({type(optimizer).__name__}) group {name!r}"
-                message = timescale_warning(label, peak_lr(group), rule.coefficient, run_steps)
-                if message is not None:
-                    rank_zero_warn(message)
+            messages = audit_messages(pl_module, optimizers, _run_length(trainer), scheduled=scheduled)
+        except Exception as error:  # the audit only comments on a run: it must never be what stops it
+            messages = [f"WeightDecayMonitor audit could not run ({type(error).__name__}: {error}); skipped."]
+        for message in messages:
+            rank_zero_warn(message)
 
     def _tensorboard_loggers(self, trainer: pl.Trainer) -> list[TensorBoardLogger]:
         return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
@@ -299,7 +240,7 @@ class WeightDecayMonitor(Callback):
         text = grouping_markdown(optimizers, self._statistics.names, run_steps=_run_length(trainer))
         for logger in loggers:
             logger.experiment.add_custom_scalars(layout)
-            logger.experiment.add_text(f"{self.prefix}/grouping", text, global_step=trainer.global_step)
+            logger.experiment.add_text(extra_tag(self.prefix, GROUPING), text, global_step=trainer.global_step)
 
     def _write_histograms(self, trainer: pl.Trainer, step: int) -> None:
         if self._statistics is None:
@@ -313,34 +254,29 @@ class WeightDecayMonitor(Callback):
                     continue
                 values = group_values(group)
                 for logger in loggers:
-                    logger.experiment.add_histogram(f"{self.prefix}/histogram/{name}", values, global_step=step)
+                    logger.experiment.add_histogram(extra_tag(self.prefix, HISTOGRAM, name), values, global_step=step)
 
     def _check_finite(self, figures: dict[str, float], step: int) -> None:
         if self.on_nonfinite == "ignore" or self._statistics is None:
             return
-        groups = [name for names in self._statistics.names for name in names]
-        for key, value in figures.items():
-            if math.isfinite(value):
+        nonfinite = [(key, value) for key, value in figures.items() if not math.isfinite(value)]
+        if not nonfinite:
+            return
+        index = TagIndex(METRICS, [name for names in self._statistics.names for name in names])
+        # A step the GradScaler skipped for inf/NaN gradients (torch.amp) is AMP working, not a model fault: the
+        # figures of such a group are not checked (StepStatistics names them where it knows them).
+        skipped: frozenset[str] = getattr(self._statistics, "skipped", frozenset())
+        for key, value in nonfinite:
+            found = index.find(key)
+            metric, group = (found.metric, found.group) if found is not None else (key, key)
+            if group in skipped:
                 continue
-            metric, group = _split_key(key, groups)
             message = f"WeightDecayMonitor: {metric} of group {group!r} is {value} at step {step}"
             if self.on_nonfinite == "raise":
                 raise FloatingPointError(message + " (on_nonfinite='raise')")
             if group not in self._warned_nonfinite:
                 self._warned_nonfinite.add(group)
                 rank_zero_warn(message + "; further non-finite figures of this group are logged without a warning.")
-
-
-def _split_key(key: str, groups: Sequence[str]) -> tuple[str, str]:
-    """(metric, group) of a figure's key ``{metric}/{group}[/{param}]``, where a group's name may hold "/" itself.
-
-    Examples:
-        >>> _split_key("update_ratio/enc/dec/w", ["enc", "enc/dec"])
-        ('update_ratio', 'enc/dec')
-    """
-    metric, rest = key.split("/", 1)
-    owners = [g for g in groups if rest == g or rest.startswith(g + "/")]
-    return metric, max(owners, key=len) if owners else rest.split("/")[0]
 
 
 def _run_length(trainer: pl.Trainer) -> float | None:
@@ -350,8 +286,3 @@ def _run_length(trainer: pl.Trainer) -> float | None:
     except Exception:  # no dataloader length yet, an iterable dataset, or a stand-in trainer
         return None
     return steps if math.isfinite(steps) and steps > 0 else None
-
-
-def _listing(items: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

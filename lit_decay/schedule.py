@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
 from lit_decay._checks import check_bool, check_non_negative, is_real_number
-from lit_decay.modes import group_names, group_rule, set_decay_coefficient
+from lit_decay.modes import Rule, group_names, group_rule, set_decay_coefficient
 
 SHAPES = ("constant", "linear", "cosine")
 
@@ -62,11 +63,195 @@ def schedule_factor(
     raise ValueError(f"schedule={shape!r} is not a schedule shape; valid shapes are {', '.join(SHAPES)} or a callable")
 
 
+def timescale_coefficient(lr: float, timescale_steps: float) -> float:
+    """The decoupled decay coefficient wd = 1/(lr·τ) whose timescale is ``timescale_steps`` at ``lr``.
+
+    lr = 0 applies no decoupled decay whatever wd is (e.g. the last step of a cosine lr schedule): then 0.
+
+    Examples:
+        >>> timescale_coefficient(0.01, 100.0)
+        1.0
+        >>> timescale_coefficient(0.0, 100.0)
+        0.0
+    """
+    return 1.0 / (lr * timescale_steps) if lr > 0 else 0.0
+
+
+def batches_in_run(estimated_batches: float, *, max_steps: int | None = None, optimizers: int = 1) -> float:
+    """The training steps (batches that step the optimizers) of a run, from Lightning's estimate.
+
+    ``estimated_batches`` is ``trainer.estimated_stepping_batches``. In manual optimization with several optimizers
+    Lightning's ``max_steps`` counts every optimizer's steps (``global_step``) while a schedule counts batches: with
+    each optimizer stepping once per batch, the run ends after ``max_steps / optimizers`` batches. Give
+    ``max_steps`` only in that case (None or -1: no step limit).
+
+    Examples:
+        >>> batches_in_run(100.0)
+        100.0
+        >>> batches_in_run(100.0, max_steps=60, optimizers=2)
+        30
+    """
+    if optimizers > 1 and max_steps is not None and max_steps != -1:
+        return min(estimated_batches, math.ceil(max_steps / optimizers))
+    return estimated_batches
+
+
 def _positive(name: str, value: Any) -> float:
     value = check_non_negative(name, value)
     if value == 0:
         raise ValueError(f"{name} must be > 0; got {value!r}")
     return value
+
+
+def _timescale_kind(rule: Rule) -> bool:
+    """Whether a timescale describes ``rule``'s decay: mode ``decoupled``, at any coefficient.
+
+    Not ``rule.decoupled``, which also asks for a positive coefficient: with a timescale the coefficient is
+    1/(lr·τ), so a group built with weight_decay=0 is scheduled too.
+    """
+    return rule.mode == "decoupled"
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """The arguments of a ``WeightDecayScheduler``, checked and normalized; usable without Lightning.
+
+    Building one raises ``ValueError`` (``TypeError`` for a non-number or non-boolean) naming the bad argument. See
+    ``WeightDecayScheduler`` for what each argument means.
+
+    Examples:
+        >>> settings = ScheduleSettings("linear", end_factor=0.0, total_steps=3)
+        >>> [settings.factor(step) for step in range(3)]
+        [1.0, 0.5, 0.0]
+        >>> ScheduleSettings(timescale_epochs=2.0, steps_per_epoch=50).timescale()
+        100.0
+        >>> ScheduleSettings(hold_timescale=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: hold_timescale=True needs a timescale: set timescale_steps or timescale_epochs
+    """
+
+    schedule: Schedule = "constant"
+    start_factor: float = 1.0
+    end_factor: float = 1.0
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    groups: Sequence[str] | None = None  # a tuple once built (one name given as a string becomes one)
+    timescale_steps: float | None = None
+    timescale_epochs: float | None = None
+    steps_per_epoch: float | None = None
+    hold_timescale: bool = False
+
+    def __post_init__(self) -> None:
+        # Frozen: the checked, normalized values (floats from numpy's numbers, a tuple of groups) replace the given.
+        def normalize(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        schedule, warmup_steps, total_steps = self.schedule, self.warmup_steps, self.total_steps
+        if not callable(schedule) and schedule not in SHAPES:
+            raise ValueError(f"schedule={schedule!r} is not valid; valid values are {', '.join(SHAPES)} or a callable")
+        normalize("start_factor", check_non_negative("start_factor", self.start_factor))
+        normalize("end_factor", check_non_negative("end_factor", self.end_factor))
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0; got {warmup_steps!r}")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(f"total_steps must be a positive int or None (from the Trainer); got {total_steps!r}")
+        groups: Any = self.groups
+        normalize("groups", None if groups is None else (groups,) if isinstance(groups, str) else tuple(groups))
+        steps, epochs, per_epoch = self.timescale_steps, self.timescale_epochs, self.steps_per_epoch
+        if steps is not None and epochs is not None:
+            raise ValueError(
+                f"give the decay timescale once: timescale_steps={steps!r} and "
+                f"timescale_epochs={epochs!r} were both set"
+            )
+        normalize("timescale_steps", None if steps is None else _positive("timescale_steps", steps))
+        normalize("timescale_epochs", None if epochs is None else _positive("timescale_epochs", epochs))
+        if per_epoch is not None and epochs is None:
+            raise ValueError(f"steps_per_epoch={per_epoch!r} is only used with timescale_epochs, which is not set")
+        normalize("steps_per_epoch", None if per_epoch is None else _positive("steps_per_epoch", per_epoch))
+        normalize("hold_timescale", check_bool("hold_timescale", self.hold_timescale))
+        if self.hold_timescale and not self.uses_timescale:
+            raise ValueError("hold_timescale=True needs a timescale: set timescale_steps or timescale_epochs")
+
+    @property
+    def uses_timescale(self) -> bool:
+        """Whether decay is given as a timescale τ (wd = 1/(lr·τ)) rather than by the groups' coefficients."""
+        return self.timescale_steps is not None or self.timescale_epochs is not None
+
+    @property
+    def needs_run_length(self) -> bool:
+        """Whether the factor depends on the run's length: the ``"linear"`` and ``"cosine"`` shapes."""
+        return not callable(self.schedule) and self.schedule != "constant"
+
+    def factor(self, step: int, total_steps: int | None = None) -> float:
+        """The factor at optimizer step ``step`` (0-based) of a run of ``total_steps`` (default: ``total_steps``
+        given at construction); raises if a callable returns a bad value, or if a shape needs an unknown length."""
+        if callable(self.schedule):
+            value = self.schedule(step)
+            if not is_real_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"the weight-decay schedule returned {value!r} at step {step}; it must be a finite number >= 0"
+                )
+            return float(value)
+        total = total_steps or self.total_steps
+        if total is None and self.needs_run_length:
+            raise ValueError(
+                f"schedule={self.schedule!r} needs the run's length: pass total_steps= (within a Lightning fit it "
+                "defaults to the Trainer's estimated_stepping_batches)"
+            )
+        return schedule_factor(
+            self.schedule,
+            step,
+            total or 1,
+            start_factor=self.start_factor,
+            end_factor=self.end_factor,
+            warmup_steps=self.warmup_steps,
+        )
+
+    def timescale(self, steps_per_epoch: float | None = None) -> float | None:
+        """τ in optimizer steps (None without a timescale); ``timescale_epochs`` is multiplied by the given
+        ``steps_per_epoch`` or, when given, the one set at construction (None when neither is known)."""
+        if self.timescale_epochs is None:
+            return self.timescale_steps
+        per_epoch = self.steps_per_epoch or steps_per_epoch
+        return None if per_epoch is None else self.timescale_epochs * per_epoch
+
+    def selects(self, name: str, rule: Rule) -> bool:
+        """Whether a group named ``name`` with decay ``rule`` is scheduled: the ones named in ``groups``, else every
+        decayed group; with a timescale, every ``decoupled`` group, whatever its coefficient (τ replaces it)."""
+        if self.groups is not None:
+            return name in self.groups
+        return _timescale_kind(rule) if self.uses_timescale else rule.active
+
+    def check_groups(self, optimizers: Sequence[Optimizer]) -> None:
+        """Raise ``ValueError`` if ``groups`` names a group the optimizers do not have, or if a timescale would be
+        given to a scheduled group whose decay is not decoupled."""
+        all_names = group_names(list(optimizers))
+        known = [n for names in all_names for n in names]
+        unknown = [g for g in self.groups or () if g not in known]
+        if unknown:
+            raise ValueError(
+                f"WeightDecayScheduler groups {unknown!r} are not param groups of the optimizers; "
+                f"valid group names are {known!r}"
+            )
+        if not self.uses_timescale:
+            return
+        for optimizer, names in zip(optimizers, all_names):
+            for name, group in zip(names, optimizer.param_groups):
+                rule = group_rule(optimizer, group)
+                scheduled = name in self.groups if self.groups is not None else rule.active
+                if scheduled and not _timescale_kind(rule):
+                    raise ValueError(
+                        f"a decay timescale τ = 1/(lr·wd) describes decoupled decay, but group {name!r} has mode "
+                        f"{rule.mode!r}; use mode='decoupled' or leave this group out with groups="
+                    )
+
+
+def _setting(name: str) -> Any:
+    """A read-only attribute of the callback that is its ``settings``' field ``name``."""
+    return property(lambda self: getattr(self.settings, name), doc=f"The checked ``{name}`` argument.")
 
 
 class WeightDecayScheduler(Callback):
@@ -104,6 +289,16 @@ class WeightDecayScheduler(Callback):
         trainer = L.Trainer(callbacks=[lit_decay.WeightDecayScheduler(timescale_epochs=5.0)])
     """
 
+    schedule = _setting("schedule")
+    start_factor = _setting("start_factor")
+    end_factor = _setting("end_factor")
+    warmup_steps = _setting("warmup_steps")
+    total_steps = _setting("total_steps")
+    timescale_steps = _setting("timescale_steps")
+    timescale_epochs = _setting("timescale_epochs")
+    steps_per_epoch = _setting("steps_per_epoch")
+    hold_timescale = _setting("hold_timescale")
+
     def __init__(
         self,
         schedule: Schedule = "constant",
@@ -118,42 +313,27 @@ class WeightDecayScheduler(Callback):
         steps_per_epoch: float | None = None,
         hold_timescale: bool = False,
     ) -> None:
-        if not callable(schedule) and schedule not in SHAPES:
-            raise ValueError(f"schedule={schedule!r} is not valid; valid values are {', '.join(SHAPES)} or a callable")
-        self.schedule = schedule
-        self.start_factor = check_non_negative("start_factor", start_factor)
-        self.end_factor = check_non_negative("end_factor", end_factor)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0; got {warmup_steps!r}")
-        self.warmup_steps = warmup_steps
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
-            raise ValueError(f"total_steps must be a positive int or None (from the Trainer); got {total_steps!r}")
-        self.total_steps = total_steps
-        if isinstance(groups, str):
-            groups = [groups]
-        self.groups = None if groups is None else list(groups)
-        if timescale_steps is not None and timescale_epochs is not None:
-            raise ValueError(
-                f"give the decay timescale once: timescale_steps={timescale_steps!r} and "
-                f"timescale_epochs={timescale_epochs!r} were both set"
-            )
-        self.timescale_steps = None if timescale_steps is None else _positive("timescale_steps", timescale_steps)
-        self.timescale_epochs = None if timescale_epochs is None else _positive("timescale_epochs", timescale_epochs)
-        if steps_per_epoch is not None and self.timescale_epochs is None:
-            raise ValueError(
-                f"steps_per_epoch={steps_per_epoch!r} is only used with timescale_epochs, which is not set"
-            )
-        self.steps_per_epoch = None if steps_per_epoch is None else _positive("steps_per_epoch", steps_per_epoch)
-        hold_timescale = check_bool("hold_timescale", hold_timescale)
-        if hold_timescale and self.timescale_steps is None and self.timescale_epochs is None:
-            raise ValueError("hold_timescale=True needs a timescale: set timescale_steps or timescale_epochs")
-        self.hold_timescale = hold_timescale
+        self.settings = ScheduleSettings(
+            schedule,
+            start_factor=start_factor,
+            end_factor=end_factor,
+            warmup_steps=warmup_steps,
+            total_steps=total_steps,
+            groups=groups,
+            timescale_steps=timescale_steps,
+            timescale_epochs=timescale_epochs,
+            steps_per_epoch=steps_per_epoch,
+            hold_timescale=hold_timescale,
+        )
         # Plain data, saved in checkpoints: the base coefficient of each scheduled group, keyed "optimizer/group".
         self._base: dict[str, float] = {}
-        self._timescale: float | None = self._timescale_from_arguments()
+        self._timescale: float | None = self.settings.timescale()
         self._total: int | None = None
+
+    @property
+    def groups(self) -> list[str] | None:
+        """The names of the scheduled groups, or None for every decayed group."""
+        return None if self.settings.groups is None else list(self.settings.groups)
 
     # ---- Lightning hooks -------------------------------------------------------------------------------------------
 
@@ -178,13 +358,8 @@ class WeightDecayScheduler(Callback):
             hold_timescale=self.hold_timescale,
         )
 
-    def _timescale_from_arguments(self) -> float | None:
-        if self.timescale_epochs is not None and self.steps_per_epoch is not None:
-            return self.timescale_epochs * self.steps_per_epoch
-        return self.timescale_steps
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_groups(trainer.optimizers)
+        self.settings.check_groups(trainer.optimizers)
         self._total = None
         self._timescale = None
 
@@ -198,23 +373,21 @@ class WeightDecayScheduler(Callback):
     def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run length and timescale in steps, once the training data is set up (after any checkpoint restore)."""
         self._total = self.total_steps or 1
-        if self.total_steps is None and not callable(self.schedule) and self.schedule != "constant":
-            estimated = float(trainer.estimated_stepping_batches)
-            optimizers = len(trainer.optimizers)
-            if not pl_module.automatic_optimization and optimizers > 1 and trainer.max_steps not in (-1, None):
-                # max_steps counts every optimizer's steps (global_step), the schedule counts batches: with each
-                # optimizer stepping once per batch, the run ends after max_steps / optimizers batches.
-                estimated = min(estimated, math.ceil(trainer.max_steps / optimizers))
+        if self.total_steps is None and self.settings.needs_run_length:
+            manual = not pl_module.automatic_optimization
+            estimated = batches_in_run(
+                float(trainer.estimated_stepping_batches),
+                max_steps=trainer.max_steps if manual else None,
+                optimizers=len(trainer.optimizers),
+            )
             if not math.isfinite(estimated):
                 raise ValueError(
                     f"schedule={self.schedule!r} needs the run's length, but the Trainer has no max_steps or "
                     "max_epochs; pass total_steps="
                 )
             self._total = int(estimated)
-        self._timescale = self.timescale_steps
-        if self.timescale_epochs is not None:
-            per_epoch = self.steps_per_epoch or _optimizer_steps_per_epoch(trainer)
-            self._timescale = self.timescale_epochs * per_epoch
+        from_trainer = self.timescale_epochs is not None and self.steps_per_epoch is None
+        self._timescale = self.settings.timescale(_optimizer_steps_per_epoch(trainer) if from_trainer else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"base": dict(self._base)}
@@ -231,27 +404,7 @@ class WeightDecayScheduler(Callback):
             >>> WeightDecayScheduler("linear", end_factor=0.0, total_steps=3).factor(1)
             0.5
         """
-        if callable(self.schedule):
-            value = self.schedule(step)
-            if not is_real_number(value) or not math.isfinite(value) or value < 0:
-                raise ValueError(
-                    f"the weight-decay schedule returned {value!r} at step {step}; it must be a finite number >= 0"
-                )
-            return float(value)
-        total = self._total or self.total_steps
-        if total is None and (self.schedule != "constant"):
-            raise ValueError(
-                f"schedule={self.schedule!r} needs the run's length: pass total_steps= (within a Lightning fit it "
-                "defaults to the Trainer's estimated_stepping_batches)"
-            )
-        return schedule_factor(
-            self.schedule,
-            step,
-            total or 1,
-            start_factor=self.start_factor,
-            end_factor=self.end_factor,
-            warmup_steps=self.warmup_steps,
-        )
+        return self.settings.factor(step, self._total)
 
     def apply(self, optimizers: Sequence[Optimizer], step: int) -> dict[str, float]:
         """Write the coefficients of ``step`` into the scheduled groups; returns them keyed ``"optimizer/group"``.
@@ -277,13 +430,13 @@ class WeightDecayScheduler(Callback):
         for index, (optimizer, names) in enumerate(zip(optimizers, group_names(list(optimizers)))):
             for name, group in zip(names, optimizer.param_groups):
                 key = f"{index}/{name}"
-                if not self._scheduled(optimizer, group, name, key):
+                # A group once scheduled stays so (its base is in a checkpoint), whatever its coefficient now.
+                if key not in self._base and not self.settings.selects(name, group_rule(optimizer, group)):
                     continue
                 if self._timescale is not None and (self.hold_timescale or key not in self._base):
                     # Held: the current lr. Otherwise the lr the run starts from, before any lr warmup.
                     lr = float(group["lr"] if self.hold_timescale else group.get("initial_lr", group["lr"]))
-                    # lr = 0 applies no decoupled decay whatever wd is (e.g. the last step of a cosine lr schedule).
-                    self._base[key] = 1.0 / (lr * self._timescale) if lr > 0 else 0.0
+                    self._base[key] = timescale_coefficient(lr, self._timescale)
                 self._base.setdefault(key, group_rule(optimizer, group).coefficient)
                 coefficient = self._base[key] * factor
                 if "decay_mode" in group:
@@ -292,43 +445,6 @@ class WeightDecayScheduler(Callback):
                     group["weight_decay"] = coefficient
                 written[key] = coefficient
         return written
-
-    @property
-    def _uses_timescale(self) -> bool:
-        return self.timescale_steps is not None or self.timescale_epochs is not None
-
-    def _scheduled(self, optimizer: Optimizer, group: dict[str, Any], name: str, key: str) -> bool:
-        if self.groups is not None:
-            return name in self.groups
-        if key in self._base:
-            return True
-        rule = group_rule(optimizer, group)
-        if self._uses_timescale:
-            return rule.mode == "decoupled"
-        return rule.mode != "none" and rule.coefficient > 0
-
-    def _check_groups(self, optimizers: Sequence[Optimizer]) -> None:
-        all_names = group_names(list(optimizers))
-        known = [n for names in all_names for n in names]
-        if self.groups is not None:
-            unknown = [g for g in self.groups if g not in known]
-            if unknown:
-                raise ValueError(
-                    f"WeightDecayScheduler groups {unknown!r} are not param groups of the optimizers; "
-                    f"valid group names are {known!r}"
-                )
-        if not self._uses_timescale:
-            return
-        for optimizer, names in zip(optimizers, all_names):
-            for name, group in zip(names, optimizer.param_groups):
-                rule = group_rule(optimizer, group)
-                named = self.groups is not None and name in self.groups
-                decayed = self.groups is None and rule.mode != "none" and rule.coefficient > 0
-                if (named or decayed) and rule.mode != "decoupled":
-                    raise ValueError(
-                        f"a decay timescale τ = 1/(lr·wd) describes decoupled decay, but group {name!r} has mode "
-                        f"{rule.mode!r}; use mode='decoupled' or leave this group out with groups="
-                    )
 
 
 def _training_step_index(trainer: pl.Trainer) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,15 +10,18 @@ from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from lit_decay._tensors import is_dtensor, local
-from lit_decay.diagnostics import DECOUPLED, peak_lr, timescale_cells
+from lit_decay.diagnostics import peak_lr, timescale_cells
 from lit_decay.modes import group_rule
 from lit_decay.optim import describe_implementation, report_of
+from lit_decay.tags import group_tag_pattern
 
 
 def custom_scalars_layout(
     prefix: str, metrics: Sequence[str], groups: Sequence[str] | None = None
 ) -> dict[str, dict[str, list[Any]]]:
-    """TensorBoard's custom-scalars layout: one chart per metric with every group overlaid (tags matched by regex).
+    """TensorBoard's custom-scalars layout: one chart per metric with every group overlaid.
+
+    Each chart's tags are matched by ``lit_decay.tags.group_tag_pattern``.
 
     With ``groups``, each chart matches exactly those group tags, so a group whose name holds "/" is charted too
     (and a per-parameter tag never is); without, any one-segment group name.
@@ -30,10 +32,7 @@ def custom_scalars_layout(
         >>> custom_scalars_layout("decay", ["weight_norm"], ["decay", "enc/dec"])
         {'decay': {'weight_norm': ['Multiline', ['^decay/weight_norm/(decay|enc/dec)$']]}}
     """
-    tail = "[^/]+" if groups is None else "(" + "|".join(re.escape(g) for g in groups) + ")"
-    return {
-        prefix: {metric: ["Multiline", [f"^{re.escape(prefix)}/{re.escape(metric)}/{tail}$"]] for metric in metrics}
-    }
+    return {prefix: {metric: ["Multiline", [group_tag_pattern(prefix, metric, groups)]] for metric in metrics}}
 
 
 def grouping_markdown(
@@ -85,7 +84,7 @@ def grouping_markdown(
 
 def _timescale_of(optimizer: Optimizer, group: Mapping[str, Any], run_steps: float | None) -> tuple[str, str]:
     rule = group_rule(optimizer, group)
-    if rule.mode != DECOUPLED:
+    if not rule.decoupled:
         return "–", "–"
     return timescale_cells(peak_lr(group), rule.coefficient, run_steps)
 

@@ -943,3 +943,42 @@ def test_audit_leaves_timescales_to_a_weight_decay_scheduler(tmp_path: Path) -> 
         warnings.simplefilter("always")
         trainer.fit(Net(make))
     assert audit_messages(record, timescales=True) == []
+
+
+# ---- steps a GradScaler skipped -----------------------------------------------------------------------------------
+
+
+def inf_grad_norm_of(monkeypatch: pytest.MonkeyPatch, group: str, skipped: frozenset[str]) -> None:
+    """Make every collect() report an inf grad_norm for ``group`` and name ``skipped`` as GradScaler-skipped groups,
+    as StepStatistics does (its ``skipped`` attribute) when torch.amp's GradScaler skipped the measured step."""
+    original = lit_decay.StepStatistics.collect
+
+    def collect(self: lit_decay.StepStatistics) -> dict[str, float]:
+        figures = original(self)
+        if figures:
+            figures[f"grad_norm/{group}"] = math.inf
+        self.skipped = skipped  # type: ignore[attr-defined]  # set here whether or not StepStatistics has it yet
+        return figures
+
+    monkeypatch.setattr(lit_decay.StepStatistics, "collect", collect)
+
+
+@pytest.mark.parametrize("action", ["warn", "raise"])
+def test_nonfinite_figures_of_a_skipped_step_neither_warn_nor_raise(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, action: str
+) -> None:
+    inf_grad_norm_of(monkeypatch, "decay", skipped=frozenset({"decay"}))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, trainer, _ = fit(tmp_path, WeightDecayMonitor(log_every_n_steps=2, on_nonfinite=action), loggers="csv")
+    assert [str(w.message) for w in record if "WeightDecayMonitor:" in str(w.message)] == []
+    # still logged as measured: only the fault-finding skips the group
+    assert all(math.isinf(v) for v in csv_metrics(trainer.logger.log_dir)["decay/grad_norm/decay"].values())
+
+
+def test_nonfinite_figures_of_another_group_than_the_skipped_one_still_raise(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    inf_grad_norm_of(monkeypatch, "decay", skipped=frozenset({"first"}))
+    with pytest.raises(FloatingPointError, match=r"grad_norm of group 'decay' is inf at step 1"):
+        fit(tmp_path, WeightDecayMonitor(log_every_n_steps=2, on_nonfinite="raise"), loggers="csv")

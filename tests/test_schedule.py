@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 import lit_decay
-from lit_decay.schedule import schedule_factor
+from lit_decay.modes import group_rule
+from lit_decay.schedule import ScheduleSettings, batches_in_run, schedule_factor, timescale_coefficient
 
 BATCHES_PER_EPOCH = 8
 
@@ -339,3 +341,44 @@ def test_inconsistent_options_fail_at_fit_start(tmp_path: Path) -> None:
         fit(tmp_path, lit_decay.WeightDecayScheduler(lambda step: -1.0))
     with pytest.raises(ValueError, match="needs the run's length"):
         fit(tmp_path, lit_decay.WeightDecayScheduler("cosine"), max_epochs=-1, max_steps=-1, max_time={"seconds": 5})
+
+
+# ---- ScheduleSettings and the plain functions: no Lightning ---------------------------------------------------------
+
+
+def test_settings_normalize_and_answer_without_lightning() -> None:
+    settings = ScheduleSettings("cosine", end_factor=np.float32(0.0), total_steps=5, groups="decay")
+    assert settings.groups == ("decay",) and type(settings.end_factor) is float
+    assert settings.needs_run_length and not settings.uses_timescale
+    assert settings.factor(2) == pytest.approx(0.5)
+    assert settings.factor(2, total_steps=3) == 0.0  # a run length found later (the Trainer's) wins
+    assert ScheduleSettings().factor(7) == 1.0 and not ScheduleSettings().needs_run_length
+    assert ScheduleSettings(timescale_steps=40.0).timescale() == 40.0
+    assert ScheduleSettings(timescale_epochs=2.0).timescale() is None  # steps per epoch unknown yet
+    assert ScheduleSettings(timescale_epochs=2.0).timescale(steps_per_epoch=8) == 16.0
+    assert ScheduleSettings(timescale_epochs=2.0, steps_per_epoch=5).timescale(steps_per_epoch=8) == 10.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.total_steps = 3  # type: ignore[misc]
+
+
+def test_settings_select_and_check_groups() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    optimizer = lit_decay.configure_adam(model, weight_decay=0.1, mode="l2")
+    decay, no_decay = (group_rule(optimizer, g) for g in optimizer.param_groups)
+    assert ScheduleSettings().selects("decay", decay) and not ScheduleSettings().selects("no_decay", no_decay)
+    assert ScheduleSettings(groups=["no_decay"]).selects("no_decay", no_decay)
+    ScheduleSettings().check_groups([optimizer])
+    with pytest.raises(ValueError, match=r"groups \['head'\] are not param groups.*\['decay', 'no_decay'\]"):
+        ScheduleSettings(groups=["head"]).check_groups([optimizer])
+    with pytest.raises(ValueError, match="group 'decay' has mode 'l2'"):
+        ScheduleSettings(timescale_steps=10.0).check_groups([optimizer])
+    with pytest.raises(ValueError, match="group 'no_decay' has mode 'none'"):
+        ScheduleSettings(timescale_steps=10.0, groups=["no_decay"]).check_groups([optimizer])
+
+
+def test_timescale_coefficient_and_batches_in_run() -> None:
+    assert timescale_coefficient(0.01, 50.0) == pytest.approx(2.0)
+    assert timescale_coefficient(0.0, 50.0) == 0.0  # no lr, no decoupled decay
+    assert batches_in_run(80.0) == 80.0
+    assert batches_in_run(80.0, max_steps=100, optimizers=2) == 50
+    assert batches_in_run(80.0, max_steps=-1, optimizers=2) == 80.0

@@ -1,0 +1,134 @@
+"""The monitor's fit-start audit, as a plain function: what looks wrong in a model's optimizers, as messages.
+
+``WeightDecayMonitor(audit=True)`` warns each message once at fit start; nothing here needs Lightning, so the audit
+can be run (and tested) on any module and optimizers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+from torch.optim import Optimizer
+
+from lit_decay.diagnostics import peak_lr, timescale_warning
+from lit_decay.modes import group_names, group_rule
+from lit_decay.optim import report_of
+from lit_decay.penalties import is_attached
+from lit_decay.rules import RULE_BIAS, RULE_NORMALIZATION, Placement, clean_name, place_parameters
+
+AUDIT = "WeightDecayMonitor audit"
+
+
+def audit_messages(
+    module: nn.Module,
+    optimizers: Sequence[Optimizer],
+    run_steps: float | None = None,
+    *,
+    scheduled: bool = False,
+) -> list[str]:
+    """Warnings about how ``optimizers`` decay ``module``'s parameters; an empty list when nothing looks wrong.
+
+    - trainable parameters that are in no optimizer;
+    - a hand-built optimizer (not ``configure_adam``'s) that decays normalization or bias parameters;
+    - groups asking for an L1 mode without lit_decay's L1 penalty attached, so that nothing applies it;
+    - decoupled groups whose decay timescale τ = 1/(lr·wd), at the peak lr, exceeds the run of ``run_steps``
+      optimizer steps (Wang & Aitchison, 2024). Skipped when the run's length is unknown (None) or when a
+      weight-decay schedule rewrites the coefficients during the run (``scheduled=True``).
+
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        >>> for message in audit_messages(model, [optimizer], run_steps=1_000):
+        ...     print(message[:90])
+        WeightDecayMonitor audit: optimizer 0 (AdamW) applies weight decay to 3 normalization or b
+        WeightDecayMonitor audit: optimizer 0 (AdamW) group 'pg1' has decay timescale τ = 1/(lr·wd
+    """
+    messages = _missing_parameters(module, optimizers)
+    try:
+        placements: dict[int, Placement] | None = {id(p.tensor): p for p in place_parameters(module)[0]}
+    except ValueError as error:
+        # e.g. a lazy module before its first forward: the audit only comments, it must not stop the run.
+        placements = None
+        messages.append(
+            f"{AUDIT}: could not check which parameters are normalization or bias parameters "
+            f"({error}); that part of the audit is skipped."
+        )
+    names = group_names(optimizers)
+    labels = [f"optimizer {index} ({type(optimizer).__name__})" for index, optimizer in enumerate(optimizers)]
+    for label, optimizer, group_labels in zip(labels, optimizers, names):
+        if report_of(optimizer) is None and placements is not None:
+            messages.extend(_decayed_norms_and_biases(label, optimizer, placements))
+        if not is_attached(optimizer):
+            messages.extend(_unapplied_l1(label, optimizer, group_labels))
+    if run_steps is not None and not scheduled:
+        for label, optimizer, group_labels in zip(labels, optimizers, names):
+            messages.extend(_long_timescales(label, optimizer, group_labels, run_steps))
+    return messages
+
+
+def listing(items: Sequence[str], limit: int = 10) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are.
+
+    Examples:
+        >>> listing(["a", "b", "c"], limit=2)
+        'a, b, ... (1 more)'
+    """
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _missing_parameters(module: nn.Module, optimizers: Sequence[Optimizer]) -> list[str]:
+    in_optimizers = {id(p) for optimizer in optimizers for g in optimizer.param_groups for p in g["params"]}
+    missing = [clean_name(n) for n, p in module.named_parameters() if p.requires_grad and id(p) not in in_optimizers]
+    if not missing:
+        return []
+    return [
+        f"{AUDIT}: {len(missing)} trainable parameter(s) are in no optimizer and will not be "
+        f"trained: {listing(missing)}. Freeze them (requires_grad=False) or add them to an optimizer."
+    ]
+
+
+def _decayed_norms_and_biases(label: str, optimizer: Optimizer, placements: dict[int, Placement]) -> list[str]:
+    decayed = [
+        f"{placement.name} ({placement.reason})"
+        for group in optimizer.param_groups
+        if group_rule(optimizer, group).active
+        for p in group["params"]
+        if (placement := placements.get(id(p))) is not None and placement.rule in (RULE_NORMALIZATION, RULE_BIAS)
+    ]
+    if not decayed:
+        return []
+    return [
+        f"{AUDIT}: {label} applies weight decay to {len(decayed)} normalization or bias "
+        f"parameter(s): {listing(decayed)}. Usually they should not be decayed; build the groups with "
+        "lit_decay.param_groups(...) or lit_decay.configure_adam(...)."
+    ]
+
+
+def _unapplied_l1(label: str, optimizer: Optimizer, names: Sequence[str]) -> list[str]:
+    # torch's Adam has no L1 term: only lit_decay's attached hooks apply one.
+    unapplied = [
+        f"{name} ({rule.mode})"
+        for name, group in zip(names, optimizer.param_groups)
+        if (rule := group_rule(optimizer, group)).l1 and rule.active
+    ]
+    if not unapplied:
+        return []
+    return [
+        f"{AUDIT}: {label} has group(s) {listing(unapplied)} asking for an L1 penalty, "
+        "but torch applies no L1 term by itself and none is attached, so these groups get no decay at "
+        "all. Build the optimizer with lit_decay.configure_adam(...), which attaches it."
+    ]
+
+
+def _long_timescales(label: str, optimizer: Optimizer, names: Sequence[str], run_steps: float) -> list[str]:
+    messages = []
+    for name, group in zip(names, optimizer.param_groups):
+        rule = group_rule(optimizer, group)
+        if rule.decoupled:
+            message = timescale_warning(f"{label} group {name!r}", peak_lr(group), rule.coefficient, run_steps)
+            if message is not None:
+                messages.append(message)
+    return messages
