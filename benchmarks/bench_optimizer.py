@@ -198,7 +198,8 @@ def step_table(args: argparse.Namespace, device: torch.device, report: tm.Report
             args, lambda rebuild, w=workload, s=shared: step_candidates(w, device, args, s, rebuild), device, REFERENCE
         )
         for summary in tm.summarise(samples):
-            rows.append([workload.label, *tm.summary_cells(summary), target_cell(summary.name, workload, summary.ratio)])
+            target = target_cell(summary.name, workload, summary.ratio)
+            rows.append([workload.label, *tm.summary_cells(summary), target])
             if summary.name in (mode_label("l1"), mode_label("decoupled_l1")):
                 l1_first_calls.append(summary.first_ms)
     table = tm.markdown_table(
@@ -225,7 +226,7 @@ def step_table(args: argparse.Namespace, device: torch.device, report: tm.Report
             [
                 "",
                 "Many tensors: the rows named by a shape set step a model of exactly those tensors ("
-                + "; ".join(f"{s.label}: {s.tensors} tensors, {tm.format_count(s.numel)} parameters" for s in args.shapes)
+                + "; ".join(f"{s.label}: {s.tensors} tensors, {tm.format_count(s.numel)} params" for s in args.shapes)
                 + "), grouped by the same rules (matrices decayed, biases and norms not). A step's fixed cost per "
                 "tensor shows here, not behind the four large matrices of the synthetic model.",
             ]
