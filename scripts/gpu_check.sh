@@ -86,8 +86,11 @@ fi
 fence "$smi"
 rm -f "$smi"
 
+gpu_visible=0
+command -v nvidia-smi >/dev/null 2>&1 && timeout 30 nvidia-smi -L >/dev/null 2>&1 && gpu_visible=1
 setup_note=""
-if ! py=$(choose_python); then
+# scripts/setup.sh only where it can help: a GPU the driver sees (or a dry run) and no usable interpreter yet.
+if ! py=$(choose_python) && { [ "$gpu_visible" = 1 ] || [ "$dry_run" = 1 ]; }; then
   # No interpreter with a CUDA torch and the test tools: make .venv. A system torch that sees CUDA is reused
   # (setup.sh keeps a torch that .venv can import) rather than downloading another.
   if [ ! -x .venv/bin/python ] && [ "$(timeout "$limit_probe" python3 -c 'import torch; print(torch.cuda.is_available())' 2>/dev/null)" = True ]; then
@@ -99,6 +102,7 @@ if ! py=$(choose_python); then
   setup_note="scripts/setup.sh ran (exit status $setup_rc, limit $limit_setup s); its last lines:"
   py=$(choose_python) || py=""
 fi
+[ -n "${py:-}" ] && [ -n "$(probe "$py")" ] || py=""
 
 if [ -z "$py" ]; then
   say "## Result: no GPU found" ""
