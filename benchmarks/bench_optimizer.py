@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {
         "sizes": ",".join(tm.format_count(n) for n in args.sizes) or "none",
         "shapes": ",".join(s.name for s in args.shapes) or "none",
-        "train sizes": ",".join(tm.format_count(n) for n in args.train_sizes),
+        "train sizes": ",".join(tm.format_count(n) for n in args.train_sizes) if "train" in args.parts else "none",
         "rebuilds": args.rebuilds,
         "repetitions": args.repetitions,
         "warmup": args.warmup,
