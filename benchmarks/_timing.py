@@ -297,6 +297,226 @@ def numel(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# ---- many tensors: named shape sets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShapeSet:
+    """A named list of ``(dotted name, shape)`` parameters: the "many tensors" case of the benchmarks.
+
+    Per-tensor costs (a kernel launch, a Python call per tensor in a step hook) hide behind four large matrices and
+    show with many small ones, so the same tables are also measured on these lists. The names follow the model they
+    come from, so lit_decay's grouping rules put matrices in ``decay`` and biases and norms (1-D) in ``no_decay``.
+    """
+
+    name: str
+    label: str
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.shapes)
+
+    @property
+    def largest(self) -> int:
+        """Elements of the largest tensor (which of lit_decay's kernel paths, eager or compiled, it takes)."""
+        return max(math.prod(shape) for _, shape in self.shapes)
+
+    @property
+    def tensors(self) -> int:
+        return len(self.shapes)
+
+
+def _matrix(elements: int) -> tuple[int, int]:
+    """A 2-D shape of ``elements`` entries, as square as its divisors allow (64x64 for 4,096; 256x512 for 131,072).
+
+    Example:
+        >>> _matrix(4096), _matrix(131072), _matrix(7)
+        ((64, 64), (256, 512), (1, 7))
+    """
+    rows = max(d for d in range(1, math.isqrt(elements) + 1) if elements % d == 0)
+    return rows, elements // rows
+
+
+def uniform_shape_set(count: int, elements: int) -> ShapeSet:
+    """``count`` weight matrices of ``elements`` entries each, named ``layers.{i}.weight`` (all decayed).
+
+    Example:
+        >>> s = uniform_shape_set(200, 4096); (s.label, s.tensors, s.numel, s.shapes[0])
+        ('200×4,096', 200, 819200, ('layers.0.weight', (64, 64)))
+    """
+    shape = _matrix(elements)
+    return ShapeSet(
+        f"{count}x{elements}", f"{count}×{elements:,}", tuple((f"layers.{i}.weight", shape) for i in range(count))
+    )
+
+
+def gpt2_small_shapes() -> ShapeSet:
+    """GPT-2 small's own parameter shapes and names (Radford et al., 2019; the Hugging Face ``GPT2Model`` layout,
+    whose ``Conv1D`` weights are stored input × output): 148 tensors, 124,439,808 parameters.
+
+    Example:
+        >>> s = gpt2_small_shapes(); (s.tensors, s.numel)
+        (148, 124439808)
+    """
+    d, vocab, context, layers = 768, 50257, 1024, 12
+    shapes: list[tuple[str, tuple[int, ...]]] = [("wte.weight", (vocab, d)), ("wpe.weight", (context, d))]
+    for i in range(layers):
+        h = f"h.{i}"
+        shapes += [
+            (f"{h}.ln_1.weight", (d,)),
+            (f"{h}.ln_1.bias", (d,)),
+            (f"{h}.attn.c_attn.weight", (d, 3 * d)),
+            (f"{h}.attn.c_attn.bias", (3 * d,)),
+            (f"{h}.attn.c_proj.weight", (d, d)),
+            (f"{h}.attn.c_proj.bias", (d,)),
+            (f"{h}.ln_2.weight", (d,)),
+            (f"{h}.ln_2.bias", (d,)),
+            (f"{h}.mlp.c_fc.weight", (d, 4 * d)),
+            (f"{h}.mlp.c_fc.bias", (4 * d,)),
+            (f"{h}.mlp.c_proj.weight", (4 * d, d)),
+            (f"{h}.mlp.c_proj.bias", (d,)),
+        ]
+    shapes += [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+    return ShapeSet("gpt2-small", "gpt2-small", tuple(shapes))
+
+
+def llama_1b_shapes() -> ShapeSet:
+    """A Llama-like model of about a billion parameters (Touvron et al., 2023, architecture; TinyLlama's widths):
+    16 layers of hidden size 2048 with q/k/v/o projections, a SwiGLU MLP of 5632, two RMSNorm scales per layer, a
+    final norm, and untied input and output embeddings over a 50,304-token vocabulary: 147 tensors, ~1.03B.
+
+    Example:
+        >>> s = llama_1b_shapes(); (s.tensors, round(s.numel / 1e9, 2))
+        (147, 1.03)
+    """
+    d, ff, vocab, layers = 2048, 5632, 50304, 16
+    shapes: list[tuple[str, tuple[int, ...]]] = [("embed_tokens.weight", (vocab, d))]
+    for i in range(layers):
+        layer = f"layers.{i}"
+        shapes += [
+            (f"{layer}.input_layernorm.weight", (d,)),
+            *((f"{layer}.self_attn.{proj}.weight", (d, d)) for proj in ("q_proj", "k_proj", "v_proj", "o_proj")),
+            (f"{layer}.post_attention_layernorm.weight", (d,)),
+            (f"{layer}.mlp.gate_proj.weight", (ff, d)),
+            (f"{layer}.mlp.up_proj.weight", (ff, d)),
+            (f"{layer}.mlp.down_proj.weight", (d, ff)),
+        ]
+    shapes += [("norm.weight", (d,)), ("lm_head.weight", (vocab, d))]
+    return ShapeSet("1b", "1b (Llama-like)", tuple(shapes))
+
+
+#: The named shape sets of ``--shapes`` besides ``NxM`` (N matrices of M elements).
+NAMED_SHAPE_SETS: dict[str, Callable[[], ShapeSet]] = {"gpt2-small": gpt2_small_shapes, "1b": llama_1b_shapes}
+
+
+def parse_shape_set(text: str) -> ShapeSet:
+    """``NxM`` (``N`` matrices of ``M`` elements, e.g. ``200x4096``) or a named set (``gpt2-small``, ``1b``).
+
+    Example:
+        >>> parse_shape_set("100x131072").label, parse_shape_set("gpt2-small").numel
+        ('100×131,072', 124439808)
+    """
+    name = text.strip().lower()
+    if name in NAMED_SHAPE_SETS:
+        return NAMED_SHAPE_SETS[name]()
+    match = re.fullmatch(r"(\d+)x(\d+)", name)
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ValueError(f"{text!r} is not a shape set; write NxM (e.g. 200x4096) or one of {sorted(NAMED_SHAPE_SETS)}")
+    return uniform_shape_set(int(match.group(1)), int(match.group(2)))
+
+
+def parse_shape_sets(text: str) -> list[ShapeSet]:
+    """A comma-separated list of shape sets; ``none`` or nothing for none.
+
+    Example:
+        >>> [s.name for s in parse_shape_sets("200x4096, gpt2-small")], parse_shape_sets("none")
+        (['200x4096', 'gpt2-small'], [])
+    """
+    if text.strip().lower() in ("", "none"):
+        return []
+    return [parse_shape_set(part) for part in text.split(",") if part.strip()]
+
+
+class ShapeModel(nn.Module):
+    """Parameters of a :class:`ShapeSet` under their dotted names, in plain container modules (no forward: the
+    benchmarks time optimizer steps and logging steps on it, with gradients from :func:`fill_gradients`)."""
+
+    def __init__(self, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+        super().__init__()
+        for name, shape in shapes:
+            *path, leaf = name.split(".")
+            owner: nn.Module = self
+            for part in path:
+                child = owner._modules.get(part)
+                if child is None:
+                    child = nn.Module()
+                    owner.add_module(part, child)
+                owner = child
+            owner.register_parameter(leaf, nn.Parameter(torch.empty(shape)))
+
+
+def build_shape_model(shape_set: ShapeSet, device: torch.device, *, seed: int) -> ShapeModel:
+    """A :class:`ShapeModel` of fp32 parameters on ``device``, initialised from ``seed`` as :func:`build_model` does
+    (built on the meta device first: no throw-away CPU copy of a billion parameters)."""
+    with torch.device("meta"):
+        model = ShapeModel(shape_set.shapes)
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            leaf_owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
+            if "ln" in leaf_owner or "norm" in leaf_owner:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.002, generator=generator)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return model
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One row block of a table: a model to build, what the params column says, and the key of its targets (the
+    requested size for the synthetic model, the shape set's name for many tensors)."""
+
+    label: str
+    count: int
+    tensors: int
+    largest: int
+    build: Callable[[torch.device, int], nn.Module]
+    # The size asked for (the synthetic model) or None (a shape set).
+    size: int | None = None
+    shape_set: str | None = None
+    describe: str = ""
+
+    @classmethod
+    def of_size(cls, n_params: int) -> Workload:
+        width, depth = model_shape(n_params)
+        model = SyntheticModel.__name__
+        return cls(
+            label=format_count(model_numel(n_params)),
+            count=model_numel(n_params),
+            tensors=depth * 12 + 2,
+            largest=4 * width * width,
+            build=lambda device, seed: build_model(n_params, device, seed=seed),
+            size=n_params,
+            describe=f"{format_count(model_numel(n_params))} parameters ({model}, width {width}, depth {depth})",
+        )
+
+    @classmethod
+    def of_shapes(cls, shape_set: ShapeSet) -> Workload:
+        return cls(
+            label=shape_set.label,
+            count=shape_set.numel,
+            tensors=shape_set.tensors,
+            largest=shape_set.largest,
+            build=lambda device, seed: build_shape_model(shape_set, device, seed=seed),
+            shape_set=shape_set.name,
+            describe=f"{shape_set.label}: {shape_set.tensors} tensors, {format_count(shape_set.numel)} parameters",
+        )
+
+
 # ---- timing ----------------------------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ Run from the repository root::
 
     python benchmarks/bench_monitor.py                  # full run: a 50M-parameter model (minutes)
     python benchmarks/bench_monitor.py --params 50M --output docs/bench_monitor.md
+    python benchmarks/bench_monitor.py --shapes gpt2-small,1b --device cuda   # many tensors only (logging step)
     python benchmarks/bench_monitor.py --smoke          # seconds; what the tests run
 
 See benchmarks/README.md for what each column means.
@@ -38,6 +39,11 @@ CONTROL = "fused AdamW step (A vs A)"
 PEER = "per-parameter p.norm().item() loop (peer)"
 # The issue's targets for a logging step, as a multiple of one fused Adam step.
 TARGET = {"cpu": 1.5, "cuda": 0.6}
+# The issue "Many tensors": a logging step's extra cost per shape set, in fused Adam steps (any device). Sets not
+# listed have no target ("—").
+SHAPE_TARGETS = {"200x4096": 3.0, "100x131072": 1.5}
+DEFAULT_SHAPES = "200x4096,100x131072"
+SMOKE_SHAPES = "20x64"
 TARGET_AMORTISED_PERCENT = 1.0
 
 
@@ -55,6 +61,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     tm.add_timing_arguments(parser)
     parser.add_argument("--params", type=tm.parse_count, default=None, help="model size (default 50M)")
+    parser.add_argument(
+        "--shapes",
+        type=tm.parse_shape_sets,
+        default=None,
+        help=f"many-tensor shape sets for the logging-step table: NxM (N matrices of M elements), gpt2-small, 1b,\n"
+        f"or none; default {DEFAULT_SHAPES}. Given without --params, only their logging-step tables are measured",
+    )
     parser.add_argument("--parts", default="step,run", help="which tables: step (one logging step), run (Trainer.fit)")
     parser.add_argument("--interval", type=int, default=50, help="log every this many steps in the fit (default 50)")
     parser.add_argument("--run-steps", type=int, default=None, help="timed training steps per fit (default 100)")
@@ -67,14 +80,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke and args.interval == 50:
         args.interval = 3
+    shapes_only = args.shapes is not None and args.params is None
     tm.fill_defaults(
         args,
-        {"params": 50_000_000, "run_steps": 100, "run_warmup": 5, "run_repeats": 3},
-        {"params": 20_000, "run_steps": 6, "run_warmup": 2, "run_repeats": 1},
+        {
+            "params": 50_000_000,
+            "run_steps": 100,
+            "run_warmup": 5,
+            "run_repeats": 3,
+            "shapes": tm.parse_shape_sets(DEFAULT_SHAPES),
+        },
+        {
+            "params": 20_000,
+            "run_steps": 6,
+            "run_warmup": 2,
+            "run_repeats": 1,
+            "shapes": tm.parse_shape_sets(SMOKE_SHAPES),
+        },
     )
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if not args.parts or set(args.parts) - {"step", "run"}:
         parser.error(f"--parts takes step and/or run; got {args.parts}")
+    if shapes_only:
+        # The Trainer.fit part needs a forward pass, which only the synthetic model has: many tensors are measured
+        # by their logging-step table alone.
+        args.params = None
+        args.parts = [part for part in args.parts if part != "run"]
+        if not args.parts:
+            parser.error("--parts run needs --params (the fits train the synthetic model)")
     for key in ("rebuilds", "repetitions", "warmup", "interval", "run_steps", "run_repeats", "batch"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
@@ -96,17 +129,19 @@ def per_parameter_loop(model: torch.nn.Module) -> list[float]:
     return values
 
 
-def step_candidates(args: argparse.Namespace, device: torch.device, shared: bool, rebuild: int) -> list[tm.Candidate]:
+def step_candidates(
+    args: argparse.Namespace, device: torch.device, workload: tm.Workload, shared: bool, rebuild: int
+) -> list[tm.Candidate]:
     seed = args.seed * 1000 + rebuild
     common = None
     if shared:
-        common = tm.build_model(args.params, device, seed=seed)
+        common = workload.build(device, seed)
         tm.fill_gradients(common, seed=seed)
 
     def model() -> torch.nn.Module:
         if common is not None:
             return common
-        fresh = tm.build_model(args.params, device, seed=seed)
+        fresh = workload.build(device, seed)
         tm.fill_gradients(fresh, seed=seed)
         return fresh
 
@@ -151,23 +186,32 @@ def step_candidates(args: argparse.Namespace, device: torch.device, shared: bool
     return tm.build_rotated(builders, rebuild)
 
 
-def step_table(args: argparse.Namespace, device: torch.device, report: tm.Report) -> dict[str, float]:
-    """Print the logging-step table; return each candidate's fastest sample in ms."""
-    count = tm.model_numel(args.params)
-    width, depth = tm.model_shape(args.params)
+def monitor_target(workload: tm.Workload, device: torch.device) -> float | None:
+    """The limit on a logging step's extra cost, in fused Adam steps: per device for the synthetic model, per shape
+    set for many tensors (None where the issue sets none)."""
+    if workload.shape_set is not None:
+        return SHAPE_TARGETS.get(workload.shape_set)
+    return TARGET["cuda" if device.type == "cuda" else "cpu"]
+
+
+def step_table(
+    args: argparse.Namespace, device: torch.device, report: tm.Report, workload: tm.Workload
+) -> dict[str, float]:
+    """Print the logging-step table of one workload; return each candidate's fastest sample in ms."""
+    count = workload.count
     n_candidates = 3 + 2 * len(MODES)
     shared = args.share_params == "yes"
     if args.share_params == "auto":
         available = tm.available_memory(device)
         shared = bool(available) and n_candidates * 16 * count > 0.6 * available
-    tm.progress(f"logging step, {tm.format_count(count)} parameters, width {width}, depth {depth}")
+    tm.progress(f"logging step, {workload.describe}")
     samples = tm.time_candidates(
-        args, lambda rebuild: step_candidates(args, device, shared, rebuild), device, REFERENCE
+        args, lambda rebuild: step_candidates(args, device, workload, shared, rebuild), device, REFERENCE
     )
     summaries = tm.summarise(samples)
     by_name = {s.name: s for s in summaries}
     peer_ms = by_name[PEER].median_ms
-    limit = TARGET["cuda" if device.type == "cuda" else "cpu"]
+    limit = monitor_target(workload, device)
     rows = []
     for s in summaries:
         cells = tm.summary_cells(s)
@@ -186,7 +230,7 @@ def step_table(args: argparse.Namespace, device: torch.device, report: tm.Report
                 f"{extra:.2f}×",
                 f"{extra_low:.2f}×–{extra_high:.2f}×",
                 f"{(armed.median_ms - plain_step.median_ms) / peer_ms:.2f}×" if peer_ms > 0 else "—",
-                f"≤ {limit:.1f}×: {'yes' if extra <= limit else 'NO'}",
+                "—" if limit is None else f"≤ {limit:.1f}×: {'yes' if extra <= limit else 'NO'}",
             ]
         )
     cost_table = tm.markdown_table(
@@ -205,10 +249,14 @@ def step_table(args: argparse.Namespace, device: torch.device, report: tm.Report
         ],
         rows,
     )
+    if workload.shape_set is None:
+        title = f"{tm.format_count(count)} parameters"
+    else:
+        title = f"{workload.label}: {workload.tensors} tensors, {tm.format_count(count)} parameters"
     report.add(
         "\n".join(
             [
-                f"### One logging step against one fused Adam step ({tm.format_count(count)} parameters)",
+                f"### One logging step against one fused Adam step ({title})",
                 "",
                 "WeightDecayMonitor measures from the optimizer's own step hooks (decoupled_l1 groups just before "
                 "their proximal step), so a logging step is timed as `StepStatistics.arm()` + `optimizer.step()` + "
@@ -218,8 +266,14 @@ def step_table(args: argparse.Namespace, device: torch.device, report: tm.Report
                 "hand-built `torch.optim.AdamW(param_groups(...), fused=True)` over the same groups. Peer: the usual "
                 "hand-written logger, `p.norm().item()` and `p.grad.norm().item()` for every parameter (norms only; "
                 "the monitor also gives update ratio, effective decay, timescale and sparsity). "
-                f"Target: a logging step's extra cost ≤ {TARGET['cpu']}× a fused step on CPU, ≤ {TARGET['cuda']}× "
-                "on GPU.",
+                + (
+                    f"Target: a logging step's extra cost ≤ {TARGET['cpu']}× a fused step on CPU, ≤ {TARGET['cuda']}× "
+                    "on GPU."
+                    if workload.shape_set is None
+                    else "Many tensors: a model of exactly these tensors, grouped by the same rules (matrices decayed, "
+                    "biases and norms not); "
+                    + (f"target: a logging step's extra cost ≤ {limit}× a fused step." if limit else "no target.")
+                ),
                 "",
                 table,
                 "",
@@ -464,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     report = tm.Report()
     settings = {
-        "params": tm.format_count(tm.model_numel(args.params)),
+        "params": "none" if args.params is None else tm.format_count(tm.model_numel(args.params)),
+        "shapes": ",".join(s.name for s in args.shapes) or "none",
         "rebuilds": args.rebuilds,
         "repetitions": args.repetitions,
         "warmup": args.warmup,
@@ -477,7 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     logging_ms = None
     if "step" in args.parts:
-        logging_ms = step_table(args, device, report)
+        if args.params is not None:
+            logging_ms = step_table(args, device, report, tm.Workload.of_size(args.params))
+        for shape_set in args.shapes:
+            step_table(args, device, report, tm.Workload.of_shapes(shape_set))
     if "run" in args.parts:
         run_table(args, device, report, logging_ms)
     report.add(

@@ -147,8 +147,16 @@ def _positive(cell: str) -> float:
 def test_optimizer_smoke_prints_both_tables(smoke: dict[str, dict[str, Any]], timing: ModuleType) -> None:
     step, train = _checked(smoke["bench_optimizer"], timing)
     assert list(step[0]) == OPTIMIZER_COLUMNS
-    assert [row["candidate"] for row in step] == OPTIMIZER_ROWS
-    assert {row["params"] for row in step} == {timing.format_count(timing.model_numel(20_000))}
+    # The synthetic model's rows, then the same rows for the smoke's many-tensor shape set (20 matrices of 64).
+    size_label = timing.format_count(timing.model_numel(20_000))
+    assert [row["candidate"] for row in step] == OPTIMIZER_ROWS * 2
+    assert [row["params"] for row in step] == [size_label] * len(OPTIMIZER_ROWS) + ["20×64"] * len(OPTIMIZER_ROWS)
+    many = step[len(OPTIMIZER_ROWS) :]
+    assert many[0]["× reference"] == "1.00×"
+    assert {row["candidate"]: row["target"] for row in many}['configure_adam(mode="decoupled")'].startswith("≤ 1.02×")
+    assert {row["candidate"]: row["target"] for row in many}['configure_adam(mode="l1")'] == "—"
+    assert "20×64: 20 tensors" in smoke["bench_optimizer"]["stdout"]
+    step = step[: len(OPTIMIZER_ROWS)]
     kernels = {row["candidate"]: row["kernel"] for row in step}
     assert kernels["AdamW foreach"] == "foreach" and kernels["AdamW for-loop"] == "for-loop"
     assert all(kernels[name] == "fused" for name in OPTIMIZER_ROWS[:7])  # configure_adam picks the fused kernel
@@ -171,7 +179,13 @@ def test_optimizer_smoke_prints_both_tables(smoke: dict[str, dict[str, Any]], ti
 
 def test_monitor_smoke_prints_both_tables(smoke: dict[str, dict[str, Any]], timing: ModuleType) -> None:
     run = smoke["bench_monitor"]
-    step, cost, fit, overhead = _checked(run, timing)
+    step, cost, many_step, many_cost, fit, overhead = _checked(run, timing)
+    # The many-tensor shape set of the smoke has its own logging-step table, the same rows and columns (no target).
+    assert "### One logging step against one fused Adam step (20×64: 20 tensors, " in run["stdout"]
+    assert [row["candidate"] for row in many_step] == MONITOR_ROWS and list(many_step[0]) == MONITOR_COLUMNS
+    assert many_step[0]["× fused step"] == "1.00×"
+    assert [row["mode"] for row in many_cost] == ["decoupled", "l2", "l1", "decoupled_l1"]
+    assert all(row["target"] == "—" for row in many_cost)
     assert list(step[0]) == MONITOR_COLUMNS
     assert [row["candidate"] for row in step] == MONITOR_ROWS
     assert step[0]["× fused step"] == "1.00×"
@@ -290,6 +304,30 @@ def test_synthetic_model_has_the_requested_size_and_groups(timing: ModuleType) -
     assert all(p.grad is not None and p.grad.shape == p.shape and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_shape_sets_have_their_tensors_and_groups(timing: ModuleType) -> None:
+    gpt2 = timing.parse_shape_set("gpt2-small")
+    assert (gpt2.tensors, gpt2.numel) == (148, 124_439_808)  # GPT-2 small's parameter count
+    assert dict(gpt2.shapes)["h.11.attn.c_attn.weight"] == (768, 2304) and dict(gpt2.shapes)["wte.weight"][0] == 50257
+    llama = timing.parse_shape_set("1b")
+    assert 0.95e9 < llama.numel < 1.1e9 and llama.tensors > 100
+    uniform = timing.parse_shape_set("200x4096")
+    assert (uniform.tensors, uniform.numel, uniform.largest, uniform.label) == (200, 819_200, 4096, "200×4,096")
+    assert timing.parse_shape_set("100x131072").shapes[0][1] == (256, 512)
+    # On the meta device (no memory): grouped as configure_adam groups them, matrices decayed, 1-D tensors not.
+    with torch.device("meta"):
+        model = timing.ShapeModel(gpt2.shapes)
+    groups = {g["name"]: [n for n, _ in g["params"]] for g in lit_decay.param_groups(model, weight_decay=0.1)}
+    assert len(groups["decay"]) == 2 + 12 * 4 and len(groups["no_decay"]) == 12 * 8 + 2
+    assert "h.0.ln_1.weight" in groups["no_decay"] and "h.0.mlp.c_fc.bias" in groups["no_decay"]
+    small = timing.build_shape_model(timing.parse_shape_set("20x64"), torch.device("cpu"), seed=0)
+    assert [tuple(p.shape) for p in small.parameters()] == [(8, 8)] * 20
+    assert [g["name"] for g in lit_decay.param_groups(small, weight_decay=0.1)] == ["decay"]
+    for bad in ("0x64", "20x", "gpt3"):
+        with pytest.raises(ValueError):
+            timing.parse_shape_set(bad)
+    assert timing.parse_shape_sets("none") == []
+
+
 def model_depth(model: torch.nn.Module) -> int:
     return len(model.blocks)  # type: ignore[arg-type]
 
@@ -301,7 +339,15 @@ def test_argument_errors(bench_modules: dict[str, ModuleType]) -> None:
     full = optimizer.parse_args([])
     assert full.sizes == [10**6, 10**7, 5 * 10**7, 10**8] and full.rebuilds == 3
     assert monitor.parse_args([]).params == 5 * 10**7 and monitor.parse_args([]).interval == 50
-    for argv in (["--sizes", "5X"], ["--parts", "nope"], ["--rebuilds", "0"], ["--device", "tpu"]):
+    assert [s.name for s in smoke.shapes] == ["20x64"] and [s.name for s in full.shapes] == ["200x4096", "100x131072"]
+    # --shapes alone measures only the shape sets: no default sizes, and no Trainer.fit part in the monitor.
+    only = optimizer.parse_args(["--shapes", "gpt2-small,1b", "--parts", "step"])
+    assert only.sizes == [] and [s.name for s in only.shapes] == ["gpt2-small", "1b"]
+    monitor_only = monitor.parse_args(["--shapes", "200x4096"])
+    assert monitor_only.params is None and monitor_only.parts == ["step"]
+    assert optimizer.parse_args(["--sizes", "1M", "--shapes", "none"]).shapes == []
+    bad = (["--sizes", "5X"], ["--parts", "nope"], ["--rebuilds", "0"], ["--device", "tpu"], ["--shapes", "3y"])
+    for argv in (*bad, ["--shapes", "none", "--parts", "step"]):
         with pytest.raises(SystemExit) as error:
             optimizer.parse_args(argv)
         assert error.value.code == 2
@@ -314,3 +360,50 @@ def test_cuda_without_a_gpu_fails_clearly(timing: ModuleType) -> None:
     with pytest.raises(SystemExit, match="no CUDA device"):
         timing.resolve_device("cuda")
     assert timing.resolve_device("auto") == torch.device("cpu")
+
+
+# The GPU check's CPU dry run: three interpreters in a row (pytest, two benchmarks) on a possibly loaded machine.
+GPU_CHECK_TIMEOUT_S = 280
+
+
+def test_gpu_check_cpu_dry_run_writes_the_report(tmp_path: Path, timing: ModuleType) -> None:
+    """scripts/gpu_check.sh --cpu-dry-run runs the whole pipeline on CPU at smoke sizes and writes one report with
+    every section; $OUT gets a copy."""
+    report, out = tmp_path / "report.md", tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    env.pop("LIT_DECAY_COMPILE", None)
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(report), "--cpu-dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=GPU_CHECK_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:] + (report.read_text()[-3000:] if report.exists() else "")
+    text = report.read_text()
+    assert (out / "gpu_report.md").read_text() == text
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == [
+        "## Machine",
+        "## CUDA tests",
+        "## Optimizer step, many tensors",
+        "## lit_decay: Adam step time per decay mode",
+        "## Monitor logging step, many tensors",
+        "## lit_decay: what WeightDecayMonitor costs",
+        "## Summary",
+    ]
+    assert "Mode: CPU dry run" in text and f"torch {torch.__version__}" in text
+    assert "-m pytest -m cuda tests/test_cuda.py -q -rA" in text
+    assert "skipped" in text  # without CUDA every test of tests/test_cuda.py skips
+    tables = timing.parse_markdown_tables(text)
+    step = next(t for t in tables if t and list(t[0]) == OPTIMIZER_COLUMNS)
+    assert {row["params"] for row in step} == {"20×64"} and [row["candidate"] for row in step] == OPTIMIZER_ROWS
+    assert any(t and list(t[0]) == MONITOR_COLUMNS for t in tables)
+    summary = tables[-1]
+    assert [row["step"] for row in summary] == [
+        "CUDA tests",
+        "Optimizer step, many tensors",
+        "Monitor logging step, many tensors",
+    ]
+    assert all(row["result"] == "passed" for row in summary)
