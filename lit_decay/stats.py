@@ -35,6 +35,7 @@ from lit_decay.diagnostics import equilibrium_factor
 from lit_decay.modes import Penalty, Rule, group_names, group_rule
 from lit_decay.penalties import is_attached, observe_proximal_step
 from lit_decay.step_sums import COLUMNS, StepContext, gather, group_sums, update_from_state
+from lit_decay.tags import tag
 
 METRICS: tuple[str, ...] = (
     "weight_norm",
@@ -350,13 +351,13 @@ class StepStatistics:
             total = [sum(table[r][c] for r in group.rows) for c in range(len(COLUMNS))]
             factor = factors.get(group.name)
             group_figures = _figures_of(total, step, sum(group.numels), factor)
-            figures.update({f"{m}/{group.name}": v for m, v in group_figures.items() if m in wanted})
+            figures.update({tag(None, m, group.name): v for m, v in group_figures.items() if m in wanted})
             if self.per_parameter:
                 for row, numel, param_name in zip(group.rows, group.numels, group.param_names):
                     single = _figures_of(table[row], step, numel, factor)
                     for metric in PER_PARAMETER_METRICS:
                         if metric in wanted and metric in single:
-                            figures[f"{metric}/{group.name}/{param_name}"] = single[metric]
+                            figures[tag(None, metric, group.name, param_name)] = single[metric]
         self.skipped = frozenset(skipped)
         return figures
 
