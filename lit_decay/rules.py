@@ -19,6 +19,9 @@ trainable tensor (tied tensors once, with their aliases) and the frozen ones apa
 Wrappers (DDP, DataParallel, FSDP1, ``torch.compile``, activation checkpointing, Lightning's strategy wrapper) are
 seen through, so names are the ones the user wrote. A parametrized tensor (``torch.nn.utils.parametrize``, stored as
 ``<module>.parametrizations.<name>.original``) gets the rules of the parameter ``<module>.<name>`` it stands for.
+
+An override also sets its group's ``GroupSettings`` (mode, coefficient, lr_scale): the one type of a group's
+settings, which ``lit_decay.grouping`` writes into the optimizer's groups and into the report.
 """
 
 from __future__ import annotations
