@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--weight-decay", type=float, default=0.01, metavar="F", help="coefficient of the decay group")
     inspect.add_argument("--mode", default="decoupled", choices=MODES, help="decay mode (default: decoupled)")
+    inspect.add_argument(
+        "--lr", type=float, default=None, metavar="F", help="base learning rate: also show each group's lr and τ"
+    )
     inspect.add_argument("--exclude-embeddings", action="store_true", help="keep embedding tables out of decay")
     inspect.add_argument(
         "--decay-1d", action="store_true", help="decay other ndim<=1 parameters too (exclude_1d=False)"
@@ -106,6 +109,7 @@ def _inspect(args: argparse.Namespace) -> str:
             mode=args.mode,
             exclude_embeddings=args.exclude_embeddings,
             exclude_1d=not args.decay_1d,
+            lr=args.lr,
         )
     except (TypeError, ValueError) as error:
         raise _UsageError(" ".join(str(error).split())) from None

@@ -82,15 +82,15 @@ def add_param_groups(
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not any(p.requires_grad and id(p) not in held for p in module.parameters()):
         return []
-    grouping = plan(
+    groups = plan(
         module,
         weight_decay=weight_decay,
         mode=mode,
         exclude_embeddings=exclude_embeddings,
         exclude_1d=exclude_1d,
         overrides=overrides,
-    )
-    groups = grouping.groups(lr if lr is not None else optimizer.defaults["lr"])
+        lr=lr if lr is not None else optimizer.defaults["lr"],
+    ).groups()
     check_parameters(module, groups)
     added = []
     for group in groups:

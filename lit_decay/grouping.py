@@ -1,7 +1,9 @@
 """Parameter groups for Adam, and the report that explains them.
 
-``param_groups`` turns the placements of ``lit_decay.rules`` into plain dicts that ``torch.optim.Adam``
-accepts as they are; ``explain`` returns the same decisions as a ``GroupingReport`` a human can read.
+``plan`` validates the options and places every parameter once (``lit_decay.rules``); from that ``Plan``,
+``param_groups`` makes plain dicts that ``torch.optim.Adam`` accepts as they are, and ``explain`` the same decisions
+as a ``GroupingReport`` a human can read. ``lit_decay.configure_adam`` and ``lit_decay.add_param_groups`` start from
+``plan`` too, so every entry point groups alike and checks its options in one place.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from torch import nn
 
 from lit_decay._checks import check_bool, check_mode, check_non_negative
 from lit_decay.modes import torch_decay_keys
-from lit_decay.rules import DECAY, NO_DECAY, Override, Placement, numel, parse_overrides, place_parameters, unwrap
+from lit_decay.rules import (
+    DECAY,
+    NO_DECAY,
+    GroupSettings,
+    Placement,
+    numel,
+    parse_overrides,
+    place_parameters,
+    unwrap,
+)
 
 
 @dataclass(frozen=True)
@@ -40,21 +51,71 @@ class FrozenRow:
     numel: int
 
 
-@dataclass(frozen=True)
-class GroupSummary:
-    """One group's settings and size."""
+@dataclass(frozen=True, kw_only=True)
+class GroupSummary(GroupSettings):
+    """One group of a ``GroupingReport``: its ``GroupSettings`` and how many tensors and elements it holds."""
 
-    name: str
-    mode: str
-    coefficient: float
     tensors: int
     numel: int
-    lr_scale: float | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    """The cells of one table, drawn as aligned plain text (``text_lines``) or as markdown (``markdown_lines``).
+
+    Each table of a ``GroupingReport`` is built once, as a ``Table``, so ``str(report)``, ``summary()`` and
+    ``to_markdown()`` show the same cells. The ``numeric`` columns are right-aligned in text.
+
+    Examples:
+        >>> table = Table(("group", "tensors"), (("decay", "2"), ("no_decay", "10")), numeric=(1,))
+        >>> for line in table.text_lines():
+        ...     print(line)
+        group     tensors
+        decay           2
+        no_decay       10
+        >>> for line in table.markdown_lines():
+        ...     print(line)
+        | group | tensors |
+        |---|---|
+        | decay | 2 |
+        | no_decay | 10 |
+    """
+
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    numeric: tuple[int, ...] = ()
+
+    def text_lines(self) -> list[str]:
+        """The header and the rows, in columns two spaces apart."""
+        lines = (self.header, *self.rows)
+        widths = [max(len(line[column]) for line in lines) for column in range(len(self.header))]
+        return [
+            "  ".join(
+                cell.rjust(width) if column in self.numeric else cell.ljust(width)
+                for column, (cell, width) in enumerate(zip(line, widths))
+            ).rstrip()
+            for line in lines
+        ]
+
+    def markdown_lines(self) -> list[str]:
+        """The header, the separator and the rows, as a markdown table."""
+        return [
+            _markdown_line(self.header),
+            "|" + "---|" * len(self.header),
+            *(_markdown_line(row) for row in self.rows),
+        ]
+
+
+def _markdown_line(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 @dataclass(frozen=True)
 class GroupingReport:
     """Every grouping decision for a model: ``str(report)`` is a table, ``report.to_dict()`` is JSON-safe.
+
+    With ``lr`` (the base learning rate given to ``explain`` or ``configure_adam``) the report also shows each
+    group's learning rate and, for decoupled groups, the decay timescale τ = 1/(lr·wd).
 
     Examples:
         >>> report = explain(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), weight_decay=0.1)
@@ -71,6 +132,7 @@ class GroupingReport:
     implementation: str | None = field(default=None)
     # Tensors with ndim >= 2 kept out of decay only because their module's class name contains "Norm".
     norm_by_name: tuple[str, ...] = field(default=())
+    lr: float | None = field(default=None)
 
     def group_of(self, name: str) -> str:
         """The group of the parameter called ``name`` (its first name or any alias)."""
@@ -80,130 +142,159 @@ class GroupingReport:
         raise KeyError(f"{name!r} is not a trainable parameter of {self.model}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict: ``model``, ``groups``, ``parameters`` (rows), ``frozen`` and ``implementation``."""
+        """A JSON-safe dict: ``model``, ``groups`` (each with its ``lr``, None without one), ``parameters`` (rows),
+        ``frozen`` and ``implementation``."""
         return {
             "model": self.model,
-            "groups": [asdict(g) for g in self.groups],
+            "groups": [{**asdict(g), "lr": None if self.lr is None else g.scaled_lr(self.lr)} for g in self.groups],
             "parameters": [{**asdict(r), "shape": list(r.shape), "aliases": list(r.aliases)} for r in self.rows],
             "frozen": [{**asdict(r), "shape": list(r.shape)} for r in self.frozen],
             "implementation": self.implementation,
         }
+
+    def group_table(self) -> Table:
+        """One row per group: its name, mode, coefficient, lr_scale (blank if none), tensors and elements."""
+        rows = tuple(
+            (
+                g.name,
+                g.mode,
+                f"{g.coefficient:g}",
+                "" if g.lr_scale is None else f"{g.lr_scale:g}",
+                str(g.tensors),
+                f"{g.numel:,}",
+            )
+            for g in self.groups
+        )
+        return Table(("group", "mode", "coefficient", "lr_scale", "tensors", "elements"), rows, numeric=(4, 5))
+
+    def lr_table(self) -> Table | None:
+        """One row per group: its lr (the base lr times its lr_scale) and τ = 1/(lr·wd) in steps ("–" unless the
+        group's decay is decoupled); None when the report has no base lr.
+
+        Examples:
+            >>> report = explain(nn.Sequential(nn.Linear(4, 4)), weight_decay=0.1, lr=1e-3)
+            >>> report.lr_table().rows
+            (('decay', '0.001', '10,000'), ('no_decay', '0.001', '–'))
+        """
+        if self.lr is None:
+            return None
+        rows = []
+        for g in self.groups:
+            tau = g.timescale(self.lr)
+            rows.append((g.name, f"{g.scaled_lr(self.lr):g}", "–" if tau is None else f"{tau:,.0f}"))
+        return Table(("group", "lr", "τ = 1/(lr·wd) (steps)"), tuple(rows), numeric=(2,))
+
+    def parameter_table(self, *, with_frozen: bool = False) -> Table:
+        """One row per trainable tensor: name, shape, numel, group and reason (with the names it is tied to);
+        ``with_frozen`` adds the frozen ones, in group ``frozen``."""
+        rows = [(r.name, _shape(r.shape), f"{r.numel:,}", r.group, r.reason + _tied(r.aliases)) for r in self.rows]
+        if with_frozen:
+            rows += [(f.name, _shape(f.shape), f"{f.numel:,}", "frozen", "requires_grad=False") for f in self.frozen]
+        return Table(("name", "shape", "numel", "group", "reason"), tuple(rows), numeric=(2,))
+
+    def frozen_table(self) -> Table:
+        """One row per frozen tensor: name, shape and numel."""
+        rows = tuple((f.name, _shape(f.shape), f"{f.numel:,}") for f in self.frozen)
+        return Table(("frozen (not in the optimizer)", "shape", "numel"), rows, numeric=(2,))
 
     def summary(self) -> str:
         """The header of ``__str__``: totals and one line per group, as nanoGPT prints them."""
         trainable = sum(r.numel for r in self.rows)
         lines = [
             f"{self.model}: {len(self.rows)} trainable tensors ({trainable:,} elements), "
-            f"{len(self.frozen)} frozen ({sum(r.numel for r in self.frozen):,} elements)"
+            f"{len(self.frozen)} frozen ({sum(r.numel for r in self.frozen):,} elements)",
+            *_indented(self.group_table().text_lines()),
         ]
-        table = [("group", "mode", "coefficient", "lr_scale", "tensors", "elements")]
-        for g in self.groups:
-            scale = "" if g.lr_scale is None else f"{g.lr_scale:g}"
-            table.append((g.name, g.mode, f"{g.coefficient:g}", scale, str(g.tensors), f"{g.numel:,}"))
-        lines += ["  " + line for line in _format_table(table, right=(4, 5))]
-        if self.implementation:
-            lines.append(f"Adam implementation: {self.implementation}")
-        if self.norm_by_name:
-            lines.append(self._norm_by_name_note())
-        return "\n".join(lines)
-
-    def _norm_by_name_note(self) -> str:
-        listed = ", ".join(self.norm_by_name[:5]) + (", ..." if len(self.norm_by_name) > 5 else "")
-        return (
-            f"Check: {len(self.norm_by_name)} tensor(s) with ndim >= 2 kept out of decay only because their module's "
-            f"class name contains 'Norm' ({listed}); add an override for any that is a weight matrix"
-        )
+        lr_table = self.lr_table()
+        if lr_table is not None:
+            lines += [self._lr_title(), *_indented(lr_table.text_lines())]
+        return "\n".join(lines + self._notes())
 
     def __str__(self) -> str:
-        table = [("name", "shape", "numel", "group", "reason")]
-        for r in self.rows:
-            reason = r.reason + (f"; tied to {', '.join(r.aliases)}" if r.aliases else "")
-            table.append((r.name, _shape(r.shape), f"{r.numel:,}", r.group, reason))
-        parts = [self.summary(), "", *_format_table(table, right=(2,))]
+        parts = [self.summary(), "", *self.parameter_table().text_lines()]
         if self.frozen:
-            frozen = [("frozen (not in the optimizer)", "shape", "numel")]
-            frozen += [(r.name, _shape(r.shape), f"{r.numel:,}") for r in self.frozen]
-            parts += ["", *_format_table(frozen, right=(2,))]
+            parts += ["", *self.frozen_table().text_lines()]
         return "\n".join(parts)
 
     def to_markdown(self) -> str:
-        """The grouping as a markdown table (what the monitor writes to TensorBoard's text tab)."""
-        lines = [
-            f"**{self.model}**",
-            "",
-            "| group | mode | coefficient | lr_scale | tensors | elements |",
-            "|---|---|---|---|---|---|",
-        ]
-        for g in self.groups:
-            scale = "" if g.lr_scale is None else f"{g.lr_scale:g}"
-            lines.append(f"| {g.name} | {g.mode} | {g.coefficient:g} | {scale} | {g.tensors} | {g.numel:,} |")
-        if self.implementation:
-            lines += ["", f"Adam implementation: {self.implementation}"]
-        if self.norm_by_name:
-            lines += ["", self._norm_by_name_note()]
-        lines += ["", "| name | shape | numel | group | reason |", "|---|---|---|---|---|"]
-        for r in self.rows:
-            reason = r.reason + (f"; tied to {', '.join(r.aliases)}" if r.aliases else "")
-            lines.append(f"| {r.name} | {_shape(r.shape)} | {r.numel:,} | {r.group} | {reason} |")
-        for f in self.frozen:
-            lines.append(f"| {f.name} | {_shape(f.shape)} | {f.numel:,} | frozen | requires_grad=False |")
+        """The grouping as markdown tables (what the monitor writes to TensorBoard's text tab)."""
+        lines = [f"**{self.model}**", "", *self.group_table().markdown_lines()]
+        lr_table = self.lr_table()
+        if lr_table is not None:
+            lines += ["", self._lr_title(), "", *lr_table.markdown_lines()]
+        for note in self._notes():
+            lines += ["", note]
+        lines += ["", *self.parameter_table(with_frozen=True).markdown_lines()]
         return "\n".join(lines)
 
     def with_implementation(self, implementation: str) -> GroupingReport:
         """A copy that also names the Adam implementation (what ``lit_decay.configure_adam`` chose)."""
         return replace(self, implementation=implementation)
 
+    def _lr_title(self) -> str:
+        return f"Learning rates at base lr={self.lr:g}:"
+
+    def _notes(self) -> list[str]:
+        """The lines under the group tables: the Adam implementation, and the tensors worth a second look."""
+        notes = []
+        if self.implementation:
+            notes.append(f"Adam implementation: {self.implementation}")
+        if self.norm_by_name:
+            listed = ", ".join(self.norm_by_name[:5]) + (", ..." if len(self.norm_by_name) > 5 else "")
+            notes.append(
+                f"Check: {len(self.norm_by_name)} tensor(s) with ndim >= 2 kept out of decay only because their "
+                f"module's class name contains 'Norm' ({listed}); add an override for any that is a weight matrix"
+            )
+        return notes
+
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _format_table(rows: Sequence[Sequence[str]], right: Iterable[int] = ()) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    right = set(right)
-    return [
-        "  ".join(
-            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
-        ).rstrip()
-        for row in rows
-    ]
+def _tied(aliases: tuple[str, ...]) -> str:
+    return f"; tied to {', '.join(aliases)}" if aliases else ""
+
+
+def _indented(lines: Iterable[str]) -> list[str]:
+    return ["  " + line for line in lines]
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Validated options and placements, from which both the groups and the report are made (one walk of the model)."""
+    """What ``plan`` decided for one module, from which both the groups and the report are made.
+
+    ``placements`` has one entry per trainable tensor (``lit_decay.rules.Placement``), ``frozen`` the
+    ``(name, tensor)`` pairs left out, ``settings`` every group's settings in order (``"decay"``, ``"no_decay"``,
+    then each override's group where first named; a group no tensor lands in is dropped from the output), and ``lr``
+    the validated base learning rate, or None.
+    """
 
     model: str
-    placements: list[Placement]
-    frozen: list[tuple[str, torch.Tensor]]
-    order: list[str]
-    settings: dict[str, dict[str, Any]]
+    placements: tuple[Placement, ...]
+    frozen: tuple[tuple[str, torch.Tensor], ...]
+    settings: tuple[GroupSettings, ...]
+    lr: float | None = None
 
-    def groups(self, lr: float | None = None) -> list[dict[str, Any]]:
+    def groups(self) -> list[dict[str, Any]]:
         """The param-group dicts (see ``param_groups``)."""
-        members: dict[str, list[tuple[str, torch.Tensor]]] = {name: [] for name in self.order}
-        for placement in self.placements:
-            members[placement.group].append((placement.name, placement.tensor))
         groups: list[dict[str, Any]] = []
-        for name in self.order:
-            if not members[name]:
-                continue
-            s = self.settings[name]
+        for settings, members in self._members():
             group: dict[str, Any] = {
-                "name": name,
-                "params": members[name],
-                "decay_mode": s["mode"],
-                "decay_coefficient": s["coefficient"],
-                **torch_decay_keys(s["mode"], s["coefficient"]),
+                "name": settings.name,
+                "params": [(p.name, p.tensor) for p in members],
+                "decay_mode": settings.mode,
+                "decay_coefficient": settings.coefficient,
+                **torch_decay_keys(settings.mode, settings.coefficient),
             }
-            if s["lr_scale"] is not None:
-                group["lr_scale"] = s["lr_scale"]
-                if lr is not None:
-                    group["lr"] = lr * s["lr_scale"]
-                elif s["lr_scale"] != 1.0:
+            if settings.lr_scale is not None:
+                group["lr_scale"] = settings.lr_scale
+                if self.lr is not None:
+                    group["lr"] = settings.scaled_lr(self.lr)
+                elif settings.lr_scale != 1.0:
                     warnings.warn(
-                        f"override group {name!r} has lr_scale={s['lr_scale']:g} but param_groups() got no lr, so the "
-                        "optimizer's default lr applies unscaled; pass lr= (configure_adam does)",
+                        f"override group {settings.name!r} has lr_scale={settings.lr_scale:g} but param_groups() got "
+                        "no lr, so the optimizer's default lr applies unscaled; pass lr= (configure_adam does)",
                         UserWarning,
                         stacklevel=3,
                     )
@@ -217,35 +308,53 @@ class Plan:
             ParameterRow(p.name, tuple(p.tensor.shape), numel(p.tensor), p.group, p.reason, p.aliases)
             for p in self.placements
         )
-        summaries = []
-        for name in self.order:
-            members = [r for r in rows if r.group == name]
-            if members:
-                s = self.settings[name]
-                summaries.append(
-                    GroupSummary(
-                        name, s["mode"], s["coefficient"], len(members), sum(r.numel for r in members), s["lr_scale"]
-                    )
-                )
+        summaries = tuple(
+            GroupSummary(**asdict(settings), tensors=len(members), numel=sum(numel(p.tensor) for p in members))
+            for settings, members in self._members()
+        )
         frozen = tuple(FrozenRow(name, tuple(t.shape), numel(t)) for name, t in self.frozen)
         norm_by_name = tuple(p.name for p in self.placements if p.norm_by_name)
-        return GroupingReport(self.model, rows, frozen, tuple(summaries), norm_by_name=norm_by_name)
+        return GroupingReport(self.model, rows, frozen, summaries, norm_by_name=norm_by_name, lr=self.lr)
+
+    def _members(self) -> list[tuple[GroupSettings, list[Placement]]]:
+        """Each group that holds at least one tensor, with its placements, in the order of ``settings``."""
+        members: dict[str, list[Placement]] = {settings.name: [] for settings in self.settings}
+        for placement in self.placements:
+            members[placement.group].append(placement)
+        return [(settings, members[settings.name]) for settings in self.settings if members[settings.name]]
 
 
 def plan(
     module: nn.Module,
     *,
     weight_decay: float,
-    mode: str,
-    exclude_embeddings: bool,
-    exclude_1d: bool,
-    overrides: Iterable[Mapping[str, Any]] | None,
+    mode: str = "decoupled",
+    exclude_embeddings: bool = False,
+    exclude_1d: bool = True,
+    overrides: Iterable[Mapping[str, Any]] | None = (),
+    lr: float | None = None,
 ) -> Plan:
+    """Validate the grouping options and place every parameter of ``module``: the one walk behind ``param_groups``,
+    ``explain``, ``lit_decay.configure_adam`` and ``lit_decay.add_param_groups``.
+
+    The options are ``param_groups``'s. Every one is checked here, once, and a bad one raises naming it before any
+    group is made (``TypeError`` for a wrong type, ``ValueError`` for a wrong value).
+
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+        >>> grouping = plan(model, weight_decay=0.1, overrides=[{"pattern": "2.*", "name": "head"}], lr=1e-3)
+        >>> [(s.name, s.mode, s.coefficient) for s in grouping.settings]
+        [('decay', 'decoupled', 0.1), ('no_decay', 'none', 0.0), ('head', 'decoupled', 0.1)]
+        >>> [g["name"] for g in grouping.groups()] == [g.name for g in grouping.report().groups]
+        True
+    """
+    if lr is not None:
+        lr = check_non_negative("lr", lr)
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module (a LightningModule is one); got {type(module).__name__}")
     weight_decay = check_non_negative("weight_decay", weight_decay)
-    mode = check_mode(mode)
-    parsed: tuple[Override, ...] = parse_overrides(overrides)
+    decay = GroupSettings(DECAY, check_mode(mode), weight_decay)
+    parsed = parse_overrides(overrides, mode=decay.mode, weight_decay=decay.coefficient)
     placements, frozen = place_parameters(
         module,
         overrides=parsed,
@@ -257,21 +366,11 @@ def plan(
         listed = ", ".join(name for name, _ in frozen[:5]) + (", ..." if len(frozen) > 5 else "")
         detail = f"all {len(frozen)} are frozen (requires_grad=False): {listed}" if frozen else "it has none at all"
         raise ValueError(f"{model} has no trainable parameters to optimize: {detail}")
-
-    settings: dict[str, dict[str, Any]] = {
-        DECAY: {"mode": mode, "coefficient": weight_decay, "lr_scale": None},
-        NO_DECAY: {"mode": "none", "coefficient": 0.0, "lr_scale": None},
-    }
-    order = [DECAY, NO_DECAY]
+    # Two overrides may name one group (parse_overrides made sure they agree): it is listed once, where first named.
+    settings = {DECAY: decay, NO_DECAY: GroupSettings(NO_DECAY, "none", 0.0)}
     for override in parsed:
-        if override.name not in settings:
-            order.append(override.name)
-            settings[override.name] = {
-                "mode": override.mode or mode,
-                "coefficient": weight_decay if override.weight_decay is None else override.weight_decay,
-                "lr_scale": override.lr_scale,
-            }
-    return Plan(model, placements, frozen, order, settings)
+        settings.setdefault(override.name, override.settings)
+    return Plan(model, tuple(placements), tuple(frozen), tuple(settings.values()), lr)
 
 
 def check_partition(groups: Sequence[Mapping[str, Any]], trainable: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -339,8 +438,6 @@ def param_groups(
         0.01
         >>> optimizer = torch.optim.Adam(groups, lr=1e-3)
     """
-    if lr is not None:
-        lr = check_non_negative("lr", lr)
     return plan(
         module,
         weight_decay=weight_decay,
@@ -348,7 +445,8 @@ def param_groups(
         exclude_embeddings=exclude_embeddings,
         exclude_1d=exclude_1d,
         overrides=overrides,
-    ).groups(lr)
+        lr=lr,
+    ).groups()
 
 
 def explain(
@@ -363,6 +461,10 @@ def explain(
 ) -> GroupingReport:
     """Explain how ``param_groups`` would group ``module``'s parameters (same options), one row per tensor.
 
+    With ``lr``, the base learning rate, the report also shows each group's learning rate (``lr * lr_scale``) and,
+    for a decoupled group, its decay timescale τ = 1/(lr·wd) in optimizer steps: the weights forget their past over
+    about τ steps, so a τ longer than the run means the decay barely acts (``GroupingReport.lr_table``).
+
     Examples:
         >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
         >>> model[1].weight = model[0].weight  # tied output head
@@ -376,9 +478,14 @@ def explain(
         <BLANKLINE>
         name      shape    numel  group  reason
         0.weight  (10, 4)     40  decay  embedding; tied to 1.weight
+        >>> print(explain(model, weight_decay=0.1, lr=1e-3).summary())  # doctest: +NORMALIZE_WHITESPACE
+        Sequential: 1 trainable tensors (40 elements), 0 frozen (0 elements)
+          group  mode       coefficient  lr_scale  tensors  elements
+          decay  decoupled  0.1                          1        40
+        Learning rates at base lr=0.001:
+          group  lr     τ = 1/(lr·wd) (steps)
+          decay  0.001                 10,000
     """
-    if lr is not None:
-        check_non_negative("lr", lr)
     return plan(
         module,
         weight_decay=weight_decay,
@@ -386,4 +493,5 @@ def explain(
         exclude_embeddings=exclude_embeddings,
         exclude_1d=exclude_1d,
         overrides=overrides,
+        lr=lr,
     ).report()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lit_decay._checks import check_betas, check_bool, check_mode, check_non_negative
+from lit_decay._checks import check_betas, check_bool, check_non_negative
 from lit_decay._tensors import local
 from lit_decay.grouping import GroupingReport, plan
 from lit_decay.modes import L1_MODES
@@ -223,11 +223,10 @@ def configure_adam(
         >>> [(g["name"], g["weight_decay"]) for g in optimizer.param_groups], optimizer.defaults["fused"]
         ([('decay', 0.1), ('no_decay', 0.0)], True)
     """
-    lr = check_non_negative("lr", lr)
+    # The Adam-only arguments first; plan() checks lr and every grouping option, mode included, before it groups.
     eps = check_non_negative("eps", eps)
     betas = check_betas(betas)
     amsgrad = check_bool("amsgrad", amsgrad)
-    check_mode(mode)
     _check_scheduler(scheduler)
     grouping = plan(
         module,
@@ -236,11 +235,13 @@ def configure_adam(
         exclude_embeddings=exclude_embeddings,
         exclude_1d=exclude_1d,
         overrides=overrides,
+        lr=lr,
     )
-    groups = grouping.groups(lr)
+    assert grouping.lr is not None  # plan() returns the lr it was given, as a checked float
+    groups = grouping.groups()
     check_parameters(module, groups)
     implementation = choose_implementation(groups, fused)
-    optimizer = torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, amsgrad=amsgrad, **implementation)
+    optimizer = torch.optim.Adam(groups, lr=grouping.lr, betas=betas, eps=eps, amsgrad=amsgrad, **implementation)
     attach(optimizer)
     kernel = describe_implementation(optimizer)
     amp_note = lightning_amp_note(module) if optimizer.defaults["fused"] else None

@@ -19,6 +19,9 @@ trainable tensor (tied tensors once, with their aliases) and the frozen ones apa
 Wrappers (DDP, DataParallel, FSDP1, ``torch.compile``, activation checkpointing, Lightning's strategy wrapper) are
 seen through, so names are the ones the user wrote. A parametrized tensor (``torch.nn.utils.parametrize``, stored as
 ``<module>.parametrizations.<name>.original``) gets the rules of the parameter ``<module>.<name>`` it stands for.
+
+An override also sets its group's ``GroupSettings`` (mode, coefficient, lr_scale): the one type of a group's
+settings, which ``lit_decay.grouping`` writes into the optimizer's groups and into the report.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lit_decay._checks import check_mode, check_non_negative
-from lit_decay.modes import Mode
+from lit_decay.modes import SPECS, Mode, Penalty
 
 DECAY = "decay"
 NO_DECAY = "no_decay"
@@ -83,18 +86,54 @@ RULE_OVERRIDE, RULE_NO_WEIGHT_DECAY, RULE_NORMALIZATION, RULE_BIAS, RULE_EMBEDDI
 
 
 @dataclass(frozen=True)
+class GroupSettings:
+    """The settings of one param group: made from an override (or for ``"decay"``/``"no_decay"``, from the options),
+    written into the optimizer's group, and shown in the report's group table.
+
+    ``coefficient`` is the decay strength the user asked for, whatever the mode. ``lr_scale`` multiplies the base
+    learning rate; ``None`` means the group has no lr of its own (it takes the optimizer's).
+
+    Examples:
+        >>> head = GroupSettings("head", "decoupled", 0.1, lr_scale=10.0)
+        >>> head.scaled_lr(1e-3), head.timescale(1e-3)
+        (0.01, 1000.0)
+        >>> GroupSettings("no_decay", "none", 0.0).timescale(1e-3) is None
+        True
+    """
+
+    name: str
+    mode: Mode
+    coefficient: float
+    lr_scale: float | None = None
+
+    def scaled_lr(self, base_lr: float) -> float:
+        """This group's learning rate when the optimizer's is ``base_lr``."""
+        return base_lr if self.lr_scale is None else base_lr * self.lr_scale
+
+    def timescale(self, base_lr: float) -> float | None:
+        """τ = 1/(lr·wd), in optimizer steps, of a decoupled group decayed at all; else None.
+
+        Only AdamW's decay ``w ← w·(1 − lr·wd)`` shrinks every weight by the same factor, so only there is τ the
+        number of steps over which the weights forget their past (the other modes' decay depends on the weights).
+        """
+        rate = self.scaled_lr(base_lr) * self.coefficient
+        if SPECS[self.mode].penalty is not Penalty.DECOUPLED or rate <= 0:
+            return None
+        return 1.0 / rate
+
+
+@dataclass(frozen=True)
 class Override:
-    """One validated entry of ``overrides=``: parameters whose dotted name matches ``pattern`` form group ``name``."""
+    """One validated entry of ``overrides=``: parameters whose dotted name matches ``pattern`` form the group
+    ``settings.name``, with those settings."""
 
     pattern: str
-    name: str
-    weight_decay: float | None = None
-    lr_scale: float | None = None
-    mode: Mode | None = None
+    settings: GroupSettings
 
     @property
-    def settings(self) -> tuple[float | None, float | None, str | None]:
-        return (self.weight_decay, self.lr_scale, self.mode)
+    def name(self) -> str:
+        """The name of the override's group."""
+        return self.settings.name
 
 
 @dataclass(frozen=True)
@@ -189,19 +228,27 @@ def is_bias_name(leaf: str) -> bool:
     return "bias" in leaf.split("_")
 
 
-def parse_overrides(overrides: Iterable[Mapping[str, Any]] | None) -> tuple[Override, ...]:
+def parse_overrides(
+    overrides: Iterable[Mapping[str, Any]] | None, *, mode: Mode = "decoupled", weight_decay: float = 0.0
+) -> tuple[Override, ...]:
     """Validate ``overrides=`` entries into ``Override`` objects, or raise naming the bad entry.
 
+    An entry without ``"mode"`` or ``"weight_decay"`` takes the ``"decay"`` group's, passed as ``mode`` and
+    ``weight_decay`` (already validated).
+
     Examples:
-        >>> parse_overrides([{"pattern": "head.*", "lr_scale": 10.0}])[0].name
-        'head.*'
+        >>> (head,) = parse_overrides([{"pattern": "head.*", "lr_scale": 10.0}], mode="l2", weight_decay=0.1)
+        >>> head.name, head.settings
+        ('head.*', GroupSettings(name='head.*', mode='l2', coefficient=0.1, lr_scale=10.0))
     """
     if overrides is None:
         return ()
     if isinstance(overrides, (Mapping, str)):
         raise TypeError(f"overrides must be a sequence of dicts, e.g. [{{'pattern': 'head.*'}}]; got {overrides!r}")
     parsed: list[Override] = []
-    by_name: dict[str, Override] = {}
+    # What each group's first entry wrote itself: two entries naming one group must write the same, so that neither
+    # silently loses (compared as written, before the decay group's mode and coefficient fill the gaps).
+    written_by_name: dict[str, dict[str, Any]] = {}
     for index, entry in enumerate(overrides):
         where = f"overrides[{index}]"
         if not isinstance(entry, Mapping):
@@ -222,28 +269,31 @@ def parse_overrides(overrides: Iterable[Mapping[str, Any]] | None) -> tuple[Over
             raise ValueError(f"{where} 'name' must be a non-empty string; got {name!r}")
         if name in (DECAY, NO_DECAY):
             raise ValueError(f"{where} 'name'={name!r} is reserved for the built-in groups; choose another name")
-        override = Override(
-            pattern=pattern,
-            name=name,
-            weight_decay=None
-            if "weight_decay" not in entry
-            else check_non_negative(f"{where} weight_decay", entry["weight_decay"]),
-            lr_scale=None if "lr_scale" not in entry else check_non_negative(f"{where} lr_scale", entry["lr_scale"]),
-            mode=None if "mode" not in entry else check_mode(entry["mode"], what=f"{where} mode"),
-        )
-        previous = by_name.setdefault(name, override)
-        if previous.settings != override.settings:
+        written: dict[str, Any] = {}
+        if "weight_decay" in entry:
+            written["weight_decay"] = check_non_negative(f"{where} weight_decay", entry["weight_decay"])
+        if "lr_scale" in entry:
+            written["lr_scale"] = check_non_negative(f"{where} lr_scale", entry["lr_scale"])
+        if "mode" in entry:
+            written["mode"] = check_mode(entry["mode"], what=f"{where} mode")
+        previous = written_by_name.setdefault(name, written)
+        if previous != written:
             raise ValueError(
-                f"two overrides name group {name!r} differently: {_describe(previous)} vs {_describe(override)}; "
+                f"two overrides name group {name!r} differently: {_describe(previous)} vs {_describe(written)}; "
                 "give them different names or the same settings"
             )
-        parsed.append(override)
+        settings = GroupSettings(
+            name,
+            written.get("mode", mode),
+            written.get("weight_decay", weight_decay),
+            written.get("lr_scale"),
+        )
+        parsed.append(Override(pattern, settings))
     return tuple(parsed)
 
 
-def _describe(override: Override) -> str:
-    keys = ("weight_decay", "lr_scale", "mode")
-    return "{" + ", ".join(f"{k}={getattr(override, k)!r}" for k in keys if getattr(override, k) is not None) + "}"
+def _describe(written: Mapping[str, Any]) -> str:
+    return "{" + ", ".join(f"{key}={value!r}" for key, value in written.items()) + "}"
 
 
 def _no_weight_decay_names(root: nn.Module) -> dict[str, str]:

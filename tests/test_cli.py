@@ -189,6 +189,20 @@ def test_exclude_embeddings_and_decay_1d_flags(
     assert rows["blocks.0.attn.qkv.bias"] == ("no_decay", "bias")
 
 
+def test_lr_shows_each_groups_lr_and_timescale(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["inspect", "torch.nn:Linear", "--init-args", '{"in_features": 2, "out_features": 3}', "--weight-decay"]
+    code, out, _ = run_main([*argv, "0.1", "--lr", "0.001"], capsys, monkeypatch)
+    assert code == 0
+    assert "Learning rates at base lr=0.001:" in out.splitlines()
+    assert re.search(r"^  decay\s+0\.001\s+10,000$", out, re.M)
+    code, out, _ = run_main([*argv, "0.1", "--lr", "0.001", "--json"], capsys, monkeypatch)
+    assert [(g["name"], g["lr"]) for g in json.loads(out)["groups"]] == [("decay", 0.001), ("no_decay", 0.001)]
+    code, out, _ = run_main([*argv, "0.1"], capsys, monkeypatch)
+    assert "Learning rates" not in out  # without --lr there is no lr to show
+
+
 # --- the same errors in-process (what main() returns and prints) ----------------------------------------------------
 
 ERRORS = {
@@ -208,6 +222,7 @@ ERRORS = {
     ),
     "bad mode": (["inspect", "examples.models:MLP", "--mode", "adamw"], "adamw"),
     "bad weight decay": (["inspect", "examples.models:MLP", "--weight-decay", "-1"], "-1"),
+    "bad lr": (["inspect", "examples.models:MLP", "--lr", "-0.5"], "lr must be a finite number >= 0; got -0.5"),
     "no trainable parameters": (["inspect", "torch.nn:Identity"], "no trainable parameters"),
 }
 

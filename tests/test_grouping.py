@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lit_decay
-from lit_decay.grouping import check_partition
+from lit_decay.grouping import check_partition, plan
 from lit_decay.modes import MODES
+from lit_decay.rules import GroupSettings
 
 
 def small_model() -> nn.Module:
@@ -317,6 +318,65 @@ def test_report_markdown() -> None:
     assert "| emb.weight | (10, 4) | 40 | decay | embedding; tied to head.weight |" in markdown
     assert "| frozen.bias | (3,) | 3 | frozen | requires_grad=False |" in markdown
     assert "| norms | decoupled | 0.1 | 0.5 | 2 | 8 |" in markdown
+
+
+def test_report_with_lr_shows_each_groups_lr_and_timescale() -> None:
+    report = reported()  # lr=1e-3; "norms" has lr_scale 0.5 and the decay group's decoupled mode and 0.1
+    table = report.lr_table()
+    assert table is not None
+    assert table.rows == (("decay", "0.001", "10,000"), ("no_decay", "0.001", "–"), ("norms", "0.0005", "20,000"))
+    summary = report.summary().splitlines()
+    title = summary.index("Learning rates at base lr=0.001:")
+    assert re.fullmatch(r"  norms\s+0\.0005\s+20,000", summary[title + 4])
+    assert "| norms | 0.0005 | 20,000 |" in report.to_markdown()
+    assert [g["lr"] for g in report.to_dict()["groups"]] == [0.001, 0.001, 0.0005]
+
+
+def test_report_without_lr_has_no_lr_table() -> None:
+    report = lit_decay.explain(Reported(), weight_decay=0.1)
+    assert report.lr is None and report.lr_table() is None
+    assert "Learning rates" not in str(report) and "Learning rates" not in report.to_markdown()
+    assert [g["lr"] for g in report.to_dict()["groups"]] == [None, None]
+
+
+@pytest.mark.parametrize(("mode", "weight_decay"), [("l2", 0.1), ("l1", 0.1), ("decoupled_l1", 0.1), ("decoupled", 0)])
+def test_timescale_only_for_a_decoupled_decay(mode: str, weight_decay: float) -> None:
+    report = lit_decay.explain(small_model(), weight_decay=weight_decay, mode=mode, lr=1e-3)
+    table = report.lr_table()
+    assert table is not None
+    assert [tau for _, _, tau in table.rows] == ["–", "–"]
+
+
+def test_text_and_markdown_show_the_same_cells() -> None:
+    report = reported()
+    text, markdown = str(report), report.to_markdown()
+    tables = [report.group_table(), report.lr_table(), report.parameter_table()]
+    for table in tables:
+        assert table is not None
+        for row in table.rows:
+            assert "| " + " | ".join(row) + " |" in markdown
+            assert re.search(r"^\s*" + r"\s+".join(map(re.escape, filter(None, row))) + "$", text, re.M), row
+
+
+def test_override_settings_reach_the_group_and_the_report() -> None:
+    overrides = [{"pattern": "2.*", "name": "head", "lr_scale": 3.0, "mode": "l1"}, {"pattern": "1.*", "name": "n"}]
+    grouping = plan(small_model(), weight_decay=0.2, mode="l2", overrides=overrides, lr=0.1)
+    assert grouping.settings == (
+        GroupSettings("decay", "l2", 0.2),
+        GroupSettings("no_decay", "none", 0.0),
+        GroupSettings("head", "l1", 0.2, lr_scale=3.0),
+        GroupSettings("n", "l2", 0.2),  # what an override leaves out is the decay group's
+    )
+    groups = grouping.groups()
+    report = grouping.report()
+    for group, summary in zip(groups, report.groups, strict=True):
+        assert (group["name"], group["decay_mode"], group["decay_coefficient"], group.get("lr_scale")) == (
+            summary.name,
+            summary.mode,
+            summary.coefficient,
+            summary.lr_scale,
+        )
+        assert group.get("lr", 0.1) == pytest.approx(summary.scaled_lr(0.1))
 
 
 # --- errors -------------------------------------------------------------------------------------------------------

@@ -672,6 +672,23 @@ def test_configure_adam_returns_plain_fused_adam_with_report() -> None:
     assert report_of(torch.optim.Adam(model.parameters())) is None
 
 
+def test_configure_adam_report_shows_the_lr_each_group_got() -> None:
+    optimizer = lit_decay.configure_adam(Net(), lr=0.02, weight_decay=WD, overrides=overrides_for("decoupled"))
+    report = report_of(optimizer)
+    assert report is not None and report.lr == 0.02
+    table = report.lr_table()
+    assert table is not None
+    shown = {name: float(lr) for name, lr, _ in table.rows}
+    assert shown == {g["name"]: pytest.approx(g["lr"]) for g in optimizer.param_groups}
+    assert "Learning rates at base lr=0.02:" in report.summary().splitlines()
+
+
+def test_mode_error_names_the_mode_whatever_the_entry_point() -> None:
+    for entry in (lit_decay.configure_adam, lit_decay.param_groups, lit_decay.explain):
+        with pytest.raises(ValueError, match=r"^mode='adamw' is not a decay mode; valid modes are 'l2', "):
+            entry(Net(), weight_decay=WD, mode="adamw")
+
+
 def test_fused_false_is_the_for_loop_on_cpu() -> None:
     optimizer = lit_decay.configure_adam(Net(), fused=False)
     assert optimizer.defaults["fused"] is False and optimizer.defaults["foreach"] is False
