@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 import lit_decay
-from lit_decay._compile import MIN_COMPILED_NUMEL
 from lit_decay.optim import describe_implementation
 
 MODES = ("none", "l2", "decoupled", "l1", "decoupled_l1")
@@ -347,15 +345,6 @@ def train_table(args: argparse.Namespace, device: torch.device, report: tm.Repor
     return first_calls
 
 
-def compiles(numel: int) -> bool:
-    """Whether lit_decay sends a contiguous tensor of ``numel`` elements through its compiled kernels (the rule of
-    ``lit_decay._compile.wants_compiled``, without allocating such a tensor)."""
-    setting = os.environ.get("LIT_DECAY_COMPILE", "auto").strip().lower()
-    if setting in ("0", "off", "false", "no"):
-        return False
-    return setting == "always" or numel >= MIN_COMPILED_NUMEL
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = tm.resolve_device(args.device)
@@ -382,25 +371,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     measured = [*(workloads(args) if "step" in args.parts else [])]
     measured += [tm.Workload.of_size(n) for n in (args.train_sizes if "train" in args.parts else [])]
     largest = max(w.largest for w in measured)
-    compiled = compiles(largest)
     slowest_first = max((f for f in first_calls if not math.isnan(f)), default=math.nan)
     report.add(
         "\n".join(
             [
                 "### Notes",
                 "",
-                f"- Largest tensor: {largest:,} elements, so lit_decay's compiled single-pass L1 kernel "
-                f"{'was' if compiled else 'was not'} used (LIT_DECAY_COMPILE="
-                f"{os.environ.get('LIT_DECAY_COMPILE', 'auto')}; by default tensors of ≥ {MIN_COMPILED_NUMEL:,} "
-                "elements). "
-                f"The slowest first L1 step took {tm.ms(slowest_first)} ms"
-                + (
-                    ": the first such step of a process pays torch.compile's time (typically 10–30 s on a CPU), once"
-                    if compiled
-                    else ""
-                )
-                + ". First steps are in the 'first step ms' column, never in the timed samples (every candidate is "
-                "warmed up first).",
+                f"- Largest tensor: {largest:,} elements. The L1 modes run torch's multi-tensor (foreach) ops over "
+                "cache-sized batches of each group's tensors (nothing is compiled on the step path). "
+                f"The slowest first L1 step took {tm.ms(slowest_first)} ms. First steps are in the 'first step ms' "
+                "column, never in the timed samples (every candidate is warmed up first).",
                 "- Ratios are medians of paired ratios (candidate / reference in the same round-robin repetition); "
                 "the A vs A row is a second, identical optimizer on different allocations: its distance from 1.00× "
                 "is the noise floor of this run.",

@@ -37,14 +37,23 @@ def _setting() -> str:
     return os.environ.get("LIT_DECAY_COMPILE", "auto").strip().lower()
 
 
-def wants_compiled(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` should go through a compiled kernel: large, contiguous, on a device compile supports."""
+def compiled_numel() -> int | None:
+    """The size from which tensors go through a compiled kernel now: None when compiling is off (or when already
+    inside a compiled region), 0 with ``LIT_DECAY_COMPILE=always``. Read once per group, not per tensor."""
     setting = _setting()
     if setting in ("0", "off", "false", "no") or torch.compiler.is_compiling():
+        return None
+    return 0 if setting == "always" else MIN_COMPILED_NUMEL
+
+
+def wants_compiled(tensor: torch.Tensor, threshold: int | None = -1) -> bool:
+    """Whether ``tensor`` should go through a compiled kernel: large, contiguous, on a device compile supports.
+    ``threshold`` is ``compiled_numel()`` when the caller has read it already."""
+    if threshold == -1:
+        threshold = compiled_numel()
+    if threshold is None or tensor.numel() < threshold:
         return False
-    if tensor.device.type not in ("cpu", "cuda", "xpu") or not tensor.is_contiguous():
-        return False
-    return setting == "always" or tensor.numel() >= MIN_COMPILED_NUMEL
+    return tensor.device.type in ("cpu", "cuda", "xpu") and tensor.is_contiguous()
 
 
 def compiled_or_eager(eager: F) -> F:

@@ -90,14 +90,17 @@ class _MeasuredGroup:
 class _Pending:
     """Rows of sums of one logging step, on device, and the groups they belong to."""
 
-    rows: list[torch.Tensor] = field(default_factory=list)
+    blocks: list[torch.Tensor] = field(default_factory=list)  # [k, len(COLUMNS)] each, stacked into one table
+    count: int = 0  # rows so far
     groups: list[_MeasuredGroup] = field(default_factory=list)
     # rows that come from DTensor shards, by the process groups their partial sums must be reduced over
     sharded: dict[tuple[Any, ...], list[int]] = field(default_factory=lambda: defaultdict(list))
 
-    def add(self, row: torch.Tensor) -> int:
-        self.rows.append(row)
-        return len(self.rows) - 1
+    def add(self, block: torch.Tensor) -> int:
+        """Append ``block``'s rows to the table; the index of its first row."""
+        self.blocks.append(block)
+        self.count += block.shape[0]
+        return self.count - block.shape[0]
 
 
 def _shard_groups(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -290,13 +293,16 @@ class StepStatistics:
             values = [torch.as_tensor(lr).detach().reshape(()), torch.zeros(()) if found_inf is None else found_inf]
             device = values[0].device if isinstance(lr, torch.Tensor) else values[1].device
             row = torch.stack([v.to(device, torch.float64, non_blocking=True).reshape(()) for v in values])
-            header = pending.add(torch.cat([row, torch.zeros(len(COLUMNS) - 2, dtype=row.dtype, device=device)]))
-        rows = []
-        for param, sums in zip(group["params"], group_sums(tensors, context)):
-            index = pending.add(sums)
-            rows.append(index)
+            header = pending.add(torch.cat([row, torch.zeros(len(COLUMNS) - 2, dtype=row.dtype, device=device)])[None])
+        params = group["params"]
+        rows = [0] * len(params)
+        for indices, block in group_sums(tensors, context):
+            first = pending.add(block)
+            for offset, index in enumerate(indices):
+                rows[index] = first + offset
+        for index, param in enumerate(params):
             if is_dtensor(param):
-                pending.sharded[_shard_groups(param)].append(index)
+                pending.sharded[_shard_groups(param)].append(rows[index])
         pending.groups.append(
             _MeasuredGroup(
                 name=name,
@@ -321,11 +327,11 @@ class StepStatistics:
         self._snapshots.clear()
         self._measured.clear()
         self.skipped = frozenset()
-        if not pending.rows:
+        if not pending.blocks:
             return {}
-        device = pending.rows[0].device
+        device = pending.blocks[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        table = torch.stack([row.to(device, dtype, non_blocking=True) for row in pending.rows])
+        table = torch.cat([block.to(device, dtype, non_blocking=True) for block in pending.blocks])
         if pending.sharded:
             import torch.distributed as dist
 

@@ -24,7 +24,7 @@ import torch
 from torch.optim import Optimizer
 
 from lit_decay._batches import by_device_and_dtype, real
-from lit_decay._compile import compiled_or_eager, wants_compiled
+from lit_decay._compile import compiled_numel, compiled_or_eager, wants_compiled
 from lit_decay._tensors import local
 from lit_decay.modes import Penalty, Rule
 
@@ -97,7 +97,7 @@ def bias_corrections(
         [1.0, 1.0]
     """
     wide = torch.float64 if steps[0].device.type != "mps" else torch.float32
-    t = torch.stack([s.detach().to(wide) for s in steps]).clamp(min=1.0)
+    t = torch.stack(list(steps)).detach().to(wide).clamp(min=1.0)
     if isinstance(lr, torch.Tensor):
         lr = lr.detach().to(t.device, t.dtype, non_blocking=True)
     return lr / (1 - beta1**t), (1 - beta2**t).rsqrt()
@@ -118,18 +118,30 @@ def gather(
     has_state = bool(stepped) and all("exp_avg_sq" in s for s in states)
     from_state = from_state and has_state
     wants_denominator = (wants_denominator or from_state) and has_state
-    weights = [real(local(p.detach())) for p in params]
-    grads = [real(local(params[i].grad)) for i in stepped]
-    exp_avgs = [real(local(s["exp_avg"])) for s in states] if from_state else None
+    # Host time per tensor is what a GPU cannot hide: plain real tensors (the usual case) are taken as they are.
+    plain = all(type(p) is torch.nn.Parameter and not p.is_complex() for p in params)
+    view = _as_is if plain else _local_real
+    weights = [view(p.detach()) for p in params]
+    grads = [view(params[i].grad) for i in stepped]
+    exp_avgs = [view(s["exp_avg"]) for s in states] if from_state else None
     exp_avg_sqs = None
     step_sizes = inv_sqrt_bias2 = None
     if wants_denominator:
         key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
-        exp_avg_sqs = [real(local(s[key])) for s in states]
+        exp_avg_sqs = [view(s[key]) for s in states]
         beta1, beta2 = (float(b) for b in group["betas"])
-        step_sizes, inv_sqrt_bias2 = bias_corrections([local(s["step"]) for s in states], group["lr"], beta1, beta2)
+        steps = [s["step"] for s in states] if plain else [local(s["step"]) for s in states]
+        step_sizes, inv_sqrt_bias2 = bias_corrections(steps, group["lr"], beta1, beta2)
     kept = None if snapshots is None else [real(snapshots[i]) for i in stepped]
     return GroupTensors(weights, stepped, grads, exp_avgs, exp_avg_sqs, kept, step_sizes, inv_sqrt_bias2)
+
+
+def _as_is(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _local_real(tensor: torch.Tensor) -> torch.Tensor:
+    return real(local(tensor))
 
 
 # ---- one large tensor: a single elementwise pass, compiled --------------------------------------------------------
@@ -236,7 +248,12 @@ def _foreach_sums(
     context: StepContext,
 ) -> torch.Tensor:
     """The rows of ``COLUMNS`` for a list of tensors on one device and of one dtype: ``_tensor_sums``'s formula
-    with one multi-tensor call per operation for the whole list."""
+    with one multi-tensor call per operation for the whole list.
+
+    Each op is a pass over every tensor, so the formula is arranged for few of them: Adam's denominator is taken as
+    D = b·D' with D' = √v + eps/b (b = 1/√(1 − β₂ᵗ), one per tensor), and every per-tensor factor is applied to the
+    tensor's sums rather than to its elements.
+    """
     n, device, dtype = len(w), w[0].device, w[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     penalty, threshold = context.rule.penalty, context.threshold
@@ -259,11 +276,10 @@ def _foreach_sums(
         g2 = _squared_norms(g, acc)
         if context.grad_factor is not None:
             g2 = g2 * context.grad_factor.to(acc).square()
-    denom = None
+    reduced_denominator = None  # D' = √v + eps/b, so that Adam's D = b·D'
     if v is not None and inv_sqrt_bias2 is not None:
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_mul_(denom, list(inv_sqrt_bias2.to(dtype).unbind()))
-        torch._foreach_add_(denom, context.eps)
+        reduced_denominator = torch._foreach_sqrt(v)
+        torch._foreach_add_(reduced_denominator, list((context.eps / inv_sqrt_bias2).to(dtype).unbind()))
     d2 = zero
     if w_old is not None:
         if dtype != acc:
@@ -271,31 +287,37 @@ def _foreach_sums(
             # weights of a bfloat16 tensor can differ by more than bfloat16 can hold exactly.
             after, w_old = [t.to(acc) for t in after], [t.to(acc) for t in w_old]
         d2 = _squared_norms(torch._foreach_sub(after, w_old), acc)
-    elif m is not None and denom is not None and step_size is not None:
-        scale = step_size if context.keep is None else step_size * context.keep
-        ratio = torch._foreach_div(m, denom)
-        if penalty is Penalty.DECOUPLED or shrink is not None:
-            update = torch._foreach_mul(ratio, list(scale.to(dtype).unbind()))
-            if shrink is not None:
-                d2 = _squared_norms(torch._foreach_add(update, shrink), acc)  # Δw = −shrink − update
-            else:
-                # AdamW: Δw = −update − k·(w + update) with k = lr·wd/(1 − lr·wd) (a host float here).
-                k = float(context.decay) / (1.0 - float(context.decay))
-                delta = torch._foreach_add(w, update)
-                torch._foreach_mul_(delta, k)
-                torch._foreach_add_(delta, update)
-                d2 = _squared_norms(delta, acc)
-                if context.keep is not None:
-                    d2 = d2 * context.keep.to(acc)
+    elif m is not None and reduced_denominator is not None and step_size is not None and inv_sqrt_bias2 is not None:
+        # Adam's update is u = σ·m/D' with σ = step_size/b (`adam_update`).
+        sigma = step_size / inv_sqrt_bias2
+        keep = None if context.keep is None else context.keep.to(sigma.dtype)
+        ratio = torch._foreach_div(m, reduced_denominator)
+        if shrink is not None:
+            # Δw = −shrink − u
+            scale = sigma if keep is None else sigma * keep
+            torch._foreach_mul_(ratio, list(scale.to(dtype).unbind()))
+            torch._foreach_add_(ratio, shrink)
+            d2 = _squared_norms(ratio, acc)
+        elif penalty is Penalty.DECOUPLED:
+            # AdamW: Δw = −u − k·(w + u) = −(1 + k)σ·(m/D' + c·w), k = lr·wd/(1 − lr·wd), c = k/((1 + k)σ).
+            k = float(context.decay) / (1.0 - float(context.decay))
+            outer = (1.0 + k) * sigma
+            c = torch.where(outer > 0, k / outer, torch.zeros_like(outer))
+            torch._foreach_addcmul_(ratio, w, list(c.to(dtype).unbind()))
+            d2 = _squared_norms(ratio, acc) * outer.to(acc).square()
         else:
-            d2 = _squared_norms(ratio, acc) * scale.to(acc).square()
+            d2 = _squared_norms(ratio, acc) * sigma.to(acc).square()
+        if keep is not None and shrink is None:
+            d2 = d2 * keep.to(acc)
     reg = zero
-    if penalty is Penalty.ADAM_L2 and denom is not None:
-        terms = torch._foreach_mul(after, after)
-        torch._foreach_div_(terms, denom)
-        reg = _abs_sums(terms, acc)
-    elif penalty is Penalty.ADAM_L1 and denom is not None:
-        reg = _abs_sums(torch._foreach_div(after, denom), acc)
+    if penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1) and reduced_denominator is not None:
+        assert inv_sqrt_bias2 is not None
+        if penalty is Penalty.ADAM_L2:
+            terms = torch._foreach_mul(after, after)
+            torch._foreach_div_(terms, reduced_denominator)
+        else:
+            terms = torch._foreach_div(after, reduced_denominator)
+        reg = _abs_sums(terms, acc) / inv_sqrt_bias2.to(acc)
     elif penalty is Penalty.PROXIMAL_L1:
         if shrink is not None:
             reg = _abs_sums(torch._foreach_mul(shrink, w), acc)  # shrink and w share their signs
@@ -315,51 +337,57 @@ def _foreach_sums(
 # ---- a whole group --------------------------------------------------------------------------------------------------
 
 
-def group_sums(tensors: GroupTensors, context: StepContext) -> list[torch.Tensor]:
-    """One row of ``COLUMNS`` per weight tensor of the group (in the group's order), on device."""
-    rows: list[torch.Tensor | None] = [None] * len(tensors.weights)
+def group_sums(tensors: GroupTensors, context: StepContext) -> list[tuple[list[int], torch.Tensor]]:
+    """Rows of ``COLUMNS`` for every weight tensor of the group, on device, as blocks: ``(indices, rows)`` with
+    ``rows[j]`` the row of tensor ``indices[j]`` (a few blocks per group, so that few tensors leave for the host)."""
+    blocks: list[tuple[list[int], torch.Tensor]] = []
     position = {index: k for k, index in enumerate(tensors.stepped)}
-
-    def stepped_part(k: int, name: str) -> torch.Tensor | None:
-        values = getattr(tensors, name)
-        return None if values is None else values[k]
-
+    threshold = compiled_numel()
     small: list[int] = []
     for index, weight in enumerate(tensors.weights):
-        k = position.get(index)
-        names = ("grads", "exp_avgs", "exp_avg_sqs", "snapshots")
-        parts = [stepped_part(k, name) if k is not None else None for name in names]
-        if wants_compiled(weight) and all(t is None or t.is_contiguous() for t in (weight, *parts)):
-            g, m, v, w_old = (None if t is None else t.view(-1) for t in parts)
-            rows[index] = _compiled_tensor_sums(
-                weight.view(-1),
-                g,
-                m,
-                v,
-                w_old,
-                step_size=None if k is None or tensors.step_sizes is None else tensors.step_sizes[k],
-                inv_sqrt_bias2=None if k is None or tensors.inv_sqrt_bias2 is None else tensors.inv_sqrt_bias2[k],
-                keep=context.keep if m is not None else None,
-                grad_factor=context.grad_factor if g is not None else None,
-                eps=context.eps,
-                decay=context.decay,
-                penalty=context.rule.penalty if k is not None else Penalty.NONE,
-                threshold=context.threshold if k is not None else None,
-                count_zeros=context.count_zeros,
-            )
-        else:
+        if not wants_compiled(weight, threshold):
             small.append(index)
-    for indices in by_device_and_dtype([tensors.weights[i] for i in small]).values():
-        members = [small[i] for i in indices]
-        for stepped in (True, False):
-            chosen = [i for i in members if (i in position) == stepped]
-            if not chosen:
-                continue
-            ks = [position[i] for i in chosen] if stepped else []
-            block = _foreach_block(tensors, chosen, ks, context)
-            for index, row in zip(chosen, block.unbind()):
-                rows[index] = row
-    return [row for row in rows if row is not None]
+            continue
+        k = position.get(index)
+        parts = [None if k is None or values is None else values[k] for values in _stepped_lists(tensors)]
+        if not all(t is None or t.is_contiguous() for t in parts):
+            small.append(index)
+            continue
+        g, m, v, w_old = (None if t is None else t.view(-1) for t in parts)
+        row = _compiled_tensor_sums(
+            weight.view(-1),
+            g,
+            m,
+            v,
+            w_old,
+            step_size=None if k is None or tensors.step_sizes is None else tensors.step_sizes[k],
+            inv_sqrt_bias2=None if k is None or tensors.inv_sqrt_bias2 is None else tensors.inv_sqrt_bias2[k],
+            keep=context.keep if m is not None else None,
+            grad_factor=context.grad_factor if g is not None else None,
+            eps=context.eps,
+            decay=context.decay,
+            penalty=context.rule.penalty if k is not None else Penalty.NONE,
+            threshold=context.threshold if k is not None else None,
+            count_zeros=context.count_zeros,
+        )
+        blocks.append(([index], row.unsqueeze(0)))
+    if len(small) == len(tensors.weights) and len({(t.device, t.dtype) for t in tensors.weights}) == 1:
+        buckets = [small]  # the usual case, without a pass to sort tensors
+    else:
+        buckets = [
+            [small[i] for i in bucket] for bucket in by_device_and_dtype([tensors.weights[i] for i in small]).values()
+        ]
+    for members in buckets:
+        stepped = [i for i in members if i in position]
+        unstepped = [i for i in members if i not in position] if len(stepped) < len(members) else []
+        for chosen, ks in ((stepped, [position[i] for i in stepped]), (unstepped, [])):
+            if chosen:
+                blocks.append((chosen, _foreach_block(tensors, chosen, ks, context)))
+    return blocks
+
+
+def _stepped_lists(tensors: GroupTensors) -> tuple[list[torch.Tensor] | None, ...]:
+    return (tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.snapshots)
 
 
 def _foreach_block(tensors: GroupTensors, chosen: list[int], ks: list[int], context: StepContext) -> torch.Tensor:

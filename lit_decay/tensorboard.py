@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 
 from lit_decay._tensors import is_dtensor, local
 from lit_decay.diagnostics import peak_lr, timescale_cells
+from lit_decay.grouping import Table
 from lit_decay.modes import group_rule
 from lit_decay.optim import describe_implementation, report_of
 from lit_decay.tags import group_tag_pattern
@@ -58,27 +59,24 @@ def grouping_markdown(
         if report is not None:
             parts.append(f"{header}\n\n{report.to_markdown()}\n\n{_timescale_table(optimizer, group_names, run_steps)}")
             continue
-        lines = [
-            f"{header} ({describe_implementation(optimizer)})",
-            "",
-            "| group | mode | coefficient | lr | tensors | elements | τ (steps) | τ / run |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        rows = []
         for name, group in zip(group_names, optimizer.param_groups):
             rule = group_rule(optimizer, group)
             lazy = any(is_lazy(p) for p in group["params"])
-            elements = "?" if lazy else f"{sum(p.numel() for p in group['params']):,}"
-            cells = (
-                name,
-                rule.mode,
-                f"{rule.coefficient:g}",
-                f"{float(group['lr']):g}",
-                len(group["params"]),
-                elements,
-                *_timescale_of(optimizer, group, run_steps),
+            rows.append(
+                (
+                    name,
+                    rule.mode,
+                    f"{rule.coefficient:g}",
+                    f"{float(group['lr']):g}",
+                    str(len(group["params"])),
+                    "?" if lazy else f"{sum(p.numel() for p in group['params']):,}",
+                    *_timescale_of(optimizer, group, run_steps),
+                )
             )
-            lines.append("| " + " | ".join(map(str, cells)) + " |")
-        parts.append("\n".join(lines))
+        columns = ("group", "mode", "coefficient", "lr", "tensors", "elements", "τ (steps)", "τ / run")
+        table = Table(columns, tuple(rows))
+        parts.append("\n".join([f"{header} ({describe_implementation(optimizer)})", "", *table.markdown_lines()]))
     return "\n\n".join(parts)
 
 
@@ -90,10 +88,12 @@ def _timescale_of(optimizer: Optimizer, group: Mapping[str, Any], run_steps: flo
 
 
 def _timescale_table(optimizer: Optimizer, group_names: Sequence[str], run_steps: float | None) -> str:
-    lines = ["| group | τ = 1/(lr·wd) (steps) | τ / run |", "|---|---|---|"]
-    for name, group in zip(group_names, optimizer.param_groups):
-        lines.append("| " + " | ".join((name, *_timescale_of(optimizer, group, run_steps))) + " |")
-    return "\n".join(lines)
+    """τ at the schedule's peak lr (the report's own table is at the base lr), and τ against the run."""
+    rows = tuple(
+        (name, *_timescale_of(optimizer, group, run_steps)) for name, group in zip(group_names, optimizer.param_groups)
+    )
+    table = Table(("group", "τ = 1/(lr·wd) at peak lr (steps)", "τ / run"), rows)
+    return "\n".join(table.markdown_lines())
 
 
 def group_values(group: Mapping[str, Any]) -> torch.Tensor:

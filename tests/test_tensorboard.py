@@ -87,7 +87,9 @@ def test_grouping_markdown_of_configure_adam() -> None:
     text = grouping_markdown([optimizer], [["decay", "no_decay"]])
     report = lit_decay.optim.report_of(optimizer)
     assert report is not None
-    timescales = "| group | τ = 1/(lr·wd) (steps) | τ / run |\n|---|---|---|\n| decay | – | – |\n| no_decay | – | – |"
+    timescales = (
+        "| group | τ = 1/(lr·wd) at peak lr (steps) | τ / run |\n|---|---|---|\n| decay | – | – |\n| no_decay | – | – |"
+    )
     assert text == f"**optimizer 0: Adam**\n\n{report.to_markdown()}\n\n{timescales}"  # l2: no timescale
     assert "Adam implementation: fused" in text
     assert "| decay | l2 | 0.1 |" in text
@@ -121,7 +123,7 @@ def test_grouping_markdown_timescale_against_the_run() -> None:
     # a warmup schedule starts the lr at 0: the timescale is that of the peak lr, 1/(0.01·0.5) = 200 steps
     torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 10))
     text = grouping_markdown([optimizer], [["decay", "no_decay"]], run_steps=1000)
-    assert "| group | τ = 1/(lr·wd) (steps) | τ / run |" in text
+    assert "| group | τ = 1/(lr·wd) at peak lr (steps) | τ / run |" in text
     assert "| decay | 200 | 0.2 |" in text
     assert "| no_decay | – | – |" in text
 
