@@ -80,7 +80,8 @@ class _MeasuredGroup:
     rule: Rule
     lr: float | None  # None: a tensor lr, read from the group's header row
     header: int | None  # row holding [lr, found_inf] when either is a tensor (they leave the device with the sums)
-    rows: list[int]  # one row per tensor, in the group's order
+    rows: list[int]  # the rows whose sum is the group's
+    parameter_rows: list[int] | None  # each tensor's row, in the group's order (None where only totals were taken)
     numels: list[int]
     has_update: bool
     param_names: list[str]
@@ -285,6 +286,8 @@ class StepStatistics:
             grad_factor=grad_factor,
             threshold=threshold,
             count_zeros=rule.l1,
+            # Per-tensor rows for per-parameter figures, and for shards whose partial sums are reduced tensor by tensor.
+            per_tensor=self.per_parameter or not tensors.plain,
         )
         pending = self._pending
         header = None
@@ -295,14 +298,20 @@ class StepStatistics:
             row = torch.stack([v.to(device, torch.float64, non_blocking=True).reshape(()) for v in values])
             header = pending.add(torch.cat([row, torch.zeros(len(COLUMNS) - 2, dtype=row.dtype, device=device)])[None])
         params = group["params"]
-        rows = [0] * len(params)
-        for indices, block in group_sums(tensors, context):
-            first = pending.add(block)
-            for offset, index in enumerate(indices):
-                rows[index] = first + offset
-        for index, param in enumerate(params):
-            if is_dtensor(param):
-                pending.sharded[_shard_groups(param)].append(rows[index])
+        rows: list[int] = []
+        parameter_rows: list[int] | None = [0] * len(params)
+        for block in group_sums(tensors, context):
+            first = pending.add(block.rows)
+            rows += range(first, first + block.rows.shape[0])
+            if not block.per_tensor:
+                parameter_rows = None
+            elif parameter_rows is not None:
+                for offset, index in enumerate(block.indices):
+                    parameter_rows[index] = first + offset
+        if parameter_rows is not None:
+            for index, param in enumerate(params):
+                if is_dtensor(param):
+                    pending.sharded[_shard_groups(param)].append(parameter_rows[index])
         pending.groups.append(
             _MeasuredGroup(
                 name=name,
@@ -310,6 +319,7 @@ class StepStatistics:
                 lr=None if isinstance(lr, torch.Tensor) else float(lr),
                 header=header,
                 rows=rows,
+                parameter_rows=parameter_rows,
                 numels=[p.numel() * (2 if p.is_complex() else 1) for p in group["params"]],
                 has_update=snapshots is not None or (from_state and bool(tensors.exp_avgs is not None)),
                 param_names=self._param_names(group),
@@ -358,8 +368,8 @@ class StepStatistics:
             factor = factors.get(group.name)
             group_figures = _figures_of(total, step, sum(group.numels), factor)
             figures.update({tag(None, m, group.name): v for m, v in group_figures.items() if m in wanted})
-            if self.per_parameter:
-                for row, numel, param_name in zip(group.rows, group.numels, group.param_names):
+            if self.per_parameter and group.parameter_rows is not None:
+                for row, numel, param_name in zip(group.parameter_rows, group.numels, group.param_names):
                     single = _figures_of(table[row], step, numel, factor)
                     for metric in PER_PARAMETER_METRICS:
                         if metric in wanted and metric in single:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lit_decay._batches import by_device_and_dtype, real
+from lit_decay._batches import batches, by_device_and_dtype, real
 from lit_decay._compile import compiled_numel, compiled_or_eager, wants_compiled
 from lit_decay._tensors import local
 from lit_decay.modes import Penalty, Rule
@@ -67,6 +67,7 @@ class StepContext:
     grad_factor: torch.Tensor | None  # unscales gradients the fused kernel left scaled (a skipped step)
     threshold: float | torch.Tensor | None  # the proximal step about to be applied (figures taken just before it)
     count_zeros: bool
+    per_tensor: bool = True  # a row for every tensor (per-parameter figures, sharded tensors); else group totals
 
 
 @dataclass
@@ -81,6 +82,7 @@ class GroupTensors:
     snapshots: list[torch.Tensor] | None  # weights before the step, when the update cannot be read from the state
     step_sizes: torch.Tensor | None  # lr/(1 − β₁ᵗ) per stepped tensor
     inv_sqrt_bias2: torch.Tensor | None  # 1/√(1 − β₂ᵗ) per stepped tensor
+    plain: bool = False  # every tensor a real, non-sharded torch.nn.Parameter
 
 
 def bias_corrections(
@@ -133,7 +135,7 @@ def gather(
         steps = [s["step"] for s in states] if plain else [local(s["step"]) for s in states]
         step_sizes, inv_sqrt_bias2 = bias_corrections(steps, group["lr"], beta1, beta2)
     kept = None if snapshots is None else [real(snapshots[i]) for i in stepped]
-    return GroupTensors(weights, stepped, grads, exp_avgs, exp_avg_sqs, kept, step_sizes, inv_sqrt_bias2)
+    return GroupTensors(weights, stepped, grads, exp_avgs, exp_avg_sqs, kept, step_sizes, inv_sqrt_bias2, plain)
 
 
 def _as_is(tensor: torch.Tensor) -> torch.Tensor:
@@ -337,10 +339,29 @@ def _foreach_sums(
 # ---- a whole group --------------------------------------------------------------------------------------------------
 
 
-def group_sums(tensors: GroupTensors, context: StepContext) -> list[tuple[list[int], torch.Tensor]]:
-    """Rows of ``COLUMNS`` for every weight tensor of the group, on device, as blocks: ``(indices, rows)`` with
-    ``rows[j]`` the row of tensor ``indices[j]`` (a few blocks per group, so that few tensors leave for the host)."""
-    blocks: list[tuple[list[int], torch.Tensor]] = []
+@dataclass
+class Block:
+    """Sums of some of a group's tensors: one row per tensor of ``indices`` (``per_tensor``), or a single row of
+    their totals."""
+
+    indices: list[int]
+    rows: torch.Tensor  # [len(indices) or 1, len(COLUMNS)]
+    per_tensor: bool = True
+
+
+#: Small tensors flattened together for one compiled pass: at most this many elements per buffer.
+FLAT_NUMEL = 1 << 22
+
+
+def group_sums(tensors: GroupTensors, context: StepContext) -> list[Block]:
+    """The sums of every weight tensor of the group, on device, in a few blocks.
+
+    A large tensor takes one compiled pass of its own. Small tensors take torch's multi-tensor ops; on a CPU, where
+    those ops run one kernel per tensor, the stepped ones are instead flattened into one buffer per input and take
+    the same compiled pass together, when the group's totals are all that is needed (``context.per_tensor`` False)
+    and their Adam step counts agree (read on the host, where a CPU's step counts live).
+    """
+    blocks: list[Block] = []
     position = {index: k for k, index in enumerate(tensors.stepped)}
     threshold = compiled_numel()
     small: list[int] = []
@@ -353,37 +374,88 @@ def group_sums(tensors: GroupTensors, context: StepContext) -> list[tuple[list[i
         if not all(t is None or t.is_contiguous() for t in parts):
             small.append(index)
             continue
-        g, m, v, w_old = (None if t is None else t.view(-1) for t in parts)
-        row = _compiled_tensor_sums(
-            weight.view(-1),
-            g,
-            m,
-            v,
-            w_old,
-            step_size=None if k is None or tensors.step_sizes is None else tensors.step_sizes[k],
-            inv_sqrt_bias2=None if k is None or tensors.inv_sqrt_bias2 is None else tensors.inv_sqrt_bias2[k],
-            keep=context.keep if m is not None else None,
-            grad_factor=context.grad_factor if g is not None else None,
-            eps=context.eps,
-            decay=context.decay,
-            penalty=context.rule.penalty if k is not None else Penalty.NONE,
-            threshold=context.threshold if k is not None else None,
-            count_zeros=context.count_zeros,
-        )
-        blocks.append(([index], row.unsqueeze(0)))
+        row = _one_pass(tensors, context, weight.view(-1), *(None if t is None else t.view(-1) for t in parts), k=k)
+        blocks.append(Block([index], row.unsqueeze(0)))
     if len(small) == len(tensors.weights) and len({(t.device, t.dtype) for t in tensors.weights}) == 1:
         buckets = [small]  # the usual case, without a pass to sort tensors
     else:
-        buckets = [
-            [small[i] for i in bucket] for bucket in by_device_and_dtype([tensors.weights[i] for i in small]).values()
-        ]
+        by_kind = by_device_and_dtype([tensors.weights[i] for i in small])
+        buckets = [[small[i] for i in bucket] for bucket in by_kind.values()]
     for members in buckets:
         stepped = [i for i in members if i in position]
         unstepped = [i for i in members if i not in position] if len(stepped) < len(members) else []
-        for chosen, ks in ((stepped, [position[i] for i in stepped]), (unstepped, [])):
-            if chosen:
-                blocks.append((chosen, _foreach_block(tensors, chosen, ks, context)))
+        if stepped and _flattens(tensors, context, stepped, threshold):
+            blocks += _flat_blocks(tensors, context, stepped, position)
+        elif stepped:
+            blocks.append(Block(stepped, _foreach_block(tensors, stepped, [position[i] for i in stepped], context)))
+        if unstepped:
+            blocks.append(Block(unstepped, _foreach_block(tensors, unstepped, [], context)))
     return blocks
+
+
+def _one_pass(
+    tensors: GroupTensors,
+    context: StepContext,
+    w: torch.Tensor,
+    g: torch.Tensor | None,
+    m: torch.Tensor | None,
+    v: torch.Tensor | None,
+    w_old: torch.Tensor | None,
+    *,
+    k: int | None,
+) -> torch.Tensor:
+    """``_tensor_sums`` compiled, for one flat tensor (or flattened tensors) whose step scalars are those of ``k``."""
+    return _compiled_tensor_sums(
+        w,
+        g,
+        m,
+        v,
+        w_old,
+        step_size=None if k is None or tensors.step_sizes is None else tensors.step_sizes[k],
+        inv_sqrt_bias2=None if k is None or tensors.inv_sqrt_bias2 is None else tensors.inv_sqrt_bias2[k],
+        keep=context.keep if m is not None else None,
+        grad_factor=context.grad_factor if g is not None else None,
+        eps=context.eps,
+        decay=context.decay,
+        penalty=context.rule.penalty if k is not None else Penalty.NONE,
+        threshold=context.threshold if k is not None else None,
+        count_zeros=context.count_zeros,
+    )
+
+
+def _flattens(tensors: GroupTensors, context: StepContext, stepped: list[int], threshold: int | None) -> bool:
+    if context.per_tensor or not tensors.plain or threshold is None or tensors.weights[stepped[0]].device.type != "cpu":
+        return False
+    if sum(tensors.weights[i].numel() for i in stepped) < max(threshold, 1):
+        return False  # too little work to pay for a compiled call (and, in tiny models, for compiling at all)
+    for scalars in (tensors.step_sizes, tensors.inv_sqrt_bias2):
+        if scalars is not None and not bool((scalars == scalars[0]).all()):  # host tensors: no synchronisation
+            return False
+    return True
+
+
+def _flat_blocks(
+    tensors: GroupTensors, context: StepContext, stepped: list[int], position: dict[int, int]
+) -> list[Block]:
+    blocks = []
+    for batch in batches([[tensors.weights[i] for i in stepped]], limit=FLAT_NUMEL):
+        chosen = [stepped[j] for j in _positions(batch.owner)]
+        ks = [position[i] for i in chosen]
+        g, m, v, w_old = (
+            None if values is None else _flatten([values[k] for k in ks]) for values in _stepped_lists(tensors)
+        )
+        row = _one_pass(tensors, context, _flatten([tensors.weights[i] for i in chosen]), g, m, v, w_old, k=ks[0])
+        blocks.append(Block(chosen, row.unsqueeze(0), per_tensor=False))
+    return blocks
+
+
+def _positions(owner: list[int]) -> list[int]:
+    return sorted(set(owner))
+
+
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # One C++ call (what DDP's bucketing uses), rather than a view per tensor from Python.
+    return torch._utils._flatten_dense_tensors(tensors)
 
 
 def _stepped_lists(tensors: GroupTensors) -> tuple[list[torch.Tensor] | None, ...]:

@@ -20,6 +20,7 @@ import lit_decay
 import lit_decay._compile
 import lit_decay.penalties
 import lit_decay.stats
+import lit_decay.step_sums
 from lit_decay.modes import group_names
 from lit_decay.stats import METRICS, StepStatistics, group_stats
 
@@ -645,6 +646,44 @@ def test_compiled_path_equals_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     assert set(compiled) == set(eager)
     for key, value in eager.items():
         assert compiled[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
+@pytest.mark.parametrize("mode", ["l2", "decoupled", "decoupled_l1"])
+def test_many_small_tensors_flattened_on_cpu_equal_the_multi_tensor_path(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU, a group of many small tensors (together over the compile threshold) is flattened into one buffer
+    per input for one compiled pass; its figures equal those of the multi-tensor path (compiling off), which the
+    other tests check against the float64 reference."""
+    flattened: list[int] = []
+    real_flatten = lit_decay.step_sums._flatten
+    monkeypatch.setattr(lit_decay.step_sums, "_flatten", lambda ts: flattened.append(len(ts)) or real_flatten(ts))
+
+    def figures_with(setting: str) -> dict[str, float]:
+        monkeypatch.setenv("LIT_DECAY_COMPILE", setting)
+        torch.manual_seed(11)
+        model = nn.ParameterList([nn.Parameter(torch.randn(64, 64) * 0.05) for _ in range(40)])
+        optimizer = lit_decay.configure_adam(model, lr=0.01, weight_decay=0.5, mode=mode)
+        statistics = StepStatistics([optimizer])
+        statistics.attach()
+        for step in range(3):
+            for p in model:
+                p.grad = torch.randn_like(p)
+            statistics.arm()
+            optimizer.step()
+            figures = statistics.collect()
+        statistics.detach()
+        return figures
+
+    multi_tensor = figures_with("0")
+    assert not flattened
+    flat = figures_with("auto")
+    assert flattened and set(flattened) == {40}, flattened
+    assert set(flat) == set(multi_tensor)
+    for key, value in multi_tensor.items():
+        assert flat[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+    if mode == "decoupled_l1":
+        assert flat["sparsity/decay"] > 0
 
 
 def test_many_kernel_variants_compile_without_falling_back(monkeypatch: pytest.MonkeyPatch) -> None:
