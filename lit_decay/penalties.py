@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lit_decay._batches import batches, by_device_and_dtype, real
 from lit_decay._tensors import local
-from lit_decay.modes import L1_MODES, TORCH_APPLIED
+from lit_decay.modes import L1_MODES, SPECS, TORCH_APPLIED
 
 _ATTACHED: weakref.WeakKeyDictionary[Optimizer, DecayTerms] = weakref.WeakKeyDictionary()
 
@@ -141,9 +141,14 @@ class DecayTerms:
             handle.remove()
 
     @staticmethod
-    def _active(optimizer: Optimizer, mode: str) -> list[dict[str, Any]]:
+    def _active(optimizer: Optimizer, applied: str) -> list[dict[str, Any]]:
+        """The decayed groups whose mode lit_decay applies at ``applied`` (``lit_decay.modes.ModeSpec.applied_by``)."""
         return [
-            g for g in optimizer.param_groups if g.get("decay_mode") == mode and g.get("decay_coefficient", 0.0) > 0
+            g
+            for g in optimizer.param_groups
+            if (spec := SPECS.get(g.get("decay_mode", "none"))) is not None
+            and spec.applied_by == applied
+            and g.get("decay_coefficient", 0.0) > 0
         ]
 
     def reconcile(self, optimizer: Optimizer) -> None:
@@ -194,7 +199,7 @@ class DecayTerms:
         self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         self.reconcile(optimizer)
-        groups = self._active(optimizer, "l1")
+        groups = self._active(optimizer, "before_step")
         if not groups:
             return None
         # torch passes step's own arguments, the optimizer first: (self, closure) or (self,) with closure in kwargs.
@@ -219,7 +224,7 @@ class DecayTerms:
         return args, kwargs
 
     def after_step(self, optimizer: Optimizer, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        groups = self._active(optimizer, "decoupled_l1")
+        groups = self._active(optimizer, "after_step")
         if not groups:
             return
         found_inf = getattr(optimizer, "found_inf", None)

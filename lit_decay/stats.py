@@ -34,7 +34,7 @@ from lit_decay._tensors import is_dtensor, local
 from lit_decay.diagnostics import equilibrium_factor
 from lit_decay.modes import Penalty, Rule, group_names, group_rule
 from lit_decay.penalties import is_attached, observe_proximal_step
-from lit_decay.step_sums import COLUMNS, StepContext, gather, group_sums, update_from_state
+from lit_decay.step_sums import COLUMNS, Block, StepContext, gather, group_sums, update_from_state
 from lit_decay.tags import tag
 
 METRICS: tuple[str, ...] = (
@@ -102,6 +102,62 @@ class _Pending:
         self.blocks.append(block)
         self.count += block.shape[0]
         return self.count - block.shape[0]
+
+    def add_header(self, lr: float | torch.Tensor, found_inf: torch.Tensor | None) -> int | None:
+        """A row ``[lr, found_inf, 0...]`` where either is a tensor (capturable or device-scheduled lr, the grad
+        scaler's verdict): they leave the device with the sums. None where both are known on the host."""
+        if not isinstance(lr, torch.Tensor) and found_inf is None:
+            return None
+        values = [torch.as_tensor(lr).detach().reshape(()), torch.zeros(()) if found_inf is None else found_inf]
+        device = values[0].device if isinstance(lr, torch.Tensor) else values[1].device
+        row = torch.stack([v.to(device, torch.float64, non_blocking=True).reshape(()) for v in values])
+        return self.add(torch.cat([row, torch.zeros(len(COLUMNS) - 2, dtype=row.dtype, device=device)])[None])
+
+    def add_blocks(self, params: Sequence[torch.Tensor], blocks: Sequence[Block]) -> tuple[list[int], list[int] | None]:
+        """Append a group's blocks: the rows whose sum is the group's, and each tensor's row (None where a block holds
+        only totals). Rows of DTensor shards are noted for the reduction across their process groups."""
+        rows: list[int] = []
+        parameter_rows: list[int] | None = [0] * len(params)
+        for block in blocks:
+            first = self.add(block.rows)
+            rows += range(first, first + block.rows.shape[0])
+            if not block.per_tensor:
+                parameter_rows = None
+            elif parameter_rows is not None:
+                for offset, index in enumerate(block.indices):
+                    parameter_rows[index] = first + offset
+        if parameter_rows is not None:
+            for index, param in enumerate(params):
+                if is_dtensor(param):
+                    self.sharded[_shard_groups(param)].append(parameter_rows[index])
+        return rows, parameter_rows
+
+
+def _step_context(
+    optimizer: Optimizer,
+    group: Mapping[str, Any],
+    rule: Rule,
+    *,
+    threshold: float | torch.Tensor | None,
+    per_tensor: bool,
+) -> StepContext:
+    """The step's scalars for ``group``: lr·wd, eps, and what a grad scaler on a fused optimizer left behind."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    grad_factor = None
+    if grad_scale is not None and found_inf is not None:
+        # The fused kernel unscales gradients in place, except on a step it skips.
+        grad_factor = torch.where(found_inf > 0, 1.0 / grad_scale, torch.ones_like(grad_scale))
+    return StepContext(
+        rule=rule,
+        decay=group["lr"] * rule.coefficient,
+        eps=float(group.get("eps", 0.0)),
+        keep=None if found_inf is None else 1.0 - found_inf.float(),
+        grad_factor=grad_factor,
+        threshold=threshold,
+        count_zeros=rule.l1,
+        per_tensor=per_tensor,
+    )
 
 
 def _shard_groups(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -257,6 +313,7 @@ class StepStatistics:
         *,
         threshold: float | torch.Tensor | None = None,
     ) -> None:
+        """Gather ``group``'s tensors, reduce them to sums on device, and note where they go in the table."""
         rule = group_rule(optimizer, group)
         snapshots = self._snapshots.pop(id(group), None)
         from_state = (
@@ -271,48 +328,13 @@ class StepStatistics:
             wants_denominator=rule.penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1),
             snapshots=snapshots,
         )
-        found_inf = getattr(optimizer, "found_inf", None)
-        grad_scale = getattr(optimizer, "grad_scale", None)
-        grad_factor = None
-        if grad_scale is not None and found_inf is not None:
-            # The fused kernel unscales gradients in place, except on a step it skips.
-            grad_factor = torch.where(found_inf > 0, 1.0 / grad_scale, torch.ones_like(grad_scale))
+        # Per-tensor rows for per-parameter figures, and for shards whose partial sums are reduced tensor by tensor.
+        per_tensor = self.per_parameter or not tensors.plain
+        context = _step_context(optimizer, group, rule, threshold=threshold, per_tensor=per_tensor)
         lr = group["lr"]
-        context = StepContext(
-            rule=rule,
-            decay=lr * rule.coefficient,
-            eps=float(group.get("eps", 0.0)),
-            keep=None if found_inf is None else 1.0 - found_inf.float(),
-            grad_factor=grad_factor,
-            threshold=threshold,
-            count_zeros=rule.l1,
-            # Per-tensor rows for per-parameter figures, and for shards whose partial sums are reduced tensor by tensor.
-            per_tensor=self.per_parameter or not tensors.plain,
-        )
-        pending = self._pending
-        header = None
-        if isinstance(lr, torch.Tensor) or found_inf is not None:
-            # A tensor lr (capturable, or scheduled on device) and the scaler's verdict leave with the sums.
-            values = [torch.as_tensor(lr).detach().reshape(()), torch.zeros(()) if found_inf is None else found_inf]
-            device = values[0].device if isinstance(lr, torch.Tensor) else values[1].device
-            row = torch.stack([v.to(device, torch.float64, non_blocking=True).reshape(()) for v in values])
-            header = pending.add(torch.cat([row, torch.zeros(len(COLUMNS) - 2, dtype=row.dtype, device=device)])[None])
-        params = group["params"]
-        rows: list[int] = []
-        parameter_rows: list[int] | None = [0] * len(params)
-        for block in group_sums(tensors, context):
-            first = pending.add(block.rows)
-            rows += range(first, first + block.rows.shape[0])
-            if not block.per_tensor:
-                parameter_rows = None
-            elif parameter_rows is not None:
-                for offset, index in enumerate(block.indices):
-                    parameter_rows[index] = first + offset
-        if parameter_rows is not None:
-            for index, param in enumerate(params):
-                if is_dtensor(param):
-                    pending.sharded[_shard_groups(param)].append(parameter_rows[index])
-        pending.groups.append(
+        header = self._pending.add_header(lr, getattr(optimizer, "found_inf", None))
+        rows, parameter_rows = self._pending.add_blocks(group["params"], group_sums(tensors, context))
+        self._pending.groups.append(
             _MeasuredGroup(
                 name=name,
                 rule=rule,
@@ -321,7 +343,7 @@ class StepStatistics:
                 rows=rows,
                 parameter_rows=parameter_rows,
                 numels=[p.numel() * (2 if p.is_complex() else 1) for p in group["params"]],
-                has_update=snapshots is not None or (from_state and bool(tensors.exp_avgs is not None)),
+                has_update=snapshots is not None or tensors.exp_avgs is not None,
                 param_names=self._param_names(group),
             )
         )

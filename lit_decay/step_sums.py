@@ -167,6 +167,9 @@ def _tensor_sums(
 ) -> torch.Tensor:
     """The row of ``COLUMNS`` for one (local, flat) tensor, in one pass over its weights, gradient and moments.
 
+    Flat arguments, many of them, on purpose: this is what ``torch.compile`` specialises on (which are None, dtypes,
+    the penalty), and a container would add guards on its fields to every call.
+
     With ``threshold``, ``w`` holds the weights after Adam's step and before the proximal step, which this pass
     applies to its own copy: the figures are those of the weights after the whole step, the penalty's are those of
     the weights it acts on.
@@ -239,101 +242,119 @@ def _abs_sums(tensors: TensorList, acc: torch.dtype) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, 1, dtype=acc))
 
 
-def _foreach_sums(
-    w: list[torch.Tensor],
-    g: list[torch.Tensor] | None,
-    m: list[torch.Tensor] | None,
-    v: list[torch.Tensor] | None,
-    w_old: list[torch.Tensor] | None,
-    step_size: torch.Tensor | None,
-    inv_sqrt_bias2: torch.Tensor | None,
-    context: StepContext,
-) -> torch.Tensor:
-    """The rows of ``COLUMNS`` for a list of tensors on one device and of one dtype: ``_tensor_sums``'s formula
-    with one multi-tensor call per operation for the whole list.
+def _foreach_sums(t: GroupTensors, context: StepContext) -> torch.Tensor:
+    """The rows of ``COLUMNS`` for tensors on one device and of one dtype, all stepped (``t.stepped`` covers every
+    weight) or none: ``_tensor_sums``'s formula with one multi-tensor call per operation for the whole list.
 
     Each op is a pass over every tensor, so the formula is arranged for few of them: Adam's denominator is taken as
     D = b·D' with D' = √v + eps/b (b = 1/√(1 − β₂ᵗ), one per tensor), and every per-tensor factor is applied to the
     tensor's sums rather than to its elements.
     """
+    w = t.weights
     n, device, dtype = len(w), w[0].device, w[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    penalty, threshold = context.rule.penalty, context.threshold
     zero = torch.zeros(n, dtype=acc, device=device)
-    shrink = None
-    after: TensorList = w
-    if threshold is not None:
-        if isinstance(threshold, torch.Tensor):
-            t = threshold.to(device, dtype, non_blocking=True)
-            shrink = torch._foreach_clamp_max(w, [t] * n)
-            torch._foreach_clamp_min_(shrink, [-t] * n)
-        else:
-            shrink = torch._foreach_clamp_max(w, threshold)
-            torch._foreach_clamp_min_(shrink, -threshold)
-        after = torch._foreach_sub(w, shrink)
+    shrink = None if context.threshold is None or not t.stepped else _clamped(w, context.threshold)
+    after = w if shrink is None else torch._foreach_sub(w, shrink)
     w2 = _squared_norms(after, acc)
     nonzeros = torch.stack(torch._foreach_norm(after, 0, dtype=acc)) if context.count_zeros else zero
     g2 = zero
-    if g is not None:
-        g2 = _squared_norms(g, acc)
+    if t.stepped:
+        g2 = _squared_norms(t.grads, acc)
         if context.grad_factor is not None:
             g2 = g2 * context.grad_factor.to(acc).square()
-    reduced_denominator = None  # D' = √v + eps/b, so that Adam's D = b·D'
-    if v is not None and inv_sqrt_bias2 is not None:
-        reduced_denominator = torch._foreach_sqrt(v)
-        torch._foreach_add_(reduced_denominator, list((context.eps / inv_sqrt_bias2).to(dtype).unbind()))
+    reduced = None  # D' = √v + eps/b, so that Adam's D = b·D'
+    if t.exp_avg_sqs is not None and t.inv_sqrt_bias2 is not None:
+        reduced = torch._foreach_sqrt(t.exp_avg_sqs)
+        torch._foreach_add_(reduced, _scalars(context.eps / t.inv_sqrt_bias2, dtype))
     d2 = zero
-    if w_old is not None:
-        if dtype != acc:
-            # Low-precision weights (their update comes from a snapshot): subtract in float32, as the old and new
-            # weights of a bfloat16 tensor can differ by more than bfloat16 can hold exactly.
-            after, w_old = [t.to(acc) for t in after], [t.to(acc) for t in w_old]
-        d2 = _squared_norms(torch._foreach_sub(after, w_old), acc)
-    elif m is not None and reduced_denominator is not None and step_size is not None and inv_sqrt_bias2 is not None:
-        # Adam's update is u = σ·m/D' with σ = step_size/b (`adam_update`).
-        sigma = step_size / inv_sqrt_bias2
-        keep = None if context.keep is None else context.keep.to(sigma.dtype)
-        ratio = torch._foreach_div(m, reduced_denominator)
-        if shrink is not None:
-            # Δw = −shrink − u
-            scale = sigma if keep is None else sigma * keep
-            torch._foreach_mul_(ratio, list(scale.to(dtype).unbind()))
-            torch._foreach_add_(ratio, shrink)
-            d2 = _squared_norms(ratio, acc)
-        elif penalty is Penalty.DECOUPLED:
-            # AdamW: Δw = −u − k·(w + u) = −(1 + k)σ·(m/D' + c·w), k = lr·wd/(1 − lr·wd), c = k/((1 + k)σ).
-            k = float(context.decay) / (1.0 - float(context.decay))
-            outer = (1.0 + k) * sigma
-            c = torch.where(outer > 0, k / outer, torch.zeros_like(outer))
-            torch._foreach_addcmul_(ratio, w, list(c.to(dtype).unbind()))
-            d2 = _squared_norms(ratio, acc) * outer.to(acc).square()
-        else:
-            d2 = _squared_norms(ratio, acc) * sigma.to(acc).square()
-        if keep is not None and shrink is None:
-            d2 = d2 * keep.to(acc)
+    if t.snapshots is not None:
+        d2 = _snapshot_update_squares(after, t.snapshots, acc)
+    elif t.exp_avgs is not None and reduced is not None:
+        d2 = _adam_update_squares(t, context, reduced, shrink, acc)
     reg = zero
-    if penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1) and reduced_denominator is not None:
-        assert inv_sqrt_bias2 is not None
-        if penalty is Penalty.ADAM_L2:
-            terms = torch._foreach_mul(after, after)
-            torch._foreach_div_(terms, reduced_denominator)
-        else:
-            terms = torch._foreach_div(after, reduced_denominator)
-        reg = _abs_sums(terms, acc) / inv_sqrt_bias2.to(acc)
-    elif penalty is Penalty.PROXIMAL_L1:
-        if shrink is not None:
-            reg = _abs_sums(torch._foreach_mul(shrink, w), acc)  # shrink and w share their signs
-        else:
-            magnitudes = torch._foreach_abs(after)
-            decay = context.decay
-            if isinstance(decay, torch.Tensor):
-                capped = torch._foreach_clamp_max(magnitudes, [decay.to(device, dtype)] * n)
-            else:
-                capped = torch._foreach_clamp_max(magnitudes, decay)
-            torch._foreach_mul_(capped, magnitudes)
-            reg = _abs_sums(capped, acc)
+    if t.stepped:
+        reg = _penalty_sums(t, context, after, shrink, reduced, acc)
     penalised_w2 = _squared_norms(w, acc) if shrink is not None else w2
     return torch.stack([w2, g2, d2, reg, nonzeros, penalised_w2], dim=1)
+
+
+def _scalars(values: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """One 0-d tensor per tensor of a list, for a foreach op's per-tensor factor (no host transfer)."""
+    return list(values.to(dtype).unbind())
+
+
+def _clamped(w: TensorList, threshold: float | torch.Tensor) -> TensorList:
+    """clamp(w, −threshold, threshold): what the proximal step subtracts."""
+    if isinstance(threshold, torch.Tensor):
+        t = threshold.to(w[0].device, w[0].dtype, non_blocking=True)
+        shrink = torch._foreach_clamp_max(w, [t] * len(w))
+        torch._foreach_clamp_min_(shrink, [-t] * len(w))
+    else:
+        shrink = torch._foreach_clamp_max(w, threshold)
+        torch._foreach_clamp_min_(shrink, -threshold)
+    return shrink
+
+
+def _snapshot_update_squares(after: TensorList, before: TensorList, acc: torch.dtype) -> torch.Tensor:
+    if after[0].dtype != acc:
+        # Low-precision weights (their update comes from a snapshot): subtract in float32, as the old and new
+        # weights of a bfloat16 tensor can differ by more than bfloat16 can hold exactly.
+        after, before = [x.to(acc) for x in after], [x.to(acc) for x in before]
+    return _squared_norms(torch._foreach_sub(after, before), acc)
+
+
+def _adam_update_squares(
+    t: GroupTensors, context: StepContext, reduced: TensorList, shrink: TensorList | None, acc: torch.dtype
+) -> torch.Tensor:
+    """Σ(Δw)² per tensor, with Adam's update u = σ·m/D' (σ = step_size/b) read back from its state."""
+    assert t.exp_avgs is not None and t.step_sizes is not None and t.inv_sqrt_bias2 is not None
+    dtype = t.weights[0].dtype
+    sigma = t.step_sizes / t.inv_sqrt_bias2
+    keep = None if context.keep is None else context.keep.to(sigma.dtype)
+    ratio = torch._foreach_div(t.exp_avgs, reduced)
+    if shrink is not None:
+        # Δw = −shrink − u (a skipped step's threshold is already 0)
+        torch._foreach_mul_(ratio, _scalars(sigma if keep is None else sigma * keep, dtype))
+        torch._foreach_add_(ratio, shrink)
+        return _squared_norms(ratio, acc)
+    if context.rule.penalty is Penalty.DECOUPLED:
+        # AdamW: Δw = −u − k·(w + u) = −(1 + k)σ·(m/D' + c·w), k = lr·wd/(1 − lr·wd), c = k/((1 + k)σ).
+        k = float(context.decay) / (1.0 - float(context.decay))
+        scale = (1.0 + k) * sigma
+        c = torch.where(scale > 0, k / scale, torch.zeros_like(scale))
+        torch._foreach_addcmul_(ratio, t.weights, _scalars(c, dtype))
+    else:
+        scale = sigma
+    d2 = _squared_norms(ratio, acc) * scale.to(acc).square()
+    return d2 if keep is None else d2 * keep.to(acc)
+
+
+def _penalty_sums(
+    t: GroupTensors,
+    context: StepContext,
+    after: TensorList,
+    shrink: TensorList | None,
+    reduced: TensorList | None,
+    acc: torch.dtype,
+) -> torch.Tensor:
+    """The effective decay's numerator per tensor (``lit_decay.modes``' table), for the group's ``Penalty``."""
+    penalty = context.rule.penalty
+    if penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1) and reduced is not None and t.inv_sqrt_bias2 is not None:
+        if penalty is Penalty.ADAM_L2:
+            terms = torch._foreach_mul(after, after)
+            torch._foreach_div_(terms, reduced)
+        else:
+            terms = torch._foreach_div(after, reduced)
+        return _abs_sums(terms, acc) / t.inv_sqrt_bias2.to(acc)
+    if penalty is Penalty.PROXIMAL_L1:
+        if shrink is not None:
+            return _abs_sums(torch._foreach_mul(shrink, t.weights), acc)  # shrink and w share their signs
+        magnitudes = torch._foreach_abs(after)
+        capped = _clamped(magnitudes, context.decay)  # min(|w|, lr·wd), as |w| ≥ 0
+        torch._foreach_mul_(capped, magnitudes)
+        return _abs_sums(capped, acc)
+    return torch.zeros(len(after), dtype=acc, device=after[0].device)
 
 
 # ---- a whole group --------------------------------------------------------------------------------------------------
@@ -374,7 +395,8 @@ def group_sums(tensors: GroupTensors, context: StepContext) -> list[Block]:
         if not all(t is None or t.is_contiguous() for t in parts):
             small.append(index)
             continue
-        row = _one_pass(tensors, context, weight.view(-1), *(None if t is None else t.view(-1) for t in parts), k=k)
+        flat = tuple(None if t is None else t.view(-1) for t in parts)
+        row = _one_pass(tensors, context, (weight.view(-1), *flat), k=k)
         blocks.append(Block([index], row.unsqueeze(0)))
     if len(small) == len(tensors.weights) and len({(t.device, t.dtype) for t in tensors.weights}) == 1:
         buckets = [small]  # the usual case, without a pass to sort tensors
@@ -394,17 +416,12 @@ def group_sums(tensors: GroupTensors, context: StepContext) -> list[Block]:
 
 
 def _one_pass(
-    tensors: GroupTensors,
-    context: StepContext,
-    w: torch.Tensor,
-    g: torch.Tensor | None,
-    m: torch.Tensor | None,
-    v: torch.Tensor | None,
-    w_old: torch.Tensor | None,
-    *,
-    k: int | None,
+    tensors: GroupTensors, context: StepContext, inputs: tuple[torch.Tensor | None, ...], *, k: int | None
 ) -> torch.Tensor:
-    """``_tensor_sums`` compiled, for one flat tensor (or flattened tensors) whose step scalars are those of ``k``."""
+    """``_tensor_sums`` compiled, for one flat tensor (or flattened tensors) whose step scalars are those of ``k``:
+    ``inputs`` are its weights, gradient, Adam's two moments and the snapshot, each flat or None."""
+    w, g, m, v, w_old = inputs
+    assert w is not None
     return _compiled_tensor_sums(
         w,
         g,
@@ -444,7 +461,7 @@ def _flat_blocks(
         g, m, v, w_old = (
             None if values is None else _flatten([values[k] for k in ks]) for values in _stepped_lists(tensors)
         )
-        row = _one_pass(tensors, context, _flatten([tensors.weights[i] for i in chosen]), g, m, v, w_old, k=ks[0])
+        row = _one_pass(tensors, context, (_flatten([tensors.weights[i] for i in chosen]), g, m, v, w_old), k=ks[0])
         blocks.append(Block(chosen, row.unsqueeze(0), per_tensor=False))
     return blocks
 
@@ -463,6 +480,9 @@ def _stepped_lists(tensors: GroupTensors) -> tuple[list[torch.Tensor] | None, ..
 
 
 def _foreach_block(tensors: GroupTensors, chosen: list[int], ks: list[int], context: StepContext) -> torch.Tensor:
+    """``_foreach_sums`` of the tensors ``chosen`` (their positions among the stepped ones: ``ks``, empty when they
+    were not stepped: no gradient, no update and no penalty this step)."""
+
     def pick(values: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
         return None if values is None or not ks else [values[k] for k in ks]
 
@@ -472,19 +492,15 @@ def _foreach_block(tensors: GroupTensors, chosen: list[int], ks: list[int], cont
         # Indexing by host ints and stacking: no index tensor to copy to the device.
         return values if len(ks) == len(values) else torch.stack([values[k] for k in ks])
 
-    weights = [tensors.weights[i] for i in chosen]
-    if not ks:
-        # Tensors that were not stepped: no gradient, no update, no penalty this step.
-        rule = Rule(context.rule.mode, context.rule.coefficient, Penalty.NONE)
-        unstepped = StepContext(rule, context.decay, context.eps, None, None, None, context.count_zeros)
-        return _foreach_sums(weights, None, None, None, None, None, None, unstepped)
-    return _foreach_sums(
-        weights,
-        pick(tensors.grads),
-        pick(tensors.exp_avgs),
-        pick(tensors.exp_avg_sqs),
-        pick(tensors.snapshots),
-        pick_scalars(tensors.step_sizes),
-        pick_scalars(tensors.inv_sqrt_bias2),
-        context,
+    subset = GroupTensors(
+        weights=[tensors.weights[i] for i in chosen],
+        stepped=list(range(len(chosen))) if ks else [],
+        grads=pick(tensors.grads) or [],
+        exp_avgs=pick(tensors.exp_avgs),
+        exp_avg_sqs=pick(tensors.exp_avg_sqs),
+        snapshots=pick(tensors.snapshots),
+        step_sizes=pick_scalars(tensors.step_sizes),
+        inv_sqrt_bias2=pick_scalars(tensors.inv_sqrt_bias2),
+        plain=tensors.plain,
     )
+    return _foreach_sums(subset, context)

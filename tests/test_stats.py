@@ -666,7 +666,7 @@ def test_many_small_tensors_flattened_on_cpu_equal_the_multi_tensor_path(
         optimizer = lit_decay.configure_adam(model, lr=0.01, weight_decay=0.5, mode=mode)
         statistics = StepStatistics([optimizer])
         statistics.attach()
-        for step in range(3):
+        for _ in range(3):
             for p in model:
                 p.grad = torch.randn_like(p)
             statistics.arm()
