@@ -286,7 +286,7 @@ class WeightDecayScheduler(Callback):
         # with configure_adam(self, weight_decay=0.04, mode="decoupled") in the LightningModule
 
         # decay timescale of 5 epochs, whatever lr and batch size:
-        trainer = L.Trainer(callbacks=[lit_decay.WeightDecayScheduler(timescale_epochs=5.0)])
+        trainer = L.Trainer(callbacks=[lit_decay.WeightDecayScheduler.from_timescale(epochs=5.0)])
     """
 
     schedule = _setting("schedule")
@@ -329,6 +329,32 @@ class WeightDecayScheduler(Callback):
         self._base: dict[str, float] = {}
         self._timescale: float | None = self.settings.timescale()
         self._total: int | None = None
+
+    @classmethod
+    def from_timescale(
+        cls,
+        *,
+        steps: float | None = None,
+        epochs: float | None = None,
+        steps_per_epoch: float | None = None,
+        groups: Sequence[str] | None = None,
+        hold: bool = False,
+    ) -> WeightDecayScheduler:
+        """Decay given as its timescale τ = 1/(lr·wd), in optimizer steps or in epochs (give one): each decoupled
+        group gets wd = 1/(lr·τ). The same as ``WeightDecayScheduler(timescale_steps=..., ...)``, without the
+        schedule's arguments that a timescale does not use.
+
+        Examples:
+            >>> WeightDecayScheduler.from_timescale(epochs=5.0).timescale_epochs
+            5.0
+        """
+        return cls(
+            timescale_steps=steps,
+            timescale_epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            groups=groups,
+            hold_timescale=hold,
+        )
 
     @property
     def groups(self) -> list[str] | None:

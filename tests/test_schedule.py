@@ -382,3 +382,14 @@ def test_timescale_coefficient_and_batches_in_run() -> None:
     assert batches_in_run(80.0) == 80.0
     assert batches_in_run(80.0, max_steps=100, optimizers=2) == 50
     assert batches_in_run(80.0, max_steps=-1, optimizers=2) == 80.0
+
+
+def test_from_timescale_is_the_timescale_form() -> None:
+    """The timescale's own constructor gives the scheduler the keyword form gives, and refuses what it refuses."""
+    a = lit_decay.WeightDecayScheduler.from_timescale(steps=200.0, groups=["decay"], hold=True)
+    b = lit_decay.WeightDecayScheduler(timescale_steps=200.0, groups=["decay"], hold_timescale=True)
+    assert a.settings == b.settings and a.state_key == b.state_key
+    with pytest.raises(ValueError, match="timescale"):
+        lit_decay.WeightDecayScheduler.from_timescale(steps=10.0, epochs=1.0)
+    with pytest.raises(ValueError, match="timescale"):
+        lit_decay.WeightDecayScheduler.from_timescale(steps=-1.0)
