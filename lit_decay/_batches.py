@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_decay._tensors import local
+
 #: Elements per batch: 1 MiB of float32 per temporary on a CPU (in L2 cache); larger on a GPU, where each batch
 #: is a kernel launch and memory is not page-faulted in.
 CPU_BATCH_NUMEL = 1 << 18
@@ -50,37 +52,62 @@ def batches(lists: Sequence[Sequence[torch.Tensor]], *, limit: int | None = None
     Examples:
         >>> a, b = [torch.zeros(5), torch.zeros(2)], [torch.ones(5), torch.ones(2)]
         >>> [(len(batch.lists[0]), batch.owner) for batch in batches([a, b], limit=4)]
-        [(1, [0]), (2, [0, 1])]
+        [(1, [0]), (1, [0]), (1, [1])]
     """
     if not lists or not lists[0]:
         return
     first = lists[0]
     limit = limit or batch_numel(first[0].device)
-    pieces: list[list[torch.Tensor]] = [[] for _ in lists]
-    owner: list[int] = []
-    filled = 0
-    for index in range(len(first)):
-        numel = first[index].numel()
-        whole = [lst[index] for lst in lists]
-        cuttable = numel > limit and all(t.is_contiguous() for t in whole)
-        if cuttable:
-            whole = [t.view(-1) for t in whole]
-        starts = range(0, numel, limit) if cuttable else [0]
-        for start in starts:
-            size = min(limit, numel - start) if cuttable else numel
-            if filled and filled + size > limit:
-                yield Batch(pieces, owner)
-                pieces, owner, filled = [[] for _ in lists], [], 0
-            for k, tensor in enumerate(whole):
-                pieces[k].append(tensor.narrow(0, start, size) if cuttable else tensor)
-            owner.append(index)
+    sizes = [t.numel() for t in first]
+    start, filled = 0, 0
+    for index, size in enumerate(sizes):
+        if size > limit:
+            if start < index:
+                yield _slice(lists, start, index)
+            yield from _cut(lists, index, limit)
+            start, filled = index + 1, 0
+        elif filled + size > limit:
+            yield _slice(lists, start, index)
+            start, filled = index, size
+        else:
             filled += size
-    if owner:
-        yield Batch(pieces, owner)
+    if start < len(sizes):
+        yield _slice(lists, start, len(sizes))
+
+
+def _slice(lists: Sequence[Sequence[torch.Tensor]], start: int, stop: int) -> Batch:
+    # Whole tensors: a slice of each list, no per-tensor work in Python.
+    return Batch([list(lst[start:stop]) for lst in lists], list(range(start, stop)))
+
+
+def _cut(lists: Sequence[Sequence[torch.Tensor]], index: int, limit: int) -> Iterator[Batch]:
+    whole = [lst[index] for lst in lists]
+    if not all(t.is_contiguous() for t in whole):
+        yield Batch([[t] for t in whole], [index])
+        return
+    flat = [t.view(-1) for t in whole]
+    numel = flat[0].numel()
+    for start in range(0, numel, limit):
+        size = min(limit, numel - start)
+        yield Batch([[t.narrow(0, start, size)] for t in flat], [index])
+
+
+def local_real(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's local shard (``lit_decay._tensors.local``) as real numbers (``real``); plain real tensors, the
+    usual case, are taken as they are, with one cheap check each rather than two conversions."""
+    if all(type(t) in _PLAIN and not t.is_complex() for t in tensors):
+        return list(tensors)
+    return [real(local(t)) for t in tensors]
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype): one foreach call per group, as torch's optimizers do."""
+    kinds = {(t.device, t.dtype) for t in tensors}
+    if len(kinds) == 1:
+        return {kinds.pop(): list(range(len(tensors)))}
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for index, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(index)

@@ -32,8 +32,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from lit_decay._batches import batches, by_device_and_dtype, real
-from lit_decay._tensors import local
+from lit_decay._batches import batches, by_device_and_dtype, local_real
 from lit_decay.modes import L1_MODES, SPECS, TORCH_APPLIED
 
 _ATTACHED: weakref.WeakKeyDictionary[Optimizer, DecayTerms] = weakref.WeakKeyDictionary()
@@ -54,11 +53,13 @@ def add_l1_gradient(
         >>> add_l1_gradient([p], [g], 0.1); g
         tensor([ 0.1000, -0.1000,  0.0000])
     """
-    params = [real(local(p)) for p in params]
-    grads = [real(local(g)) for g in grads]
+    params, grads = local_real(params), local_real(grads)
     for (device, _), indices in by_device_and_dtype(grads).items():
         scale = coefficient.to(device, non_blocking=True) if isinstance(coefficient, torch.Tensor) else None
-        for batch in batches([[params[i] for i in indices], [grads[i] for i in indices]]):
+        chosen = [params, grads]
+        if len(indices) < len(grads):
+            chosen = [[params[i] for i in indices], [grads[i] for i in indices]]
+        for batch in batches(chosen):
             batch_params, batch_grads = batch.lists
             signs = torch._foreach_sign(batch_params)
             if scale is None:
@@ -82,9 +83,9 @@ def soft_threshold(params: Sequence[torch.Tensor], threshold: float | torch.Tens
     """
     if not isinstance(threshold, torch.Tensor) and threshold <= 0:
         return
-    params = [real(local(p)) for p in params]
+    params = local_real(params)
     for (device, _), indices in by_device_and_dtype(params).items():
-        group = [params[i] for i in indices]
+        group = params if len(indices) == len(params) else [params[i] for i in indices]
         if not isinstance(threshold, torch.Tensor) and device.type == "cpu":
             large = [p for p in group if p.numel() >= LARGE_NUMEL]
             for param in large:
