@@ -335,6 +335,10 @@ def expected_figures(config: dict[str, Any], saved: dict[str, Any]) -> dict[str,
             t = float(state["step"])
             return torch.sqrt(state["exp_avg_sq"].double() / (1 - BETA2**t)) + EPS
 
+        def adam_direction(n: str) -> torch.Tensor:
+            state = saved["state"][n]
+            return state["exp_avg"].double() / (1 - BETA1 ** float(state["step"])) / denominator(n)
+
         if mode == "none" or wd == 0:
             effective = 0.0
         elif mode == "decoupled":
@@ -345,7 +349,10 @@ def expected_figures(config: dict[str, Any], saved: dict[str, Any]) -> dict[str,
             effective = lr * wd * sum(float((final[n].abs() / denominator(n)).sum()) for n in names) / w2
         else:
             assert mode == "decoupled_l1"
-            effective = sum(float((final[n].abs() * final[n].abs().clamp(max=lr * wd)).sum()) for n in names) / w2
+            # Defined on the weights the soft threshold acts on: after Adam's step, before the shrink.
+            acted_on = {n: before[n] - lr * adam_direction(n) for n in names}
+            shrunk = sum(float((acted_on[n].abs() * acted_on[n].abs().clamp(max=lr * wd)).sum()) for n in names)
+            effective = shrunk / sum(float(acted_on[n].square().sum()) for n in names)
         figures[f"effective_decay/{name}"] = effective
         if effective:
             figures[f"decay_timescale/{name}"] = 1.0 / effective
