@@ -150,8 +150,8 @@ def test_grad_scaler_float16_autocast_and_a_skipped_step(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["l1", "decoupled_l1"])
 def test_compiled_kernels_match_eager_on_cuda(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """LIT_DECAY_COMPILE=always (every tensor through the torch.compile kernels) against =0 (eager): the same steps
-    and the same group_stats figures, to float32 rounding."""
+    """LIT_DECAY_COMPILE=always (every tensor's statistics through the torch.compile kernel, Triton on CUDA) against
+    =0 (torch's multi-tensor ops): the same steps and the same group_stats figures, to float32 rounding."""
     results: dict[str, tuple[list[torch.Tensor], dict[str, float]]] = {}
     for setting in ("0", "always"):
         monkeypatch.setenv("LIT_DECAY_COMPILE", setting)
