@@ -158,7 +158,7 @@ def test_batches_cut_large_tensors_and_mix_dtypes_and_devices_of_a_group() -> No
     """Tensors larger than a batch are cut into views (the work is done in place on the real tensor); float32 and
     float64 tensors of one call go to separate foreach calls; the large-tensor softshrink path and the foreach path
     give the same numbers."""
-    big = torch.randn(3 * (1 << 18) + 17, dtype=torch.float64)
+    big = torch.randn(2 * (1 << 20) + 17, dtype=torch.float64)
     big[::9] = 0.0
     small = torch.randn(100, dtype=torch.float32)
     medium = torch.randn(1 << 16, dtype=torch.float32)
@@ -178,10 +178,24 @@ def test_batches_cut_large_tensors_and_mix_dtypes_and_devices_of_a_group() -> No
         assert torch.equal(got == 0, want == 0)
 
 
+def test_batches_keep_small_tensors_together_and_cut_large_ones() -> None:
+    """Small tensors share batches up to the batch size; a larger tensor is a batch of its own, cut into views of the
+    piece size that cover it exactly."""
+    from lit_decay._batches import batches
+
+    small = [torch.zeros(3) for _ in range(5)]
+    big = torch.arange(10.0)
+    found = list(batches([[*small[:2], big, *small[2:]]], limit=6, piece=4))
+    assert [batch.owner for batch in found] == [[0, 1], [2], [2], [2], [3, 4], [5]]
+    pieces = [p for batch in found if batch.owner == [2] for p in batch.lists[0]]
+    assert [p.numel() for p in pieces] == [4, 4, 2]
+    assert torch.equal(torch.cat(pieces), big) and all(p.data_ptr() >= big.data_ptr() for p in pieces)
+
+
 def test_l1_term_on_cut_tensors_nan_and_layouts() -> None:
     """add_l1_gradient on a tensor cut into several batches and on a strided one gives g + c·sign(p) with
     torch.sign's conventions (0 for ±0 and NaN), with a float or a tensor coefficient."""
-    n = 3 * (1 << 18) + 5  # cut into four batches
+    n = 2 * (1 << 20) + 5  # cut into three pieces
     p = torch.randn(n, dtype=torch.float64)
     p[::5] = 0.0
     p[3] = float("nan")
