@@ -33,6 +33,7 @@ def _inherited_decay(optimizer: Optimizer) -> tuple[float, str] | None:
     return None
 
 
+# The grouping options of param_groups, each defaulting to what the optimizer's "decay" group already uses.
 def add_param_groups(
     optimizer: Optimizer,
     module: nn.Module,

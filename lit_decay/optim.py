@@ -177,6 +177,8 @@ def _check_scheduler(scheduler: Any) -> None:
     )
 
 
+# Many parameters, on purpose: torch.optim.Adam's own plus the grouping options of param_groups, so that one call
+# replaces both (each is checked once, by plan() or here).
 def configure_adam(
     module: nn.Module,
     *,

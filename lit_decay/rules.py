@@ -488,15 +488,7 @@ def place_parameters(
         every_name = list(sites) + [site.name for site in sites.values() if site.parametrized]
         _warn_unmatched_no_weight_decay(root, declared, every_name)
 
-    names_by_tensor: dict[int, list[str]] = {}
-    tensors: dict[int, torch.Tensor] = {}
-    for raw_name, param in root.named_parameters(remove_duplicate=False):
-        name = clean_name(raw_name)
-        aliases = names_by_tensor.setdefault(id(param), [])
-        if name not in aliases:
-            aliases.append(name)
-        tensors[id(param)] = param
-
+    names_by_tensor, tensors = _names_of_each_tensor(root)
     placements: list[Placement] = []
     frozen: list[tuple[str, torch.Tensor]] = []
     deciding_overrides: set[int] = set()
@@ -530,6 +522,27 @@ def place_parameters(
         )
 
     trainable = [names for key, names in names_by_tensor.items() if tensors[key].requires_grad]
+    _check_every_override_decides(overrides, trainable, deciding_overrides)
+    return placements, frozen
+
+
+def _names_of_each_tensor(root: nn.Module) -> tuple[dict[int, list[str]], dict[int, torch.Tensor]]:
+    """Every name of each parameter tensor (tied weights have several), by the tensor's id, and the tensors."""
+    names_by_tensor: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for raw_name, param in root.named_parameters(remove_duplicate=False):
+        name = clean_name(raw_name)
+        aliases = names_by_tensor.setdefault(id(param), [])
+        if name not in aliases:
+            aliases.append(name)
+        tensors[id(param)] = param
+    return names_by_tensor, tensors
+
+
+def _check_every_override_decides(
+    overrides: Sequence[Override], trainable: list[list[str]], deciding_overrides: set[int]
+) -> None:
+    """An override that matches nothing, or only what earlier overrides already took, is an error alike."""
     trainable_names = [n for names in trainable for n in names]
     for index, override in enumerate(overrides):
         if not any(fnmatch.fnmatchcase(n, override.pattern) for n in trainable_names):
@@ -540,7 +553,6 @@ def place_parameters(
             )
         if index not in deciding_overrides:
             _raise_shadowed(index, overrides, trainable)
-    return placements, frozen
 
 
 def _raise_shadowed(index: int, overrides: Sequence[Override], trainable: Sequence[Sequence[str]]) -> None:

@@ -299,6 +299,7 @@ class WeightDecayScheduler(Callback):
     steps_per_epoch = _setting("steps_per_epoch")
     hold_timescale = _setting("hold_timescale")
 
+    # The shape's options and the timescale's, all checked by ScheduleSettings; from_timescale is the short form.
     def __init__(
         self,
         schedule: Schedule = "constant",
