@@ -710,6 +710,41 @@ def test_many_kernel_variants_compile_without_falling_back(monkeypatch: pytest.M
     assert not lit_decay._compile._failed, "a kernel fell back to eager"
 
 
+@pytest.mark.parametrize("setting", ["always", "auto"])
+def test_changing_set_of_stepped_tensors_compiles_a_bounded_number_of_times(
+    setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A branch used only on some steps changes which tensors have a gradient from step to step. The compiled
+    kernels do not depend on that set (large tensors one by one, small ones flattened into buffers of any length,
+    dynamic shapes), so after the first steps have seen both cases nothing compiles again."""
+    import torch._dynamo.utils
+
+    monkeypatch.setenv("LIT_DECAY_COMPILE", setting)
+    torch.manual_seed(5)
+    # auto: 40 small matrices flattened together (2**17 elements in all) and one tensor of 2**17 on its own
+    trunk = nn.ParameterList([nn.Parameter(torch.randn(64, 64) * 0.05) for _ in range(40)])
+    branch = nn.ParameterList([nn.Parameter(torch.randn(256, 512) * 0.05), nn.Parameter(torch.randn(64, 64) * 0.05)])
+    model = nn.ModuleDict({"trunk": trunk, "branch": branch})
+    optimizer = lit_decay.configure_adam(model, lr=0.01, weight_decay=0.1, mode="decoupled")
+    statistics = StepStatistics([optimizer])
+    statistics.attach()
+    graphs = []
+    for step in range(8):
+        optimizer.zero_grad(set_to_none=True)
+        used = list(trunk) + (list(branch) if step % 3 == 0 else [])
+        for index, p in enumerate(used):
+            if index % 5 != step % 5:  # and a different few trunk tensors sit out each step
+                p.grad = torch.randn_like(p)
+        statistics.arm()
+        optimizer.step()
+        figures = statistics.collect()
+        assert all(math.isfinite(v) for v in figures.values())
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    statistics.detach()
+    assert graphs[3:] == [graphs[3]] * 5, graphs  # steps 0-2 saw every case; later steps compiled nothing
+    assert not lit_decay._compile._failed
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_hooked_decoupled_l1_reads_the_update_before_the_proximal_step(dtype: torch.dtype) -> None:
     """Hooked, the statistics see the weights between Adam's step and the soft threshold, so the update of a
