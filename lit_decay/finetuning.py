@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from lit_decay._checks import check_non_negative
-from lit_decay.grouping import DECAY, plan
+from lit_decay.grouping import DECAY, GroupingOptions, plan
 from lit_decay.modes import L1_MODES
 from lit_decay.optim import check_parameters
 from lit_decay.penalties import attach
@@ -83,15 +83,9 @@ def add_param_groups(
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if not any(p.requires_grad and id(p) not in held for p in module.parameters()):
         return []
-    groups = plan(
-        module,
-        weight_decay=weight_decay,
-        mode=mode,
-        exclude_embeddings=exclude_embeddings,
-        exclude_1d=exclude_1d,
-        overrides=overrides,
-        lr=lr if lr is not None else optimizer.defaults["lr"],
-    ).groups()
+    base_lr = lr if lr is not None else optimizer.defaults["lr"]
+    options = GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, base_lr)
+    groups = plan(module, options).groups()
     check_parameters(module, groups)
     added = []
     for group in groups:

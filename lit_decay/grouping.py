@@ -324,42 +324,45 @@ class Plan:
         return [(settings, members[settings.name]) for settings in self.settings if members[settings.name]]
 
 
-def plan(
-    module: nn.Module,
-    *,
-    weight_decay: float,
-    mode: str = "decoupled",
-    exclude_embeddings: bool = False,
-    exclude_1d: bool = True,
-    overrides: Iterable[Mapping[str, Any]] | None = (),
-    lr: float | None = None,
-) -> Plan:
+@dataclass(frozen=True)
+class GroupingOptions:
+    """The grouping options of ``param_groups`` (and ``explain``, ``lit_decay.configure_adam``,
+    ``lit_decay.add_param_groups``), as the user gave them: ``plan`` checks them."""
+
+    weight_decay: float
+    mode: str = "decoupled"
+    exclude_embeddings: bool = False
+    exclude_1d: bool = True
+    overrides: Iterable[Mapping[str, Any]] | None = ()
+    lr: float | None = None
+
+
+def plan(module: nn.Module, options: GroupingOptions) -> Plan:
     """Validate the grouping options and place every parameter of ``module``: the one walk behind ``param_groups``,
     ``explain``, ``lit_decay.configure_adam`` and ``lit_decay.add_param_groups``.
 
-    The options are ``param_groups``'s. Every one is checked here, once, and a bad one raises naming it before any
-    group is made (``TypeError`` for a wrong type, ``ValueError`` for a wrong value).
+    Every option is checked here, once, and a bad one raises naming it before any group is made (``TypeError`` for a
+    wrong type, ``ValueError`` for a wrong value).
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-        >>> grouping = plan(model, weight_decay=0.1, overrides=[{"pattern": "2.*", "name": "head"}], lr=1e-3)
+        >>> head = {"pattern": "2.*", "name": "head"}
+        >>> grouping = plan(model, GroupingOptions(weight_decay=0.1, overrides=[head], lr=1e-3))
         >>> [(s.name, s.mode, s.coefficient) for s in grouping.settings]
         [('decay', 'decoupled', 0.1), ('no_decay', 'none', 0.0), ('head', 'decoupled', 0.1)]
         >>> [g["name"] for g in grouping.groups()] == [g.name for g in grouping.report().groups]
         True
     """
-    if lr is not None:
-        lr = check_non_negative("lr", lr)
+    lr = None if options.lr is None else check_non_negative("lr", options.lr)
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected a torch.nn.Module (a LightningModule is one); got {type(module).__name__}")
-    weight_decay = check_non_negative("weight_decay", weight_decay)
-    decay = GroupSettings(DECAY, check_mode(mode), weight_decay)
-    parsed = parse_overrides(overrides, mode=decay.mode, weight_decay=decay.coefficient)
+    decay = GroupSettings(DECAY, check_mode(options.mode), check_non_negative("weight_decay", options.weight_decay))
+    parsed = parse_overrides(options.overrides, mode=decay.mode, weight_decay=decay.coefficient)
     placements, frozen = place_parameters(
         module,
         overrides=parsed,
-        exclude_embeddings=check_bool("exclude_embeddings", exclude_embeddings),
-        exclude_1d=check_bool("exclude_1d", exclude_1d),
+        exclude_embeddings=check_bool("exclude_embeddings", options.exclude_embeddings),
+        exclude_1d=check_bool("exclude_1d", options.exclude_1d),
     )
     model = type(unwrap(module)).__name__
     if not placements:
@@ -438,15 +441,7 @@ def param_groups(
         0.01
         >>> optimizer = torch.optim.Adam(groups, lr=1e-3)
     """
-    return plan(
-        module,
-        weight_decay=weight_decay,
-        mode=mode,
-        exclude_embeddings=exclude_embeddings,
-        exclude_1d=exclude_1d,
-        overrides=overrides,
-        lr=lr,
-    ).groups()
+    return plan(module, GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr)).groups()
 
 
 def explain(
@@ -486,12 +481,4 @@ def explain(
           group  lr     τ = 1/(lr·wd) (steps)
           decay  0.001                 10,000
     """
-    return plan(
-        module,
-        weight_decay=weight_decay,
-        mode=mode,
-        exclude_embeddings=exclude_embeddings,
-        exclude_1d=exclude_1d,
-        overrides=overrides,
-        lr=lr,
-    ).report()
+    return plan(module, GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr)).report()

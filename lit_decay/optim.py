@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from lit_decay._checks import check_betas, check_bool, check_non_negative
 from lit_decay._tensors import local
-from lit_decay.grouping import GroupingReport, plan
+from lit_decay.grouping import GroupingOptions, GroupingReport, plan
 from lit_decay.modes import L1_MODES
 from lit_decay.penalties import attach
 
@@ -230,15 +230,7 @@ def configure_adam(
     betas = check_betas(betas)
     amsgrad = check_bool("amsgrad", amsgrad)
     _check_scheduler(scheduler)
-    grouping = plan(
-        module,
-        weight_decay=weight_decay,
-        mode=mode,
-        exclude_embeddings=exclude_embeddings,
-        exclude_1d=exclude_1d,
-        overrides=overrides,
-        lr=lr,
-    )
+    grouping = plan(module, GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr))
     assert grouping.lr is not None  # plan() returns the lr it was given, as a checked float
     groups = grouping.groups()
     check_parameters(module, groups)

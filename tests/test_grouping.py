@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lit_decay
-from lit_decay.grouping import check_partition, plan
+from lit_decay.grouping import GroupingOptions, check_partition, plan
 from lit_decay.modes import MODES
 from lit_decay.rules import GroupSettings
 
@@ -360,7 +360,7 @@ def test_text_and_markdown_show_the_same_cells() -> None:
 
 def test_override_settings_reach_the_group_and_the_report() -> None:
     overrides = [{"pattern": "2.*", "name": "head", "lr_scale": 3.0, "mode": "l1"}, {"pattern": "1.*", "name": "n"}]
-    grouping = plan(small_model(), weight_decay=0.2, mode="l2", overrides=overrides, lr=0.1)
+    grouping = plan(small_model(), GroupingOptions(weight_decay=0.2, mode="l2", overrides=overrides, lr=0.1))
     assert grouping.settings == (
         GroupSettings("decay", "l2", 0.2),
         GroupSettings("no_decay", "none", 0.0),
