@@ -123,7 +123,8 @@ def gather(
     # Host time per tensor is what a GPU cannot hide: plain real tensors (the usual case) are taken as they are.
     plain = all(type(p) is torch.nn.Parameter and not p.is_complex() for p in params)
     view = _as_is if plain else _local_real
-    weights = [view(p.detach()) for p in params]
+    # Read under torch.no_grad (the step hooks and group_stats run there), so parameters need no detach.
+    weights = list(params) if plain else [view(p.detach()) for p in params]
     grads = [view(params[i].grad) for i in stepped]
     exp_avgs = [view(s["exp_avg"]) for s in states] if from_state else None
     exp_avg_sqs = None
