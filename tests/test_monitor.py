@@ -982,3 +982,48 @@ def test_nonfinite_figures_of_another_group_than_the_skipped_one_still_raise(
     inf_grad_norm_of(monkeypatch, "decay", skipped=frozenset({"first"}))
     with pytest.raises(FloatingPointError, match=r"grad_norm of group 'decay' is inf at step 1"):
         fit(tmp_path, WeightDecayMonitor(log_every_n_steps=2, on_nonfinite="raise"), loggers="csv")
+
+
+class PoisonedFirstStep(Net):
+    """An fp16 run whose first backward overflows, as the GradScaler's initial scale of 65,536 often does."""
+
+    backwards = 0
+
+    def on_after_backward(self) -> None:
+        if self.backwards == 0:
+            self.net[0].weight.grad[0, 0] = float("inf")
+        self.backwards += 1
+
+
+@pytest.mark.parametrize("mode", ["l2", "decoupled_l1"])
+def test_fp16_run_whose_scaler_skips_the_first_step_is_not_a_fault(tmp_path: Path, mode: str) -> None:
+    """precision="16-mixed" (asked for through Lightning's plugin, as Lightning maps it to bf16 on a CPU) with a first
+    step the scaler skips: with on_nonfinite="raise" the fit runs on, the skipped step is logged with update_ratio 0
+    and finite decay figures, and the steps after it are measured normally."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def make_optimizer(module: L.LightningModule) -> Any:
+        return lit_decay.configure_adam(module, lr=LR, weight_decay=0.1, mode=mode)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+    monitor = WeightDecayMonitor(on_nonfinite="raise", metrics=["update_ratio", "effective_decay", "grad_norm"])
+    _, trainer, _ = fit(
+        tmp_path,
+        monitor,
+        module=PoisonedFirstStep(make_optimizer),
+        max_steps=4,
+        log_every_n_steps=1,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
+    assert scaler.get_scale() < 65536.0  # the scaler did skip steps (the first, and any other that overflowed)
+    logged = scalars(accumulator(trainer.loggers[0].log_dir))
+    ratios, decays, norms = (logged[f"decay/{m}/decay"] for m in ("update_ratio", "effective_decay", "grad_norm"))
+    assert sorted(ratios) == [0, 1, 2, 3]
+    skipped = [step for step, norm in norms.items() if not math.isfinite(norm)]
+    assert 0 in skipped and len(skipped) < 4
+    for step, ratio in ratios.items():
+        if step in skipped:
+            assert ratio == 0.0 and decays[step] == 0.0, step
+        else:
+            assert ratio > 0 and decays[step] > 0, step
+    assert all(math.isfinite(v) for tag, by_step in logged.items() if "grad_norm" not in tag for v in by_step.values())
