@@ -72,9 +72,9 @@ def add_l1_gradient(
 def soft_threshold(params: Sequence[torch.Tensor], threshold: float | torch.Tensor) -> None:
     """The proximal L1 step ``p ← sign(p)·max(|p| − threshold, 0)`` in place: exact zeros where ``|p| ≤ threshold``.
 
-    Written ``p ← p − clamp(p, −threshold, threshold)`` with multi-tensor ops. On a CPU with a number for the
-    threshold, a large tensor takes torch's ``softshrink`` in place instead, one pass where the three ops make three
-    (a call per tensor costs little next to the work on ≥ 2**16 elements).
+    Written ``p ← p − clamp(p, −threshold, threshold)`` with multi-tensor ops (three passes). On a CPU with a number
+    for the threshold, a large tensor takes torch's in-place ``softshrink`` instead, a single pass (one call per tensor
+    costs little next to the work on ≥ 2**16 elements).
 
     Examples:
         >>> p = torch.tensor([0.5, -0.05, 0.02, -2.0])
