@@ -273,16 +273,21 @@ def build_model(n_params: int, device: torch.device, *, seed: int, depth: int | 
     with torch.device("meta"):
         model = SyntheticModel(width, depth)
     model.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    _init_like_trained(model, seed, lambda name: ".ln" in name or name.startswith("ln"))
+    return model
+
+
+def _init_like_trained(model: nn.Module, seed: int, is_norm: Callable[[str], bool]) -> None:
+    """Weights ~ N(0, 0.02), biases ~ N(0, 0.002), norm gains 1 and norm biases 0."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if ".ln" in name or name.startswith("ln"):
+            if is_norm(name):
                 param.fill_(1.0 if name.endswith("weight") else 0.0)
             elif name.endswith("bias"):
                 param.normal_(0.0, 0.002, generator=generator)
             else:
                 param.normal_(0.0, 0.02, generator=generator)
-    return model
 
 
 def fill_gradients(model: nn.Module, *, seed: int) -> None:
@@ -462,17 +467,13 @@ def build_shape_model(shape_set: ShapeSet, device: torch.device, *, seed: int) -
     with torch.device("meta"):
         model = ShapeModel(shape_set.shapes)
     model.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            leaf_owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
-            if "ln" in leaf_owner or "norm" in leaf_owner:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.002, generator=generator)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
+    _init_like_trained(model, seed, _owned_by_a_norm)
     return model
+
+
+def _owned_by_a_norm(name: str) -> bool:
+    owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
+    return "ln" in owner or "norm" in owner
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from lit_decay.modes import Penalty, Rule
 TensorList = list[torch.Tensor] | tuple[torch.Tensor, ...]  # what torch's foreach ops take and return
 
 COLUMNS: tuple[str, ...] = ("w2", "g2", "d2", "penalty", "nonzeros", "penalised_w2")
-W2, G2, D2, PENALTY, NONZEROS, PENALISED_W2 = range(len(COLUMNS))
 
 
 def update_from_state(
@@ -457,7 +456,7 @@ def _flat_blocks(
 ) -> list[Block]:
     blocks = []
     for batch in batches([[tensors.weights[i] for i in stepped]], limit=FLAT_NUMEL):
-        chosen = [stepped[j] for j in _positions(batch.owner)]
+        chosen = [stepped[j] for j in batch.owner]  # small tensors are never cut: one entry each
         ks = [position[i] for i in chosen]
         g, m, v, w_old = (
             None if values is None else _flatten([values[k] for k in ks]) for values in _stepped_lists(tensors)
@@ -465,10 +464,6 @@ def _flat_blocks(
         row = _one_pass(tensors, context, (_flatten([tensors.weights[i] for i in chosen]), g, m, v, w_old), k=ks[0])
         blocks.append(Block(chosen, row.unsqueeze(0), per_tensor=False))
     return blocks
-
-
-def _positions(owner: list[int]) -> list[int]:
-    return sorted(set(owner))
 
 
 def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -140,3 +140,13 @@ def clip_grad_norm(grads: Mapping[str, torch.Tensor], max_norm: float) -> tuple[
     total = math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
     coefficient = min(1.0, max_norm / (total + 1e-6))
     return {name: g.double() * coefficient for name, g in grads.items()}, total
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Weights and every Adam state tensor, copied: what a step the grad scaler skipped must leave unchanged."""
+    taken = {}
+    for name, p in model.named_parameters():
+        taken[name] = p.detach().clone()
+        for key, value in optimizer.state[p].items():
+            taken[f"{name}/{key}"] = value.clone()
+    return taken

@@ -26,7 +26,7 @@ import lit_decay
 import lit_decay.stats
 from lit_decay.optim import describe_implementation
 from lit_decay.stats import StepStatistics
-from tests.reference import ReferenceAdam
+from tests.reference import ReferenceAdam, snapshot
 
 pytestmark = [
     pytest.mark.cuda,
@@ -65,16 +65,6 @@ def batches(n: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> list[t
         )
         for _ in range(n)
     ]
-
-
-def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Weights and every Adam state tensor, copied."""
-    taken = {}
-    for name, p in model.named_parameters():
-        taken[name] = p.detach().clone()
-        for key, value in optimizer.state[p].items():
-            taken[f"{name}/{key}"] = value.clone()
-    return taken
 
 
 def test_fused_kernel_is_chosen_on_cuda() -> None:

@@ -26,7 +26,7 @@ from lit_decay.grouping import GroupingReport
 from lit_decay.modes import group_rule
 from lit_decay.optim import report_of
 from lit_decay.penalties import is_attached
-from tests.reference import ReferenceAdam, ReferenceState, clip_grad_norm
+from tests.reference import ReferenceAdam, ReferenceState, clip_grad_norm, snapshot
 
 MODES = ("l2", "decoupled", "l1", "decoupled_l1", "none")
 LR = 1e-2
@@ -285,15 +285,6 @@ def test_lightning_fit_with_clipping_matches_reference(tmp_path, mode: str) -> N
 # --------------------------------------------------------------------------------------------------------------------
 # GradScaler with the fused kernel: scaled gradients in the pre-hook, found_inf steps change nothing
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    taken = {}
-    for name, p in model.named_parameters():
-        taken[name] = p.detach().clone()
-        for key, value in optimizer.state[p].items():
-            taken[f"{name}/{key}"] = value.clone()
-    return taken
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
