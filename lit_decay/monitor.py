@@ -264,8 +264,8 @@ class WeightDecayMonitor(Callback):
             return
         index = TagIndex(METRICS, [name for names in self._statistics.names for name in names])
         # A step the GradScaler skipped for inf/NaN gradients (torch.amp) is AMP working, not a model fault: the
-        # figures of such a group are not checked (StepStatistics names them where it knows them).
-        skipped: frozenset[str] = getattr(self._statistics, "skipped", frozenset())
+        # figures of such a group are not checked.
+        skipped = self._statistics.skipped
         for key, value in nonfinite:
             found = index.find(key)
             metric, group = (found.metric, found.group) if found is not None else (key, key)
