@@ -546,10 +546,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "- Ratios are medians of paired ratios (candidate / reference in the same round-robin repetition); "
                 "the A vs A row is a second, identical optimizer on different allocations: its distance from 1.00× "
                 "is the noise floor of this run.",
-                "- 'first call ms' includes one-off work: with LIT_DECAY_COMPILE unset, the monitor's per-tensor pass "
-                "is compiled for tensors of ≥ 2**17 elements (lit_decay._compile.MIN_COMPILED_NUMEL) on its first "
-                "call in the process (seconds); it is never "
-                "in the timed samples.",
+                "- 'first call ms' includes one-off work: with LIT_DECAY_COMPILE unset, the monitor's pass over "
+                "tensors of ≥ 2**17 elements (lit_decay._compile.MIN_COMPILED_NUMEL), one call per run of "
+                "same-shaped tensors, is compiled on its first call in the process (seconds; the L1 modes' step "
+                "compiles its own on a CPU); it is never in the timed samples.",
                 f"- Total run time: {time.perf_counter() - started:.0f} s.",
             ]
         )

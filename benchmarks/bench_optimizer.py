@@ -377,8 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             [
                 "### Notes",
                 "",
-                f"- Largest tensor: {largest:,} elements. The L1 modes run torch's multi-tensor (foreach) ops over "
-                "cache-sized batches of each group's tensors (nothing is compiled on the step path). "
+                f"- Largest tensor: {largest:,} elements. On a CPU the L1 modes take one compiled pass per run of "
+                "same-shaped tensors (compiled at the first step, seconds, once per process) and torch's "
+                "multi-tensor (foreach) ops over cache-sized batches of the rest; on a GPU, foreach ops throughout. "
                 f"The slowest first L1 step took {tm.ms(slowest_first)} ms. First steps are in the 'first step ms' "
                 "column, never in the timed samples (every candidate is warmed up first).",
                 "- Ratios are medians of paired ratios (candidate / reference in the same round-robin repetition); "

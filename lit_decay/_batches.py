@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -125,3 +126,56 @@ def by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.dev
     for index, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(index)
     return groups
+
+
+#: Lengths of the runs of same-shaped tensors that one compiled call takes (``same_shape_runs``). Each length is a
+#: graph of its own, compiled once per process (seconds on a CPU), so there are few of them; a model's layers repeat
+#: their shapes, so most of its tensors fall into such runs.
+RUN_LENGTHS = (16, 4)
+#: Below this, a tensor stays with the multi-tensor ops: a compiled call's fixed cost would not pay for itself.
+MIN_RUN_NUMEL = 1 << 12
+
+
+def same_shape_runs(
+    tensors: Sequence[torch.Tensor],
+    *,
+    min_numel: int = MIN_RUN_NUMEL,
+    single_numel: int | None = None,
+    lengths: Sequence[int] = RUN_LENGTHS,
+) -> tuple[list[list[int]], list[int]]:
+    """Indices of ``tensors`` in runs of one shape (and dtype and device) and of a length in ``lengths``, and the
+    indices left over (smaller than ``min_numel``, not contiguous, or too few of their shape). A tensor of at least
+    ``single_numel`` elements that is left over makes a run of its own.
+
+    One compiled call over such a run is one graph whatever the shape's sizes (dynamic shapes: the same size symbols
+    for every tensor of the run), and inductor fuses the run's equal loops into one pass, so a CPU starts its threads
+    once for the run rather than once per tensor. The tensors are passed as they are: views made for the call would
+    cost dynamo far more per tensor than the pass itself.
+
+    Examples:
+        >>> shapes = [(8, 8)] * 5 + [(4,)] * 3 + [(8, 8), (2, 32), (100,)]
+        >>> same_shape_runs([torch.zeros(s) for s in shapes], min_numel=16, single_numel=100, lengths=(4, 2))
+        ([[0, 1, 2, 3], [4, 8], [10]], [5, 6, 7, 9])
+    """
+    by_shape: dict[tuple[Any, ...], list[int]] = {}
+    rest: list[int] = []
+    for index, tensor in enumerate(tensors):
+        # Sizes 0 and 1 are specialised by dynamic shapes: such tensors would compile graphs of their own.
+        if tensor.numel() < max(min_numel, 2) or not tensor.is_contiguous():
+            rest.append(index)
+        else:
+            by_shape.setdefault((*tensor.shape, tensor.dtype, tensor.device), []).append(index)
+    runs: list[list[int]] = []
+    for members in by_shape.values():
+        start = 0
+        for length in sorted(lengths, reverse=True):
+            while len(members) - start >= length:
+                runs.append(members[start : start + length])
+                start += length
+        for index in members[start:]:
+            if single_numel is not None and tensors[index].numel() >= single_numel:
+                runs.append([index])
+            else:
+                rest.append(index)
+    rest.sort()
+    return runs, rest

@@ -62,19 +62,35 @@ def compiled_or_eager(eager: F) -> F:
     If compiling fails (no C++ compiler, an unsupported platform), a warning says so once and the eager form is used
     from then on. The first compiled call of a process pays compile time (seconds); later calls do not.
     """
+    compiled = compiled_form(eager)
+
+    @functools.wraps(eager)
+    def run(first: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not wants_compiled(first):
+            return eager(first, *args, **kwargs)
+        return compiled(first, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+def compiled_form(eager: F) -> F:
+    """``eager`` through ``torch.compile`` (dynamic shapes, one graph), made at the first call; the caller decides
+    when it is worth calling (``compiled_numel``). If compiling fails, a warning says so once and ``eager`` runs from
+    then on: compiling fails while tracing or generating code, before any kernel ran, so an in-place ``eager`` is not
+    applied twice."""
     name = eager.__name__
     compiled: list[Callable[..., Any]] = []  # made on first use: importing dynamo costs seconds
 
     @functools.wraps(eager)
-    def run(first: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if name in _failed or not wants_compiled(first):
-            return eager(first, *args, **kwargs)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if name in _failed:
+            return eager(*args, **kwargs)
         try:
             if not compiled:
                 config = torch._dynamo.config
                 config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
                 compiled.append(torch.compile(eager, dynamic=True, fullgraph=True))
-            return compiled[0](first, *args, **kwargs)
+            return compiled[0](*args, **kwargs)
         except Exception as error:
             _failed.add(name)
             warnings.warn(
@@ -83,6 +99,6 @@ def compiled_or_eager(eager: F) -> F:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return eager(first, *args, **kwargs)
+            return eager(*args, **kwargs)
 
     return run  # type: ignore[return-value]

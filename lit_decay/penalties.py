@@ -32,7 +32,8 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from lit_decay._batches import batches, by_device_and_dtype, local_real
+from lit_decay._batches import MIN_RUN_NUMEL, batches, by_device_and_dtype, local_real, same_shape_runs
+from lit_decay._compile import compiled_form, compiled_numel
 from lit_decay.modes import L1_MODES, SPECS, TORCH_APPLIED
 
 _ATTACHED: weakref.WeakKeyDictionary[Optimizer, DecayTerms] = weakref.WeakKeyDictionary()
@@ -43,10 +44,65 @@ LARGE_NUMEL = 1 << 16
 ProximalObserver = Callable[[Optimizer, dict[str, Any], "float | torch.Tensor"], None]
 
 
+def _add_signs(params: list[torch.Tensor], grads: list[torch.Tensor], coefficient: torch.Tensor) -> None:
+    # torch.sign's conventions (no term for ±0 and NaN weights); computed in the coefficient's dtype (float32, or
+    # float64 for float64 tensors) and rounded once, as torch's add with alpha does.
+    for param, grad in zip(params, grads):
+        grad.copy_(grad.to(coefficient.dtype) + torch.sign(param).to(coefficient.dtype) * coefficient)
+
+
+def _shrink(params: list[torch.Tensor], threshold: torch.Tensor) -> None:
+    for param in params:
+        wide = param.to(threshold.dtype)
+        param.copy_(wide - torch.clamp(wide, -threshold, threshold))
+
+
+_compiled_add_signs = compiled_form(_add_signs)
+_compiled_shrink = compiled_form(_shrink)
+
+
+def _coefficient_tensor(value: float | torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` as a 0-d tensor in the arithmetic dtype of ``dtype`` tensors (float64 for float64, else float32),
+    rounded once. A tensor, not a number: a compiled graph would be specialised on the number (a schedule changes it
+    every step)."""
+    wide = dtype if dtype == torch.float64 else torch.float32
+    if not isinstance(value, torch.Tensor):
+        value = torch.tensor(float(value), dtype=torch.float64)
+    return value.to(device, wide, non_blocking=True)
+
+
+#: On a CPU, a tensor this large that is in no run of its shape takes a compiled call of its own for the L1 term.
+SINGLE_RUN_NUMEL = 1 << 20
+
+
+def _compiled_runs(
+    lists: Sequence[Sequence[torch.Tensor]], device: torch.device
+) -> tuple[list[list[list[torch.Tensor]]], list[list[torch.Tensor]]]:
+    """On a CPU with compiling on: runs of same-shaped tensors (``lit_decay._batches.same_shape_runs``), each as the
+    matching tensors of every list, and the lists of the tensors left for the multi-tensor ops.
+
+    One compiled call does a run in a single pass with no temporary, where the multi-tensor ops make a pass per op
+    with a temporary between them, and start the CPU's threads for each tensor. On a GPU the multi-tensor ops are
+    already one kernel per batch, so everything is left to them there.
+    """
+    threshold = compiled_numel() if device.type == "cpu" else None
+    if threshold is None:
+        return [], [list(lst) for lst in lists]
+    runs, rest = same_shape_runs(
+        lists[0], min_numel=min(threshold, MIN_RUN_NUMEL), single_numel=max(threshold, SINGLE_RUN_NUMEL)
+    )
+    if not runs:
+        return [], [list(lst) for lst in lists]
+    return [[[lst[i] for i in run] for lst in lists] for run in runs], [[lst[i] for i in rest] for lst in lists]
+
+
 def add_l1_gradient(
     params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], coefficient: float | torch.Tensor
 ) -> None:
-    """``g ← g + coefficient·sign(p)`` in place, with torch's multi-tensor ops: two calls per batch of tensors.
+    """``g ← g + coefficient·sign(p)`` in place, a batch of tensors at a time.
+
+    On a CPU, runs of equal-sized tensors take one compiled pass each (``_compiled_runs``); everything else takes two
+    of torch's multi-tensor ops per batch.
 
     Examples:
         >>> p, g = torch.tensor([2.0, -1.0, 0.0]), torch.zeros(3)
@@ -54,11 +110,16 @@ def add_l1_gradient(
         tensor([ 0.1000, -0.1000,  0.0000])
     """
     params, grads = local_real(params), local_real(grads)
-    for (device, _), indices in by_device_and_dtype(grads).items():
-        scale = coefficient.to(device, non_blocking=True) if isinstance(coefficient, torch.Tensor) else None
+    for (device, dtype), indices in by_device_and_dtype(grads).items():
         chosen = [params, grads]
         if len(indices) < len(grads):
             chosen = [[params[i] for i in indices], [grads[i] for i in indices]]
+        runs, chosen = _compiled_runs(chosen, device)
+        if runs:
+            c = _coefficient_tensor(coefficient, device, dtype)
+            for run_params, run_grads in runs:
+                _compiled_add_signs(run_params, run_grads, c)
+        scale = coefficient.to(device, non_blocking=True) if isinstance(coefficient, torch.Tensor) else None
         for batch in batches(chosen):
             batch_params, batch_grads = batch.lists
             signs = torch._foreach_sign(batch_params)
@@ -72,9 +133,10 @@ def add_l1_gradient(
 def soft_threshold(params: Sequence[torch.Tensor], threshold: float | torch.Tensor) -> None:
     """The proximal L1 step ``p ← sign(p)·max(|p| − threshold, 0)`` in place: exact zeros where ``|p| ≤ threshold``.
 
-    Written ``p ← p − clamp(p, −threshold, threshold)`` with multi-tensor ops (three passes). On a CPU with a number
-    for the threshold, a large tensor takes torch's in-place ``softshrink`` instead, a single pass (one call per tensor
-    costs little next to the work on ≥ 2**16 elements).
+    Written ``p ← p − clamp(p, −threshold, threshold)``. On a CPU, runs of equal-sized tensors take one compiled
+    pass each (``_compiled_runs``), and other tensors of ≥ 2**16 elements, with a number for the threshold, torch's
+    in-place ``softshrink`` (one pass; one call per tensor costs little next to its work). The rest take three
+    multi-tensor ops per batch.
 
     Examples:
         >>> p = torch.tensor([0.5, -0.05, 0.02, -2.0])
@@ -84,8 +146,13 @@ def soft_threshold(params: Sequence[torch.Tensor], threshold: float | torch.Tens
     if not isinstance(threshold, torch.Tensor) and threshold <= 0:
         return
     params = local_real(params)
-    for (device, _), indices in by_device_and_dtype(params).items():
+    for (device, dtype), indices in by_device_and_dtype(params).items():
         group = params if len(indices) == len(params) else [params[i] for i in indices]
+        runs, (group,) = _compiled_runs([group], device)
+        if runs:
+            t = _coefficient_tensor(threshold, device, dtype)
+            for (run,) in runs:
+                _compiled_shrink(run, t)
         if not isinstance(threshold, torch.Tensor) and device.type == "cpu":
             large = [p for p in group if p.numel() >= LARGE_NUMEL]
             for param in large:

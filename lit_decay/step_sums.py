@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lit_decay._batches import batches, by_device_and_dtype, real
-from lit_decay._compile import compiled_numel, compiled_or_eager, wants_compiled
+from lit_decay._batches import batches, by_device_and_dtype, real, same_shape_runs
+from lit_decay._compile import compiled_form, compiled_numel, compiled_or_eager, wants_compiled
 from lit_decay._tensors import local
 from lit_decay.modes import Penalty, Rule
 
@@ -165,7 +165,8 @@ def _tensor_sums(
     threshold: float | torch.Tensor | None,
     count_zeros: bool,
 ) -> torch.Tensor:
-    """The row of ``COLUMNS`` for one (local, flat) tensor, in one pass over its weights, gradient and moments.
+    """The row of ``COLUMNS`` for one (local) tensor, in one pass over its weights, gradient and moments (all of one
+    shape).
 
     Flat arguments, many of them, on purpose: this is what ``torch.compile`` specialises on (which are None, dtypes,
     the penalty), and a container would add guards on its fields to every call.
@@ -229,6 +230,49 @@ def adam_update(
 
 
 _compiled_tensor_sums = compiled_or_eager(_tensor_sums)
+
+
+def _run_sums(
+    ws: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    ms: list[torch.Tensor] | None,
+    vs: list[torch.Tensor] | None,
+    olds: list[torch.Tensor] | None,
+    step_sizes: torch.Tensor | None,
+    inv_sqrt_bias2: torch.Tensor | None,
+    keep: torch.Tensor | None,
+    grad_factor: torch.Tensor | None,
+    eps: float,
+    decay: float | torch.Tensor,
+    penalty: Penalty,
+    threshold: float | torch.Tensor | None,
+    count_zeros: bool,
+) -> torch.Tensor:
+    """``_tensor_sums`` of each stepped tensor of a run of same-shaped ones (``lit_decay._batches.same_shape_runs``),
+    as rows ``[len(ws), len(COLUMNS)]``: compiled, one call and one fused pass for the whole run."""
+    rows = [
+        _tensor_sums(
+            ws[i],
+            gs[i],
+            None if ms is None else ms[i],
+            None if vs is None else vs[i],
+            None if olds is None else olds[i],
+            None if step_sizes is None else step_sizes[i],
+            None if inv_sqrt_bias2 is None else inv_sqrt_bias2[i],
+            keep,
+            grad_factor,
+            eps,
+            decay,
+            penalty,
+            threshold,
+            count_zeros,
+        )
+        for i in range(len(ws))
+    ]
+    return torch.stack(rows)
+
+
+_compiled_run_sums = compiled_form(_run_sums)
 
 
 # ---- many small tensors: torch's multi-tensor ops -----------------------------------------------------------------
@@ -377,16 +421,28 @@ FLAT_NUMEL = 1 << 22
 def group_sums(tensors: GroupTensors, context: StepContext) -> list[Block]:
     """The sums of every weight tensor of the group, on device, in a few blocks.
 
-    A large tensor takes one compiled pass of its own. Small tensors take torch's multi-tensor ops; on a CPU, where
-    those ops run one kernel per tensor, the stepped ones are instead flattened into one buffer per input and take
-    the same compiled pass together, when the group's totals are all that is needed (``context.per_tensor`` False)
-    and their Adam step counts agree (read on the host, where a CPU's step counts live).
+    Stepped tensors in runs of one shape (``lit_decay._batches.same_shape_runs``) take one compiled call per run, and
+    a large tensor in no run one of its own. Small tensors take torch's multi-tensor ops; on a CPU, where those ops
+    run one kernel per tensor, the stepped ones are instead flattened into one buffer per input and take the same
+    compiled pass together, when the group's totals are all that is needed (``context.per_tensor`` False) and their
+    Adam step counts agree (read on the host, where a CPU's step counts live).
     """
     blocks: list[Block] = []
     position = {index: k for k, index in enumerate(tensors.stepped)}
     threshold = compiled_numel()
+    covered: set[int] = set()
+    if threshold is not None and tensors.stepped:
+        stepped_weights = [tensors.weights[i] for i in tensors.stepped]
+        runs, _ = same_shape_runs(stepped_weights, min_numel=threshold, single_numel=threshold)
+        for run in runs:
+            if wants_compiled(stepped_weights[run[0]], 0):
+                indices = [tensors.stepped[k] for k in run]
+                blocks.append(Block(indices, _run_pass(tensors, context, run)))
+                covered.update(indices)
     small: list[int] = []
     for index, weight in enumerate(tensors.weights):
+        if index in covered:
+            continue
         if not wants_compiled(weight, threshold):
             small.append(index)
             continue
@@ -395,9 +451,10 @@ def group_sums(tensors: GroupTensors, context: StepContext) -> list[Block]:
         if not all(t is None or t.is_contiguous() for t in parts):
             small.append(index)
             continue
-        flat = tuple(None if t is None else t.view(-1) for t in parts)
-        row = _one_pass(tensors, context, (weight.view(-1), *flat), k=k)
+        row = _one_pass(tensors, context, (weight, *parts), k=k)
         blocks.append(Block([index], row.unsqueeze(0)))
+    if not small:
+        return blocks
     if len(small) == len(tensors.weights) and len({(t.device, t.dtype) for t in tensors.weights}) == 1:
         buckets = [small]  # the usual case, without a pass to sort tensors
     else:
@@ -415,11 +472,40 @@ def group_sums(tensors: GroupTensors, context: StepContext) -> list[Block]:
     return blocks
 
 
+def _run_pass(tensors: GroupTensors, context: StepContext, run: list[int]) -> torch.Tensor:
+    """``_run_sums`` compiled, for the stepped tensors at positions ``run`` (among the stepped ones)."""
+
+    def pick(values: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        return None if values is None else [values[k] for k in run]
+
+    def pick_scalars(values: torch.Tensor | None) -> torch.Tensor | None:
+        # Stacked from host-indexed elements: an index tensor would be a host-to-device copy on a GPU.
+        return None if values is None else torch.stack([values[k] for k in run])
+
+    return _compiled_run_sums(
+        [tensors.weights[tensors.stepped[k]] for k in run],
+        [tensors.grads[k] for k in run],
+        pick(tensors.exp_avgs),
+        pick(tensors.exp_avg_sqs),
+        pick(tensors.snapshots),
+        step_sizes=pick_scalars(tensors.step_sizes),
+        inv_sqrt_bias2=pick_scalars(tensors.inv_sqrt_bias2),
+        keep=context.keep if tensors.exp_avgs is not None else None,
+        grad_factor=context.grad_factor,
+        eps=context.eps,
+        decay=context.decay,
+        penalty=context.rule.penalty,
+        threshold=context.threshold,
+        count_zeros=context.count_zeros,
+    )
+
+
 def _one_pass(
     tensors: GroupTensors, context: StepContext, inputs: tuple[torch.Tensor | None, ...], *, k: int | None
 ) -> torch.Tensor:
-    """``_tensor_sums`` compiled, for one flat tensor (or flattened tensors) whose step scalars are those of ``k``:
-    ``inputs`` are its weights, gradient, Adam's two moments and the snapshot, each flat or None."""
+    """``_tensor_sums`` compiled, for one tensor (or flattened tensors) whose step scalars are those of ``k``:
+    ``inputs`` are its weights, gradient, Adam's two moments and the snapshot, each as it is (a view made for the call
+    would cost dynamo more than the pass) or None."""
     w, g, m, v, w_old = inputs
     assert w is not None
     return _compiled_tensor_sums(

@@ -210,6 +210,105 @@ def test_l1_term_on_cut_tensors_nan_and_layouts() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Runs of same-shaped tensors: one compiled pass each on a CPU
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_same_shape_runs_group_by_shape_dtype_and_device() -> None:
+    """Runs hold tensors of one shape, dtype and device, in the allowed lengths; small, non-contiguous and lone
+    tensors are left over, except a large lone one, which is a run of its own."""
+    from lit_decay._batches import same_shape_runs
+
+    tensors = (
+        [torch.zeros(8, 8) for _ in range(6)]  # a run of 4, then 2 left
+        + [torch.zeros(8, 8, dtype=torch.float64) for _ in range(4)]  # same shape, other dtype: its own run
+        + [torch.zeros(2, 32) for _ in range(4)]  # same numel, other shape: its own run
+        + [torch.zeros(8, 8).t() for _ in range(4)]  # not contiguous
+        + [torch.zeros(3) for _ in range(4)]  # too small
+        + [torch.zeros(300)]  # alone but large
+    )
+    runs, rest = same_shape_runs(tensors, min_numel=16, single_numel=256, lengths=(4,))
+    assert runs == [[0, 1, 2, 3], [6, 7, 8, 9], [10, 11, 12, 13], [22]]
+    assert rest == [4, 5, *range(14, 22)]
+
+
+def _compiled(monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
+    import lit_decay._compile
+
+    monkeypatch.setenv("LIT_DECAY_COMPILE", setting)
+    monkeypatch.setattr(lit_decay._compile, "_failed", set())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_runs_equal_the_multi_tensor_ops_and_the_reference(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of same-shaped tensors (compiled) and the multi-tensor ops (LIT_DECAY_COMPILE=0) give the same bits, for
+    the L1 term with a number or a GradScaler-style float64 tensor coefficient and for the soft threshold, and both
+    equal a float64 reference written from the update rule (zeros and NaN weights included)."""
+    import lit_decay._compile
+
+    shapes = [(64, 64)] * 21 + [(64, 64)] + [(4096,)] * 4 + [(10,)] * 3
+    params = [torch.randn(shape, dtype=dtype) * 0.05 for shape in shapes]
+    params[0][::7] = 0.0
+    params[1][3, 3] = float("nan")
+    grads = [torch.randn_like(p) for p in params]
+    scale = torch.tensor(3.0, dtype=torch.float32)
+    for coefficient in (0.02, scale.double() * 0.02):
+        results = {}
+        for setting in ("0", "auto"):
+            _compiled(monkeypatch, setting)
+            ps, gs = [p.clone() for p in params], [g.clone() for g in grads]
+            add_l1_gradient(ps, gs, coefficient)
+            soft_threshold(ps, 0.03)
+            results[setting] = (ps, gs)
+            assert not lit_decay._compile._failed
+        c = float(coefficient)
+        for got_p, got_g, p, g in zip(*results["auto"], params, grads):
+            want_g = g.double() + c * torch.sign(p.double())
+            shrunk = p.double() - torch.clamp(p.double(), -0.03, 0.03)
+            torch.testing.assert_close(got_g.double(), want_g, equal_nan=True)
+            torch.testing.assert_close(got_p.double(), shrunk, equal_nan=True)
+            assert torch.equal(got_p == 0, shrunk.to(dtype) == 0)  # exact zeros where |p| ≤ threshold
+        for got, eager in zip(results["auto"][0] + results["auto"][1], results["0"][0] + results["0"][1]):
+            assert torch.equal(got.nan_to_num(7.0), eager.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1"])
+def test_changing_set_of_stepped_tensors_compiles_the_l1_modes_a_bounded_number_of_times(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which tensors have a gradient changes from step to step (a branch used only sometimes, tensors sitting out):
+    the runs change with it, but their lengths come from a fixed set, so after the first steps nothing compiles
+    again, and every step still equals the reference."""
+    import torch._dynamo.utils
+
+    import lit_decay._compile
+
+    _compiled(monkeypatch, "auto")
+    trunk = nn.ParameterList([nn.Parameter(torch.randn(64, 64) * 0.05) for _ in range(24)])
+    branch = nn.ParameterList([nn.Parameter(torch.randn(128, 64) * 0.05) for _ in range(5)])
+    model = nn.ModuleDict({"trunk": trunk, "branch": branch})
+    optimizer = lit_decay.configure_adam(model, lr=0.01, weight_decay=0.05, mode=mode)
+    graphs = []
+    for step in range(9):
+        optimizer.zero_grad(set_to_none=True)
+        used = list(trunk) + (list(branch) if step % 3 == 0 else [])
+        for index, p in enumerate(used):
+            if index % 7 != step % 7:
+                p.grad = torch.randn_like(p)
+        before = {p: p.detach().clone() for p in model.parameters() if p.grad is not None}
+        grads = {p: p.grad.clone() for p in before}
+        optimizer.step()
+        if mode == "l1":
+            for p, g in grads.items():  # the hook added the term in place before Adam read the gradient
+                torch.testing.assert_close(p.grad, g + 0.05 * torch.sign(before[p]))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[3:] == [graphs[3]] * 6, graphs
+    assert not lit_decay._compile._failed
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # The hooks
 # --------------------------------------------------------------------------------------------------------------------
 
