@@ -14,6 +14,8 @@ cover the same elements, and ``owner`` says which tensor each piece came from (t
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,11 +143,12 @@ def same_shape_runs(
     *,
     min_numel: int = MIN_RUN_NUMEL,
     single_numel: int | None = None,
+    max_numel: int | None = None,
     lengths: Sequence[int] = RUN_LENGTHS,
 ) -> tuple[list[list[int]], list[int]]:
     """Indices of ``tensors`` in runs of one shape (and dtype and device) and of a length in ``lengths``, and the
-    indices left over (smaller than ``min_numel``, not contiguous, or too few of their shape). A tensor of at least
-    ``single_numel`` elements that is left over makes a run of its own.
+    indices left over (smaller than ``min_numel``, larger than ``max_numel``, not contiguous, or too few of their
+    shape). A tensor of at least ``single_numel`` elements that is left over makes a run of its own.
 
     One compiled call over such a run is one graph whatever the shape's sizes (dynamic shapes: the same size symbols
     for every tensor of the run), and inductor fuses the run's equal loops into one pass, so a CPU starts its threads
@@ -161,7 +164,8 @@ def same_shape_runs(
     rest: list[int] = []
     for index, tensor in enumerate(tensors):
         # Sizes 0 and 1 are specialised by dynamic shapes: such tensors would compile graphs of their own.
-        if tensor.numel() < max(min_numel, 2) or not tensor.is_contiguous():
+        numel = tensor.numel()
+        if numel < max(min_numel, 2) or (max_numel is not None and numel > max_numel) or not tensor.is_contiguous():
             rest.append(index)
         else:
             by_shape.setdefault((*tensor.shape, tensor.dtype, tensor.device), []).append(index)
@@ -179,3 +183,92 @@ def same_shape_runs(
                 rest.append(index)
     rest.sort()
     return runs, rest
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The tensors of one device and dtype in a list: ``runs`` for compiled calls (``same_shape_runs``), ``rest`` for
+    the multi-tensor ops; both index the list."""
+
+    device: torch.device
+    dtype: torch.dtype
+    runs: list[list[int]]
+    rest: list[int]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How an elementwise update goes over a list of tensors (``plan``): ``plain`` when every tensor is a real,
+    non-sharded tensor, taken as it is (else through ``local_real``)."""
+
+    plain: bool
+    buckets: list[Bucket]
+
+
+# Plans of the last few lists, keyed by their tensors' ids. A hit is checked through weak references, so a key can
+# only match the very tensors it was made for (an id is reused only after its tensor is gone).
+_PLANS: OrderedDict[tuple[Any, ...], tuple[list[weakref.ref[torch.Tensor]], Plan]] = OrderedDict()
+_PLANS_KEPT = 16
+
+
+def plan(
+    tensors: Sequence[torch.Tensor],
+    *,
+    min_numel: int | None,
+    single_numel: int | None = None,
+    max_numel: int | None = None,
+    devices: tuple[str, ...] = ("cpu",),
+    lengths: tuple[int, ...] = RUN_LENGTHS,
+) -> Plan:
+    """The ``Plan`` for ``tensors``: by device and dtype, and on ``devices`` (unless ``min_numel`` is None) the runs
+    of same-shaped tensors of ``min_numel`` to ``max_numel`` elements, lone tensors of at least ``single_numel``
+    included, in runs of the ``lengths`` given (``same_shape_runs``).
+
+    A group's tensors are the same objects at every step, so the plan of plain tensors is kept: a step pays one id per
+    tensor to find it, not the checks of shape, dtype, device and layout that made it (host time per tensor is what a
+    GPU cannot hide).
+
+    Examples:
+        >>> weights = [torch.zeros(64, 64) for _ in range(5)] + [torch.zeros(3)]
+        >>> found = plan(weights, min_numel=1 << 12)
+        >>> [(bucket.runs, bucket.rest) for bucket in found.buckets]
+        [([[0, 1, 2, 3]], [4, 5])]
+        >>> plan(weights, min_numel=1 << 12) is found
+        True
+    """
+    key = (min_numel, single_numel, max_numel, devices, lengths, *map(id, tensors))
+    kept = _PLANS.get(key)
+    if kept is not None and all(ref() is not None for ref in kept[0]):
+        _PLANS.move_to_end(key)
+        return kept[1]
+    made = _make_plan(tensors, min_numel, single_numel, max_numel, devices, lengths)
+    if made.plain:  # other tensors are views made for this call: no later call passes the same objects
+        _PLANS[key] = ([weakref.ref(t) for t in tensors], made)
+        if len(_PLANS) > _PLANS_KEPT:
+            _PLANS.popitem(last=False)
+    return made
+
+
+def _make_plan(
+    tensors: Sequence[torch.Tensor],
+    min_numel: int | None,
+    single_numel: int | None,
+    max_numel: int | None,
+    devices: tuple[str, ...],
+    lengths: tuple[int, ...],
+) -> Plan:
+    plain = all(type(t) in _PLAIN and not t.is_complex() for t in tensors)
+    views = list(tensors) if plain else local_real(tensors)
+    buckets = []
+    for (device, dtype), indices in by_device_and_dtype(views).items():
+        runs: list[list[int]] = []
+        rest = indices
+        if min_numel is not None and device.type in devices:
+            members = [views[i] for i in indices]
+            found, left = same_shape_runs(
+                members, min_numel=min_numel, single_numel=single_numel, max_numel=max_numel, lengths=lengths
+            )
+            runs = [[indices[j] for j in run] for run in found]
+            rest = [indices[j] for j in left]
+        buckets.append(Bucket(device, dtype, runs, rest))
+    return Plan(plain, buckets)

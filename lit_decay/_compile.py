@@ -46,6 +46,10 @@ def compiled_numel() -> int | None:
     return 0 if setting == "always" else MIN_COMPILED_NUMEL
 
 
+#: Devices ``torch.compile`` makes kernels for here (C++ on a CPU, Triton on a GPU).
+COMPILED_DEVICES = ("cpu", "cuda", "xpu")
+
+
 def wants_compiled(tensor: torch.Tensor, threshold: int | None = -1) -> bool:
     """Whether ``tensor`` should go through a compiled kernel: large, contiguous, on a device compile supports.
     ``threshold`` is ``compiled_numel()`` when the caller has read it already."""
@@ -53,7 +57,7 @@ def wants_compiled(tensor: torch.Tensor, threshold: int | None = -1) -> bool:
         threshold = compiled_numel()
     if threshold is None or tensor.numel() < threshold:
         return False
-    return tensor.device.type in ("cpu", "cuda", "xpu") and tensor.is_contiguous()
+    return tensor.device.type in COMPILED_DEVICES and tensor.is_contiguous()
 
 
 def compiled_or_eager(eager: F) -> F:

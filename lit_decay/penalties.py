@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from lit_decay._batches import MIN_RUN_NUMEL, batches, by_device_and_dtype, local_real, same_shape_runs
+from lit_decay._batches import MIN_RUN_NUMEL, RUN_LENGTHS, Plan, batches, local_real, plan
 from lit_decay._compile import compiled_form, compiled_numel
 from lit_decay.modes import L1_MODES, SPECS, TORCH_APPLIED
 
@@ -71,29 +71,30 @@ def _coefficient_tensor(value: float | torch.Tensor, device: torch.device, dtype
     return value.to(device, wide, non_blocking=True)
 
 
-#: On a CPU, a tensor this large that is in no run of its shape takes a compiled call of its own for the L1 term.
+#: On a CPU, a tensor this large that is in no run of its shape takes a compiled call of its own.
 SINGLE_RUN_NUMEL = 1 << 20
+#: Run lengths of the L1 modes: one more than the monitor's, as their calls come at every step and are mostly host
+#: time (guards per tensor, and a fixed cost per call): 200 tensors of 4,096 elements took 1.60× of an Adam step
+#: with runs of 16 and 4, 1.51× with runs of 64 too.
+L1_RUN_LENGTHS = (64, *RUN_LENGTHS)
 
 
-def _compiled_runs(
-    lists: Sequence[Sequence[torch.Tensor]], device: torch.device
-) -> tuple[list[list[list[torch.Tensor]]], list[list[torch.Tensor]]]:
-    """On a CPU with compiling on: runs of same-shaped tensors (``lit_decay._batches.same_shape_runs``), each as the
-    matching tensors of every list, and the lists of the tensors left for the multi-tensor ops.
-
-    One compiled call does a run in a single pass with no temporary, where the multi-tensor ops make a pass per op
-    with a temporary between them, and start the CPU's threads for each tensor. On a GPU the multi-tensor ops are
-    already one kernel per batch, so everything is left to them there.
-    """
-    threshold = compiled_numel() if device.type == "cpu" else None
-    if threshold is None:
-        return [], [list(lst) for lst in lists]
-    runs, rest = same_shape_runs(
-        lists[0], min_numel=min(threshold, MIN_RUN_NUMEL), single_numel=max(threshold, SINGLE_RUN_NUMEL)
+def _plan(params: Sequence[torch.Tensor], max_numel: int | None = None) -> Plan:
+    """How the L1 modes go over ``params`` (``lit_decay._batches.plan``): on a CPU with compiling on, runs of
+    same-shaped tensors (of at most ``max_numel`` elements) take one compiled call each, a single pass with no
+    temporary, where the multi-tensor ops make a pass per op with a temporary between them and start the CPU's
+    threads for each tensor. On a GPU the multi-tensor ops are already one kernel per batch of tensors, so they take
+    everything there."""
+    compiled_from = compiled_numel()
+    if compiled_from is None:
+        return plan(params, min_numel=None)
+    return plan(
+        params,
+        min_numel=min(compiled_from, MIN_RUN_NUMEL),
+        single_numel=max(compiled_from, SINGLE_RUN_NUMEL),
+        max_numel=max_numel,
+        lengths=L1_RUN_LENGTHS,
     )
-    if not runs:
-        return [], [list(lst) for lst in lists]
-    return [[[lst[i] for i in run] for lst in lists] for run in runs], [[lst[i] for i in rest] for lst in lists]
 
 
 def add_l1_gradient(
@@ -101,25 +102,28 @@ def add_l1_gradient(
 ) -> None:
     """``g ← g + coefficient·sign(p)`` in place, a batch of tensors at a time.
 
-    On a CPU, runs of equal-sized tensors take one compiled pass each (``_compiled_runs``); everything else takes two
-    of torch's multi-tensor ops per batch.
+    On a CPU, runs of same-shaped tensors take one compiled pass each (``_plan``); everything else takes two of
+    torch's multi-tensor ops per batch.
 
     Examples:
         >>> p, g = torch.tensor([2.0, -1.0, 0.0]), torch.zeros(3)
         >>> add_l1_gradient([p], [g], 0.1); g
         tensor([ 0.1000, -0.1000,  0.0000])
     """
-    params, grads = local_real(params), local_real(grads)
-    for (device, dtype), indices in by_device_and_dtype(grads).items():
+    found = _plan(params)
+    if not found.plain:
+        params, grads = local_real(params), local_real(grads)
+    for bucket in found.buckets:
+        if bucket.runs:
+            c = _coefficient_tensor(coefficient, bucket.device, bucket.dtype)
+            for run in bucket.runs:
+                _compiled_add_signs([params[i] for i in run], [grads[i] for i in run], c)
+        if not bucket.rest:
+            continue
         chosen = [params, grads]
-        if len(indices) < len(grads):
-            chosen = [[params[i] for i in indices], [grads[i] for i in indices]]
-        runs, chosen = _compiled_runs(chosen, device)
-        if runs:
-            c = _coefficient_tensor(coefficient, device, dtype)
-            for run_params, run_grads in runs:
-                _compiled_add_signs(run_params, run_grads, c)
-        scale = coefficient.to(device, non_blocking=True) if isinstance(coefficient, torch.Tensor) else None
+        if len(bucket.rest) < len(params):
+            chosen = [[params[i] for i in bucket.rest], [grads[i] for i in bucket.rest]]
+        scale = coefficient.to(bucket.device, non_blocking=True) if isinstance(coefficient, torch.Tensor) else None
         for batch in batches(chosen):
             batch_params, batch_grads = batch.lists
             signs = torch._foreach_sign(batch_params)
@@ -133,10 +137,10 @@ def add_l1_gradient(
 def soft_threshold(params: Sequence[torch.Tensor], threshold: float | torch.Tensor) -> None:
     """The proximal L1 step ``p ← sign(p)·max(|p| − threshold, 0)`` in place: exact zeros where ``|p| ≤ threshold``.
 
-    Written ``p ← p − clamp(p, −threshold, threshold)``. On a CPU, runs of equal-sized tensors take one compiled
-    pass each (``_compiled_runs``), and other tensors of ≥ 2**16 elements, with a number for the threshold, torch's
-    in-place ``softshrink`` (one pass; one call per tensor costs little next to its work). The rest take three
-    multi-tensor ops per batch.
+    Written ``p ← p − clamp(p, −threshold, threshold)``. On a CPU with a number for the threshold, tensors of ≥ 2**16
+    elements take torch's in-place ``softshrink`` (one pass; one call per tensor costs little next to its work, and
+    measured faster than a compiled pass there), and runs of same-shaped smaller ones one compiled pass each
+    (``_plan``); with a tensor threshold, runs of any size do. The rest take three multi-tensor ops per batch.
 
     Examples:
         >>> p = torch.tensor([0.5, -0.05, 0.02, -2.0])
@@ -145,15 +149,16 @@ def soft_threshold(params: Sequence[torch.Tensor], threshold: float | torch.Tens
     """
     if not isinstance(threshold, torch.Tensor) and threshold <= 0:
         return
-    params = local_real(params)
-    for (device, dtype), indices in by_device_and_dtype(params).items():
-        group = params if len(indices) == len(params) else [params[i] for i in indices]
-        runs, (group,) = _compiled_runs([group], device)
-        if runs:
-            t = _coefficient_tensor(threshold, device, dtype)
-            for (run,) in runs:
-                _compiled_shrink(run, t)
-        if not isinstance(threshold, torch.Tensor) and device.type == "cpu":
+    found = _plan(params, None if isinstance(threshold, torch.Tensor) else LARGE_NUMEL - 1)
+    if not found.plain:
+        params = local_real(params)
+    for bucket in found.buckets:
+        if bucket.runs:
+            t = _coefficient_tensor(threshold, bucket.device, bucket.dtype)
+            for run in bucket.runs:
+                _compiled_shrink([params[i] for i in run], t)
+        group = params if len(bucket.rest) == len(params) else [params[i] for i in bucket.rest]
+        if not isinstance(threshold, torch.Tensor) and bucket.device.type == "cpu":
             large = [p for p in group if p.numel() >= LARGE_NUMEL]
             for param in large:
                 torch.ops.aten.softshrink.out(param, threshold, out=param)
@@ -161,7 +166,7 @@ def soft_threshold(params: Sequence[torch.Tensor], threshold: float | torch.Tens
         for batch in batches([group]):
             (pieces,) = batch.lists
             if isinstance(threshold, torch.Tensor):
-                t = threshold.to(device, pieces[0].dtype, non_blocking=True)
+                t = threshold.to(bucket.device, pieces[0].dtype, non_blocking=True)
                 clamped = torch._foreach_clamp_max(pieces, [t] * len(pieces))
                 torch._foreach_clamp_min_(clamped, [-t] * len(pieces))
             else:

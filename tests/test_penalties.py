@@ -232,6 +232,24 @@ def test_same_shape_runs_group_by_shape_dtype_and_device() -> None:
     assert rest == [4, 5, *range(14, 22)]
 
 
+def test_plan_is_kept_for_the_same_tensors_only() -> None:
+    """A step finds its group's plan by the tensors' ids (weakly held, so only the very same tensors match); another
+    list, or sharded/complex tensors (viewed anew at every call), get a plan of their own."""
+    from lit_decay._batches import plan
+
+    weights = [torch.zeros(64, 64) for _ in range(6)]
+    first = plan(weights, min_numel=1 << 12)
+    assert plan(list(weights), min_numel=1 << 12) is first
+    assert [bucket.runs for bucket in first.buckets] == [[[0, 1, 2, 3]]]
+    other = plan([*weights[:5], torch.zeros(64, 64)], min_numel=1 << 12)
+    assert other is not first
+    assert plan(weights, min_numel=None).buckets[0].runs == []  # compiling off: everything to the foreach ops
+    complex_weights = [torch.zeros(64, 32, dtype=torch.complex64) for _ in range(4)]
+    made = plan(complex_weights, min_numel=1 << 12)
+    assert not made.plain and made.buckets[0].runs == [[0, 1, 2, 3]]  # real views of (64, 32, 2)
+    assert plan(complex_weights, min_numel=1 << 12) is not made
+
+
 def _compiled(monkeypatch: pytest.MonkeyPatch, setting: str) -> None:
     import lit_decay._compile
 
