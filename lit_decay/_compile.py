@@ -1,8 +1,11 @@
-"""Single-pass kernels for large tensors through ``torch.compile``, with the eager form everywhere else.
+"""Single-pass kernels through ``torch.compile``, with the eager form everywhere else.
 
 An elementwise formula written with torch ops reads and writes a temporary per op; compiled, it is one pass over
-memory. That matters only for large tensors (the monitor's statistics over a 50M-parameter model), so small tensors
-(which take torch's multi-tensor ops instead) and anything compile cannot handle take the eager form.
+memory. One compiled call also does a whole run of same-shaped tensors (``lit_decay._batches.same_shape_runs``):
+inductor fuses their equal loops, so a CPU starts its threads once per run, and dynamo's cost per call (tens of
+microseconds) is paid once per run. Tensors are passed as they are: dynamo handles a view input at several times
+the cost of a plain tensor. Small tensors (which take torch's multi-tensor ops instead) and anything compile cannot
+handle take the eager form.
 
 ``LIT_DECAY_COMPILE=0`` turns compilation off; ``LIT_DECAY_COMPILE=always`` compiles whatever the size (tests use
 it to check the compiled form against the eager one).

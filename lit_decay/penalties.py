@@ -16,6 +16,10 @@ stay right in the three places a step pre-hook alone gets wrong:
   changes nothing;
 - gradient clipping, which Lightning does inside the closure: the term is added after it, as torch's own weight
   decay is.
+
+Both are elementwise passes over a group's tensors: torch's multi-tensor ops in batches, and on a CPU one compiled
+call per run of same-shaped tensors (compiled at the first step, seconds once per process; ``LIT_DECAY_COMPILE=0``
+turns it off).
 """
 
 from __future__ import annotations

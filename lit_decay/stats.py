@@ -12,11 +12,11 @@ For each param group, right after ``optimizer.step()``:
 
 ``decay_progress`` (Σ η·λ over all steps so far) is a count across steps, kept by ``WeightDecayMonitor``.
 
-Every figure of a tensor comes from one pass that reads its weights, gradient and Adam moments once (a compiled
-kernel for large tensors), the update is read from Adam's state rather than from a copy of the weights, and all
-groups of all optimizers leave the device in a single transfer. Only where the update cannot be read from the state
-(``decoupled_l1``, low-precision weights, optimizers other than Adam) is a snapshot taken before the step, on
-logging steps alone.
+Every figure of a tensor comes from one pass that reads its weights, gradient and Adam moments once (for large
+tensors a compiled kernel, one call per run of same-shaped tensors), the update is read from Adam's state rather
+than from a copy of the weights, and all groups of all optimizers leave the device in a single transfer. Only where
+the update cannot be read from the state (``decoupled_l1``, low-precision weights, optimizers other than Adam) is a
+snapshot taken before the step, on logging steps alone.
 """
 
 from __future__ import annotations

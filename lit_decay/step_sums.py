@@ -10,8 +10,9 @@ is needed); ``group_sums`` reduces each tensor to one row of ``COLUMNS``:
   (``lit_decay.modes``), ``penalised_w2`` its denominator: Σw² of the weights the penalty acted on,
 - ``nonzeros`` the number of weights that are not exactly zero after the step (L1 groups' sparsity).
 
-Small tensors go through torch's multi-tensor (foreach) ops, a few calls for all of them; each large tensor through
-one compiled pass that reads its weights, gradient and moments once (``lit_decay._compile``).
+Small tensors go through torch's multi-tensor (foreach) ops, a few calls for all of them; large tensors through one
+compiled pass that reads their weights, gradients and moments once, one call per run of same-shaped tensors
+(``lit_decay._batches.same_shape_runs``, ``lit_decay._compile``).
 """
 
 from __future__ import annotations
