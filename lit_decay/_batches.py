@@ -205,8 +205,9 @@ class Plan:
     buckets: list[Bucket]
 
 
-# Plans of the last few lists, keyed by their tensors' ids. A hit is checked through weak references, so a key can
-# only match the very tensors it was made for (an id is reused only after its tensor is gone).
+# Plans of the last few lists, keyed by their tensors' ids. Each entry holds weak references to its tensors whose
+# callbacks drop it when one of them is freed, so a key only ever matches the very tensors it was made for (an id is
+# reused only after its tensor is gone).
 _PLANS: OrderedDict[tuple[Any, ...], tuple[list[weakref.ref[torch.Tensor]], Plan]] = OrderedDict()
 _PLANS_KEPT = 16
 
@@ -238,12 +239,16 @@ def plan(
     """
     key = (min_numel, single_numel, max_numel, devices, lengths, *map(id, tensors))
     kept = _PLANS.get(key)
-    if kept is not None and all(ref() is not None for ref in kept[0]):
+    if kept is not None:
         _PLANS.move_to_end(key)
         return kept[1]
     made = _make_plan(tensors, min_numel, single_numel, max_numel, devices, lengths)
     if made.plain:  # other tensors are views made for this call: no later call passes the same objects
-        _PLANS[key] = ([weakref.ref(t) for t in tensors], made)
+
+        def forget(_: weakref.ref[torch.Tensor]) -> None:
+            _PLANS.pop(key, None)
+
+        _PLANS[key] = ([weakref.ref(t, forget) for t in tensors], made)
         if len(_PLANS) > _PLANS_KEPT:
             _PLANS.popitem(last=False)
     return made

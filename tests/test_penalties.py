@@ -244,6 +244,14 @@ def test_plan_is_kept_for_the_same_tensors_only() -> None:
     other = plan([*weights[:5], torch.zeros(64, 64)], min_numel=1 << 12)
     assert other is not first
     assert plan(weights, min_numel=None).buckets[0].runs == []  # compiling off: everything to the foreach ops
+    import lit_decay._batches
+
+    def kept_for(tensor_id: int) -> int:
+        return sum(tensor_id in key for key in lit_decay._batches._PLANS)
+
+    assert kept_for(id(weights[-1])) == 2  # the plans with and without runs
+    gone = id(weights.pop())  # freed: the plans of lists holding it go with it (its id may now be reused)
+    assert kept_for(gone) == 0
     complex_weights = [torch.zeros(64, 32, dtype=torch.complex64) for _ in range(4)]
     made = plan(complex_weights, min_numel=1 << 12)
     assert not made.plain and made.buckets[0].runs == [[0, 1, 2, 3]]  # real views of (64, 32, 2)
