@@ -150,3 +150,10 @@ def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
         for key, value in optimizer.state[p].items():
             taken[f"{name}/{key}"] = value.clone()
     return taken
+
+
+def assert_unchanged(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    """Two ``snapshot``s are equal bit for bit, Adam's step counts included: a skipped step changed nothing."""
+    assert before.keys() == after.keys() and any(key.endswith("/step") for key in after)
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key

@@ -273,7 +273,13 @@ def test_compiled_runs_equal_the_multi_tensor_ops_and_the_reference(
     the L1 term with a number or a GradScaler-style float64 tensor coefficient and for the soft threshold, and both
     equal a float64 reference written from the update rule (zeros and NaN weights included)."""
     import lit_decay._compile
+    import lit_decay.penalties
 
+    calls: list[tuple[str, int]] = []
+    for name in ("_compiled_add_signs", "_compiled_shrink"):
+        real = getattr(lit_decay.penalties, name)
+        spy = lambda *args, name=name, real=real: calls.append((name, len(args[0]))) or real(*args)  # noqa: E731
+        monkeypatch.setattr(lit_decay.penalties, name, spy)
     shapes = [(64, 64)] * 21 + [(64, 64)] + [(4096,)] * 4 + [(10,)] * 3
     params = [torch.randn(shape, dtype=dtype) * 0.05 for shape in shapes]
     params[0][::7] = 0.0
@@ -289,6 +295,14 @@ def test_compiled_runs_equal_the_multi_tensor_ops_and_the_reference(
             soft_threshold(ps, 0.03)
             results[setting] = (ps, gs)
             assert not lit_decay._compile._failed
+            # 22 of (64, 64): runs of 16 and 4, 2 left over; 4 of (4096,): a run of 4; the tiny ones left over
+            expected = (
+                []
+                if setting == "0"
+                else [(name, n) for name in ("_compiled_add_signs", "_compiled_shrink") for n in (16, 4, 4)]
+            )
+            assert sorted(calls) == sorted(expected), calls
+            calls.clear()
         c = float(coefficient)
         for got_p, got_g, p, g in zip(*results["auto"], params, grads):
             want_g = g.double() + c * torch.sign(p.double())

@@ -622,7 +622,19 @@ def test_complex_parameters_are_measured_as_real_pairs() -> None:
 # ---- compiled kernels --------------------------------------------------------------------------------------------
 
 
+def _spy_on_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of every run ``lit_decay.step_sums`` hands to its compiled pass, in call order."""
+    lengths: list[int] = []
+    real = lit_decay.step_sums._compiled_run_sums
+    monkeypatch.setattr(
+        lit_decay.step_sums, "_compiled_run_sums", lambda ws, *a, **k: lengths.append(len(ws)) or real(ws, *a, **k)
+    )
+    return lengths
+
+
 def test_compiled_path_equals_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = _spy_on_runs(monkeypatch)
+
     def figures_with(setting: str) -> dict[str, float]:
         monkeypatch.setenv("LIT_DECAY_COMPILE", setting)
         torch.manual_seed(7)
@@ -640,11 +652,44 @@ def test_compiled_path_equals_eager(monkeypatch: pytest.MonkeyPatch) -> None:
         return figures
 
     eager = figures_with("0")
-    assert not lit_decay._compile._failed
+    assert not lit_decay._compile._failed and not runs
     compiled = figures_with("always")
     assert not lit_decay._compile._failed, "compiling the statistics kernel fell back to eager"
+    assert runs == [1, 1]  # two shapes, one tensor each: each a run of its own
     assert set(compiled) == set(eager)
     for key, value in eager.items():
+        assert compiled[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
+def test_runs_of_same_shaped_large_tensors_equal_the_multi_tensor_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twenty tensors of 2**17 elements take two compiled calls (runs of 16 and 4), and their per-parameter figures
+    equal those of the multi-tensor path (compiling off), which the other tests check against the float64
+    reference: each row of a run lands on its own tensor."""
+    runs = _spy_on_runs(monkeypatch)
+
+    def figures_with(setting: str) -> dict[str, float]:
+        monkeypatch.setenv("LIT_DECAY_COMPILE", setting)
+        torch.manual_seed(13)
+        model = nn.ParameterList([nn.Parameter(torch.randn(256, 512) * (0.01 * (i + 1))) for i in range(20)])
+        optimizer = lit_decay.configure_adam(model, lr=0.01, weight_decay=0.5, mode="decoupled")
+        statistics = StepStatistics([optimizer], per_parameter=True)
+        statistics.attach()
+        for _ in range(2):
+            for p in model:
+                p.grad = torch.randn_like(p)
+            statistics.arm()
+            optimizer.step()
+            figures = statistics.collect()
+        statistics.detach()
+        return figures
+
+    multi_tensor = figures_with("0")
+    assert not runs
+    compiled = figures_with("auto")
+    assert runs == [16, 4, 16, 4], runs
+    assert not lit_decay._compile._failed
+    assert set(compiled) == set(multi_tensor) and len(compiled) > 20 * 3
+    for key, value in multi_tensor.items():
         assert compiled[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
 
 
