@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lit_decay.configure import configure_adam
 from lit_decay.grouping import GroupingReport, explain, param_groups
-from lit_decay.modes import MODES
-from lit_decay.optim import configure_adam
+from lit_decay.modes import MODES, DecayMode
+from lit_decay.optim import Adam
 from lit_decay.stats import METRICS, StepStatistics, group_stats
 
 if TYPE_CHECKING:
@@ -31,7 +32,9 @@ __version__ = "0.1.0"
 __all__ = [
     "METRICS",
     "MODES",
+    "Adam",
     "DecayBackboneFinetuning",
+    "DecayMode",
     "GroupingReport",
     "StepStatistics",
     "WeightDecayMonitor",

@@ -7,10 +7,10 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from lit_decay.modes import MODES, Mode
+from lit_decay.modes import MODES
 
 
-def check_mode(mode: Any, *, what: str = "mode") -> Mode:
+def check_mode(mode: Any, *, what: str = "mode") -> str:
     """Return ``mode`` if it is one of ``lit_decay.modes.MODES``, else raise ``ValueError`` naming it."""
     if not isinstance(mode, str) or mode not in MODES:
         valid = ", ".join(repr(m) for m in MODES)

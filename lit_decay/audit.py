@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from torch import nn
 from torch.optim import Optimizer
 
+from lit_decay.configure import report_of
 from lit_decay.diagnostics import peak_lr, timescale_warning
-from lit_decay.modes import group_names, group_rule
-from lit_decay.optim import report_of
-from lit_decay.penalties import is_attached
+from lit_decay.modes import DECAY_MODES, group_names, rule_of
 from lit_decay.rules import RULE_BIAS, RULE_NORMALIZATION, Placement, clean_name, place_parameters
 
 AUDIT = "WeightDecayMonitor audit"
@@ -60,8 +59,7 @@ def audit_messages(
     for label, optimizer, group_labels in zip(labels, optimizers, names):
         if report_of(optimizer) is None and placements is not None:
             messages.extend(_decayed_norms_and_biases(label, optimizer, placements))
-        if not is_attached(optimizer):
-            messages.extend(_unapplied_l1(label, optimizer, group_labels))
+        messages.extend(_unapplied_modes(label, optimizer, group_labels))
     if run_steps is not None and not scheduled:
         for label, optimizer, group_labels in zip(labels, optimizers, names):
             messages.extend(_long_timescales(label, optimizer, group_labels, run_steps))
@@ -94,7 +92,7 @@ def _decayed_norms_and_biases(label: str, optimizer: Optimizer, placements: dict
     decayed = [
         f"{placement.name} ({placement.reason})"
         for group in optimizer.param_groups
-        if group_rule(optimizer, group).active
+        if rule_of(optimizer, group).active
         for p in group["params"]
         if (placement := placements.get(id(p))) is not None and placement.rule in (RULE_NORMALIZATION, RULE_BIAS)
     ]
@@ -107,28 +105,31 @@ def _decayed_norms_and_biases(label: str, optimizer: Optimizer, placements: dict
     ]
 
 
-def _unapplied_l1(label: str, optimizer: Optimizer, names: Sequence[str]) -> list[str]:
-    # torch's Adam has no L1 term: only lit_decay's attached hooks apply one.
+def _unapplied_modes(label: str, optimizer: Optimizer, names: Sequence[str]) -> list[str]:
+    # Torch applies no L1 term: an optimizer other than lit_decay.Adam reads such a group's strength as its own decay.
     unapplied = [
-        f"{name} ({rule.mode})"
+        f"{name} ({group['decay_mode']}, applied as {rule.mode.name})"
         for name, group in zip(names, optimizer.param_groups)
-        if (rule := group_rule(optimizer, group)).l1 and rule.active
+        if (mode := DECAY_MODES.get(str(group.get("decay_mode")))) is not None
+        and mode.needs_lit_decay
+        and not (rule := rule_of(optimizer, group)).lit_decay
+        and rule.strength > 0
     ]
     if not unapplied:
         return []
     return [
-        f"{AUDIT}: {label} has group(s) {listing(unapplied)} asking for an L1 penalty, "
-        "but torch applies no L1 term by itself and none is attached, so these groups get no decay at "
-        "all. Build the optimizer with lit_decay.configure_adam(...), which attaches it."
+        f"{AUDIT}: {label} has group(s) {listing(unapplied)} whose decay_mode only lit_decay.Adam applies; "
+        f"{type(optimizer).__name__} reads their weight_decay as its own decay instead. Build the optimizer with "
+        "lit_decay.configure_adam(...) or lit_decay.Adam(param_groups)."
     ]
 
 
 def _long_timescales(label: str, optimizer: Optimizer, names: Sequence[str], run_steps: float) -> list[str]:
     messages = []
     for name, group in zip(names, optimizer.param_groups):
-        rule = group_rule(optimizer, group)
-        if rule.decoupled:
-            message = timescale_warning(f"{label} group {name!r}", peak_lr(group), rule.coefficient, run_steps)
+        rule = rule_of(optimizer, group)
+        if rule.mode.timescale and rule.active:
+            message = timescale_warning(f"{label} group {name!r}", peak_lr(group), rule.strength, run_steps)
             if message is not None:
                 messages.append(message)
     return messages

@@ -20,12 +20,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
-
-# Modes whose decay is AdamW's p ← p·(1 − η·λ): the ones with a timescale, progress and (under Adam) an equilibrium.
-DECOUPLED = "decoupled"
-# SGD's coupled decay, as lit_decay.stats names it: the other mode with a closed-form equilibrium (plain momentum).
-SGD = "sgd"
 
 
 def equilibrium_update_ratio(
@@ -47,31 +41,6 @@ def equilibrium_update_ratio(
         return math.sqrt(2.0 * lr * weight_decay * (1.0 - beta1) / (1.0 + beta1))
     assert momentum is not None
     return math.sqrt(2.0 * lr * weight_decay / (1.0 + momentum))
-
-
-def equilibrium_factor(optimizer: Optimizer, group: Mapping[str, Any], mode: str) -> float | None:
-    """c such that the equilibrium update ratio of ``group`` is √(c·η·λ); None where the paper has no closed form.
-
-    ``decoupled`` groups of torch's Adam/AdamW: c = 2(1−β₁)/(1+β₁). SGD (coupled decay, which under SGD is the same
-    shrinking) with plain heavy-ball momentum μ, no dampening, no Nesterov: c = 2/(1+μ). Elsewhere (``l2``, the L1
-    modes, Nesterov or dampened SGD, other optimizers) None. Read from the group's host-side floats.
-
-    Examples:
-        >>> w = torch.zeros(2, requires_grad=True)
-        >>> opt = torch.optim.AdamW([w], betas=(0.9, 0.999))
-        >>> round(equilibrium_factor(opt, opt.param_groups[0], "decoupled"), 6)
-        0.105263
-        >>> equilibrium_factor(opt, opt.param_groups[0], "l2") is None
-        True
-    """
-    if mode == DECOUPLED and isinstance(optimizer, torch.optim.Adam):
-        beta1 = float(group["betas"][0])
-        return 2.0 * (1.0 - beta1) / (1.0 + beta1)
-    if mode == SGD and isinstance(optimizer, torch.optim.SGD):
-        if group.get("nesterov") or float(group.get("dampening", 0.0) or 0.0) != 0.0:
-            return None
-        return 2.0 / (1.0 + float(group.get("momentum", 0.0) or 0.0))
-    return None
 
 
 def decay_timescale(lr: float, weight_decay: float) -> float:

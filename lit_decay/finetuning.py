@@ -1,10 +1,12 @@
 """Fine-tuning that unfreezes layers mid-run: new param groups, split and named like ``configure_adam``'s.
 
-Lightning's ``BaseFinetuning.unfreeze_and_add_param_group`` adds one group of plain tensors. On an optimizer built from
-``lit_decay.param_groups`` that fails (torch refuses to mix named and unnamed groups), and even where it runs it would
-decay the backbone's biases and norm layers. ``add_param_groups`` adds a module's newly trainable parameters as the
-same split groups ``configure_adam`` builds (``"backbone.decay"``, ``"backbone.no_decay"``, ...), with their names;
-``DecayBackboneFinetuning`` is Lightning's ``BackboneFinetuning`` on top of it.
+Lightning's ``BaseFinetuning.unfreeze_and_add_param_group`` adds one group of plain tensors. The ``lit_decay.Adam`` that
+``configure_adam`` returns splits such a group by its own grouping rules, so Lightning's callbacks work unchanged.
+``add_param_groups`` is the explicit form for any optimizer (torch's own refuses to mix named and unnamed groups, and
+would decay the backbone's biases and norm layers): a module's newly trainable parameters as the same split groups
+(``"backbone.decay"``, ``"backbone.no_decay"``, ...), with their names. ``DecayBackboneFinetuning`` is Lightning's
+``BackboneFinetuning`` on top of it, which also moves every backbone group's lr at each epoch (Lightning's writes only
+the last group's).
 """
 
 from __future__ import annotations
@@ -19,17 +21,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from lit_decay._checks import check_non_negative
+from lit_decay.configure import check_parameters
 from lit_decay.grouping import DECAY, GroupingOptions, plan
-from lit_decay.modes import L1_MODES
-from lit_decay.optim import check_parameters
-from lit_decay.penalties import attach
+from lit_decay.modes import DECAY_MODES
 
 
 def _inherited_decay(optimizer: Optimizer) -> tuple[float, str] | None:
     """The coefficient and mode of the optimizer's ``"decay"`` group, if it has one built by lit_decay."""
     for group in optimizer.param_groups:
         if group.get("name") == DECAY and "decay_mode" in group:
-            return float(group["decay_coefficient"]), str(group["decay_mode"])
+            return float(group["weight_decay"]), str(group["decay_mode"])
     return None
 
 
@@ -52,8 +53,9 @@ def add_param_groups(
     ``"{prefix}.{group}"`` (``"{group}"`` without a prefix) and carry the parameters' names prefixed with ``prefix``,
     so they match the names the optimizer already has when ``prefix`` is the module's name in the model.
     ``weight_decay`` and ``mode`` default to those of the optimizer's ``"decay"`` group; ``lr`` to the optimizer's
-    default lr. The L1 hooks are attached where an added group needs them. Returns the groups added (none when every
-    trainable parameter is already in the optimizer).
+    default lr. Returns the groups added (none when every trainable parameter is already in the optimizer). A
+    ``lit_decay.Adam`` made by ``configure_adam`` also splits a plain ``add_param_group`` by itself; this is the
+    explicit form, for any optimizer, with the group names' prefix chosen.
 
     Examples:
         >>> import torch, lit_decay
@@ -86,7 +88,7 @@ def add_param_groups(
     base_lr = lr if lr is not None else optimizer.defaults["lr"]
     options = GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, base_lr)
     groups = plan(module, options).groups()
-    check_parameters(module, groups)
+    check_parameters(module, groups, getattr(optimizer, "modes", DECAY_MODES))
     added = []
     for group in groups:
         params = [(_joined(prefix, name), p) for name, p in group["params"] if id(p) not in held]
@@ -97,8 +99,6 @@ def add_param_groups(
             group["lr"] = lr
         optimizer.add_param_group(group)
         added.append(optimizer.param_groups[-1])
-    if any(g["decay_mode"] in L1_MODES for g in added):
-        attach(optimizer)
     return added
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lit_decay._checks import check_bool, check_mode, check_non_negative
-from lit_decay.modes import torch_decay_keys
+from lit_decay.modes import DECAY_MODES
 from lit_decay.rules import (
     DECAY,
     NO_DECAY,
@@ -284,8 +284,9 @@ class Plan:
                 "name": settings.name,
                 "params": [(p.name, p.tensor) for p in members],
                 "decay_mode": settings.mode,
-                "decay_coefficient": settings.coefficient,
-                **torch_decay_keys(settings.mode, settings.coefficient),
+                # A "none" group decays nothing: 0, so that any optimizer reading torch's key agrees.
+                "weight_decay": settings.coefficient if DECAY_MODES[settings.mode].decays else 0.0,
+                "decoupled_weight_decay": DECAY_MODES[settings.mode].torch_term == "decoupled",
             }
             if settings.lr_scale is not None:
                 group["lr_scale"] = settings.lr_scale
@@ -418,8 +419,9 @@ def param_groups(
     """Adam parameter groups for ``module``: weights decayed, biases, norms and other no-decay parameters not.
 
     Returns plain dicts that ``torch.optim.Adam`` accepts as they are: ``"name"``, ``"params"`` as ``(name, tensor)``
-    pairs, ``"decay_mode"``, ``"decay_coefficient"`` and torch's ``"weight_decay"`` / ``"decoupled_weight_decay"``.
-    Torch applies no L1 term by itself; ``lit_decay.configure_adam`` is what attaches it to the L1 modes.
+    pairs, ``"decay_mode"``, ``"weight_decay"`` (the group's strength in every mode) and torch's
+    ``"decoupled_weight_decay"``. ``l2`` and ``decoupled`` groups mean the same in any torch Adam; the L1 modes need
+    ``lit_decay.Adam`` (torch alone would read their strength as L2).
 
     Args:
         module: any ``nn.Module`` (a LightningModule, or a model wrapped by DDP/FSDP/``torch.compile``).

@@ -1,187 +1,230 @@
-"""The decay modes: the one place that says what each mode is, and how a param group's decay is read.
+"""The decay modes, each one entry: where its penalty sits around torch's Adam step, and how its effect is measured.
 
-A mode is only *where* its penalty sits around Adam (optax's view), which decides everything else about it:
+A mode is *where* a decay transform sits (optax's view). Each ``DecayMode`` says, in one place:
 
-================  ===========================  ==================================================================
-mode              applied                      effective decay d = −⟨Δw_reg, w⟩/‖w‖² per step
-================  ===========================  ==================================================================
-``l2``            by torch's kernel, coupled   lr·wd·Σ(w²/D)/Σw², D = √v̂ + eps (the term goes through the moments)
-``decoupled``     by torch's kernel (AdamW)    lr·wd
-``l1``            before the step (gradient)   lr·wd·Σ(|w|/D)/Σw²
-``decoupled_l1``  after the step (proximal)    Σ|w|·min(|w|, lr·wd)/Σw², w the weights the shrink acts on
-``none``          nothing                      0
-================  ===========================  ==================================================================
+- ``torch_term``: the part torch's Adam arithmetic applies itself from the group's ``"weight_decay"`` (``"l2"``:
+  ``g ← g + wd·p`` inside the kernel, ``"decoupled"``: AdamW's ``p ← p·(1 − lr·wd)``, or ``"none"``);
+- ``before``: what it adds to the gradients before torch's step (after the closure and any clipping ran);
+- ``after``: what it does to the weights after torch's step (a proximal step);
+- ``penalty`` and ``effective_decay``: the elementwise terms whose sum its figure needs, and the formula that turns
+  that sum into the effective decay d = −⟨Δw_reg, w⟩/‖w‖² (the fraction of the weight norm removed per step);
+- ``sparsity``, ``timescale`` and ``equilibrium``: which of the monitor's figures describe it.
 
-``lit_decay.penalties`` applies the two L1 modes, ``lit_decay.stats`` measures every mode, ``lit_decay.schedule``
-and ``lit_decay.monitor`` ask ``group_rule(optimizer, group)`` whether and how a group is decayed. Every lit_decay
-group carries the strength the user asked for in ``"decay_coefficient"`` whatever the mode; torch's ``"weight_decay"``
-key is what torch's kernel applies, so for the modes torch applies it is the source of truth.
+``lit_decay.Adam`` applies the entry of each group's ``"decay_mode"``; the statistics, the monitor, the schedules and
+the audit ask the entry and never branch on a mode's name. ``rule_of`` reads the entry a group is decayed by in any
+optimizer: for torch's own optimizers, what torch's keys mean (Adam's ``weight_decay`` is ``l2``, AdamW's
+``decoupled``, SGD's coupled decay ``sgd``). Adding a mode is one more entry (see docs/modes.md, "Adding a mode").
 """
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
 
-Mode = Literal["l2", "decoupled", "l1", "decoupled_l1", "none"]
-MODES: tuple[Mode, ...] = ("l2", "decoupled", "l1", "decoupled_l1", "none")
-
-
-class Penalty(enum.Enum):
-    """What a group's penalty term is, which picks the formula of its effective decay."""
-
-    NONE = "none"
-    DECOUPLED = "decoupled"  # w ← w·(1 − lr·wd): AdamW's decay, and SGD's coupled decay (the same shrink)
-    ADAM_L2 = "adam_l2"  # wd·w through Adam's moments
-    ADAM_L1 = "adam_l1"  # wd·sign(w) through Adam's moments
-    PROXIMAL_L1 = "proximal_l1"  # soft-threshold by lr·wd after the step
-    UNKNOWN = "unknown"  # an optimizer whose update rule lit_decay does not know
+Scalar = float | torch.Tensor  # a host number, or a 0-d tensor on the device (a GradScaler's scale, a tensor lr)
+TensorList = list[torch.Tensor]
+Before = Callable[[TensorList, TensorList, Scalar, bool], None]
+After = Callable[[TensorList, Scalar, bool], None]
+Penalty = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class ModeSpec:
-    """One decay mode: which torch keys it sets and where its penalty is applied.
+class DecayMode:
+    """One decay mode. ``before(params, grads, strength, foreach)`` and ``after(params, threshold, foreach)`` act in
+    place on a group's stepped tensors, the first with the group's strength (in the gradients' units: times a
+    GradScaler's scale where the fused kernel unscales), the second with lr·strength (0 on a step the scaler
+    skipped). ``foreach`` asks for torch's multi-tensor ops (where they are real kernels) rather than a per-tensor
+    loop. ``penalty(w, denominator, decay)`` is elementwise (``denominator`` is Adam's √v̂ + eps, ``decay`` is
+    lr·wd), and ``effective_decay(penalty_sum, w2, decay)`` turns its sum and Σw² into d, both over the weights the
+    penalty acted on (None where the mode's effect is not known). ``equilibrium(group)`` is c of the update ratio
+    √(c·lr·wd) at rotational equilibrium, or None.
 
-    ``applied_by`` is ``"torch"`` (torch's kernel, from ``"weight_decay"``), ``"before_step"`` (lit_decay adds the
-    term to the gradients), ``"after_step"`` (lit_decay's proximal step) or ``"nothing"``. ``penalty`` is the term
-    under torch's Adam.
+    Examples:
+        >>> DECAY_MODES["decoupled"].effective_decay(0.0, 4.0, 0.01)
+        0.01
+        >>> DECAY_MODES["decoupled_l1"].after is soft_threshold
+        True
     """
 
-    name: Mode
-    applied_by: Literal["torch", "before_step", "after_step", "nothing"]
-    decoupled_weight_decay: bool
-    penalty: Penalty
+    name: str
+    torch_term: Literal["none", "l2", "decoupled"] = "none"
+    before: Before | None = None
+    after: After | None = None
+    penalty: Penalty | None = None
+    effective_decay: Callable[[float, float, float], float | None] = lambda penalty_sum, w2, decay: 0.0
+    sparsity: bool = False
+    timescale: bool = False
+    equilibrium: Callable[[Mapping[str, Any]], float | None] | None = None
 
     @property
-    def torch_applied(self) -> bool:
-        """Whether torch's kernel applies this mode from the group's ``"weight_decay"`` key."""
-        return self.applied_by == "torch"
+    def decays(self) -> bool:
+        """Whether the mode applies any decay at all (``none`` does not, whatever the strength)."""
+        return self.torch_term != "none" or self.needs_lit_decay
 
     @property
-    def l1(self) -> bool:
-        """Whether this is one of the L1 modes (their groups report ``sparsity``)."""
-        return self.penalty in (Penalty.ADAM_L1, Penalty.PROXIMAL_L1)
+    def needs_lit_decay(self) -> bool:
+        """Whether only ``lit_decay.Adam`` applies this mode (torch alone would read its strength as L2)."""
+        return self.before is not None or self.after is not None
 
 
-SPECS: dict[str, ModeSpec] = {
-    "l2": ModeSpec("l2", "torch", False, Penalty.ADAM_L2),
-    "decoupled": ModeSpec("decoupled", "torch", True, Penalty.DECOUPLED),
-    "l1": ModeSpec("l1", "before_step", False, Penalty.ADAM_L1),
-    "decoupled_l1": ModeSpec("decoupled_l1", "after_step", False, Penalty.PROXIMAL_L1),
-    "none": ModeSpec("none", "nothing", False, Penalty.NONE),
+def add_sign(params: TensorList, grads: TensorList, strength: Scalar, foreach: bool) -> None:
+    """``g ← g + strength·sign(p)`` in place (torch.sign's conventions: no term for ±0 and NaN weights).
+
+    Examples:
+        >>> p, g = torch.tensor([2.0, -1.0, 0.0]), torch.zeros(3)
+        >>> add_sign([p], [g], 0.1, foreach=False); g
+        tensor([ 0.1000, -0.1000,  0.0000])
+    """
+    if foreach:
+        signs = torch._foreach_sign(params)
+        if isinstance(strength, torch.Tensor):
+            torch._foreach_mul_(signs, strength)
+            torch._foreach_add_(grads, signs)
+        else:
+            torch._foreach_add_(grads, signs, alpha=strength)
+        return
+    # One tensor at a time on a CPU: a temporary the size of the whole group costs more in page faults than the pass.
+    for param, grad in zip(params, grads):
+        if isinstance(strength, torch.Tensor):
+            grad.addcmul_(torch.sign(param), strength.to(grad.device))
+        else:
+            grad.add_(torch.sign(param), alpha=strength)
+
+
+def soft_threshold(params: TensorList, threshold: Scalar, foreach: bool) -> None:
+    """The proximal L1 step ``p ← sign(p)·max(|p| − threshold, 0)`` in place: exact zeros where ``|p| ≤ threshold``.
+
+    Examples:
+        >>> p = torch.tensor([0.5, -0.05, 0.02, -2.0])
+        >>> soft_threshold([p], 0.1, foreach=False); p.abs()
+        tensor([0.4000, 0.0000, 0.0000, 1.9000])
+    """
+    if foreach:
+        if isinstance(threshold, torch.Tensor):
+            t = threshold.to(params[0].device, params[0].dtype)
+            clamped = torch._foreach_clamp_max(params, [t] * len(params))
+            torch._foreach_clamp_min_(clamped, [-t] * len(params))
+        else:
+            clamped = torch._foreach_clamp_max(params, threshold)
+            torch._foreach_clamp_min_(clamped, -threshold)
+        torch._foreach_sub_(params, list(clamped))
+        return
+    for param in params:
+        if isinstance(threshold, torch.Tensor):
+            t = threshold.to(param.device, param.dtype)
+            param.sub_(torch.clamp(param, -t, t))
+        else:
+            torch.ops.aten.softshrink.out(param, threshold, out=param)  # one pass, in place
+
+
+def _adamw_equilibrium(group: Mapping[str, Any]) -> float:
+    beta1 = float(group["betas"][0])
+    return 2.0 * (1.0 - beta1) / (1.0 + beta1)
+
+
+def _sgd_equilibrium(group: Mapping[str, Any]) -> float | None:
+    if group.get("nesterov") or float(group.get("dampening", 0.0) or 0.0) != 0.0:
+        return None
+    return 2.0 / (1.0 + float(group.get("momentum", 0.0) or 0.0))
+
+
+def _scaled_by_decay(penalty_sum: float, w2: float, decay: float) -> float:
+    return 0.0 if w2 == 0.0 else decay * penalty_sum / w2
+
+
+def _ratio(penalty_sum: float, w2: float, decay: float) -> float:
+    return 0.0 if w2 == 0.0 else penalty_sum / w2
+
+
+def _lr_times_wd(penalty_sum: float, w2: float, decay: float) -> float:
+    return decay
+
+
+#: The modes users choose from, by name (``mode=`` and a group's ``"decay_mode"``).
+DECAY_MODES: Mapping[str, DecayMode] = {
+    "l2": DecayMode(
+        "l2",
+        torch_term="l2",
+        penalty=lambda w, denominator, decay: w * w / denominator,
+        effective_decay=_scaled_by_decay,
+    ),
+    "decoupled": DecayMode(
+        "decoupled",
+        torch_term="decoupled",
+        effective_decay=_lr_times_wd,
+        timescale=True,
+        equilibrium=_adamw_equilibrium,
+    ),
+    "l1": DecayMode(
+        "l1",
+        before=add_sign,
+        penalty=lambda w, denominator, decay: w.abs() / denominator,
+        effective_decay=_scaled_by_decay,
+        sparsity=True,
+    ),
+    "decoupled_l1": DecayMode(
+        "decoupled_l1",
+        after=soft_threshold,
+        penalty=lambda w, denominator, decay: w.abs() * torch.clamp(w.abs(), max=decay),
+        effective_decay=_ratio,
+        sparsity=True,
+    ),
+    "none": DecayMode("none"),
 }
+MODES: tuple[str, ...] = tuple(DECAY_MODES)
 
-# Modes whose penalty torch's Adam kernel applies from the group's "weight_decay" key.
-TORCH_APPLIED: frozenset[str] = frozenset(m for m, s in SPECS.items() if s.torch_applied)
-L1_MODES: frozenset[str] = frozenset(m for m, s in SPECS.items() if s.l1)
-
-
-def torch_decay_keys(mode: str, coefficient: float) -> dict[str, Any]:
-    """Torch's own group keys for ``mode`` at strength ``coefficient``.
-
-    Examples:
-        >>> torch_decay_keys("decoupled", 0.1)
-        {'weight_decay': 0.1, 'decoupled_weight_decay': True}
-        >>> torch_decay_keys("l1", 0.1)
-        {'weight_decay': 0.0, 'decoupled_weight_decay': False}
-    """
-    spec = SPECS[mode]
-    return {
-        "weight_decay": float(coefficient) if spec.torch_applied else 0.0,
-        "decoupled_weight_decay": spec.decoupled_weight_decay,
-    }
-
-
-def set_decay_coefficient(group: MutableMapping[str, Any], coefficient: float) -> None:
-    """Change a lit_decay group's decay strength in place, keeping torch's keys consistent with its mode.
-
-    This is what a weight-decay schedule writes each step: the fused kernel reads ``"weight_decay"``, the L1 hooks
-    and the monitor read ``"decay_coefficient"``.
-
-    Examples:
-        >>> group = {"decay_mode": "l2", "decay_coefficient": 0.1, "weight_decay": 0.1}
-        >>> set_decay_coefficient(group, 0.05)
-        >>> group["weight_decay"], group["decay_coefficient"]
-        (0.05, 0.05)
-    """
-    group["decay_coefficient"] = float(coefficient)
-    group.update(torch_decay_keys(group.get("decay_mode", "none"), coefficient))
+# What torch's own optimizers apply from their keys, as entries of the same kind (never chosen by users).
+SGD = DecayMode("sgd", torch_term="l2", effective_decay=_lr_times_wd, equilibrium=_sgd_equilibrium)
+# Another optimizer applies its "weight_decay" key by a rule lit_decay does not know: some decay, of no known size.
+UNKNOWN = DecayMode("unknown", torch_term="l2", effective_decay=lambda penalty_sum, w2, decay: None)
 
 
 @dataclass(frozen=True)
 class Rule:
-    """How a group's penalty acts, read from lit_decay's keys or else from torch's own.
+    """How a group is decayed: its mode's entry and its strength (the group's ``"weight_decay"``).
 
-    ``mode`` is the lit_decay mode name, or ``"sgd"`` / ``"unknown"`` for what lit_decay has no mode for;
-    ``coefficient`` is the strength; ``penalty`` picks the effective-decay formula.
+    ``lit_decay`` is True when lit_decay's Adam applies the entry (else torch's keys were read).
     """
 
-    mode: str
-    coefficient: float
-    penalty: Penalty
+    mode: DecayMode
+    strength: float
+    lit_decay: bool = False
 
     @property
     def active(self) -> bool:
-        """Whether the group is decayed at all (a mode other than ``none``, with a positive coefficient)."""
-        return self.penalty is not Penalty.NONE
-
-    @property
-    def decoupled(self) -> bool:
-        """Whether the decay is AdamW's ``w ← w·(1 − lr·wd)``: the groups with a timescale 1/(lr·wd)."""
-        return self.mode == "decoupled" and self.active
-
-    @property
-    def l1(self) -> bool:
-        """Whether the group is one of the L1 modes (active or not: its ``sparsity`` is still reported)."""
-        return self.mode in L1_MODES
+        """Whether the group is decayed at all (a mode other than ``none`` at a positive strength)."""
+        return self.mode.decays and self.strength > 0
 
 
-def group_rule(optimizer: Optimizer, group: Mapping[str, Any]) -> Rule:
-    """The decay rule of ``group``: lit_decay's ``decay_mode`` if present, else what torch's keys mean.
+def _strength(group: Mapping[str, Any]) -> float:
+    value = group.get("weight_decay", 0.0) or 0.0
+    return float(value)
 
-    Torch applies its own ``"weight_decay"`` key whatever lit_decay's keys say (loops set it directly, as timm's and
-    DINO's do): it is the coefficient of the modes torch applies, and a ``"none"`` group given one decays as torch's
-    keys say.
+
+def rule_of(optimizer: Optimizer, group: Mapping[str, Any]) -> Rule:
+    """The decay rule of ``group``: its ``"decay_mode"`` entry in a ``lit_decay.Adam``; elsewhere what torch's keys
+    mean, whatever ``"decay_mode"`` says (torch would read an L1 group's strength as L2).
 
     Examples:
         >>> w = torch.zeros(2, requires_grad=True)
-        >>> group_rule(torch.optim.AdamW([w], weight_decay=0.1), {"weight_decay": 0.1}).mode
+        >>> rule_of(torch.optim.AdamW([w], weight_decay=0.1), {"weight_decay": 0.1}).mode.name
         'decoupled'
-        >>> group_rule(torch.optim.Adam([w], weight_decay=0.1), {"weight_decay": 0.1}).mode
+        >>> rule_of(torch.optim.Adam([w]), {"weight_decay": 0.1, "decay_mode": "l1"}).mode.name
         'l2'
-        >>> group_rule(torch.optim.Adam([w]), {"decay_mode": "l1", "decay_coefficient": 0.1}).active
-        True
     """
-    adam = isinstance(optimizer, torch.optim.Adam)
-    torch_key = group.get("weight_decay", 0.0) or 0.0
-    if "decay_mode" in group and not (group["decay_mode"] == "none" and torch_key):
-        mode = str(group["decay_mode"])
-        spec = SPECS.get(mode)
-        from_torch = spec is not None and spec.torch_applied
-        coefficient = float(torch_key if from_torch else group.get("decay_coefficient", 0.0))
-    else:
-        coefficient = float(torch_key)
-        if isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False)):
-            mode = "decoupled"
-        elif adam:
-            mode = "l2"
-        elif isinstance(optimizer, torch.optim.SGD):
-            mode = "sgd"
-        else:
-            mode = "unknown"
-    if coefficient == 0.0 or mode == "none":
-        return Rule(mode, coefficient, Penalty.NONE)
-    if mode == "sgd":
-        return Rule(mode, coefficient, Penalty.DECOUPLED)
-    spec = SPECS.get(mode)
-    if spec is None or (not adam and spec.penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1)):
-        return Rule(mode, coefficient, Penalty.UNKNOWN)
-    return Rule(mode, coefficient, spec.penalty)
+    table = getattr(optimizer, "modes", None)
+    if isinstance(table, Mapping) and isinstance(optimizer, torch.optim.Adam) and "decay_mode" in group:
+        return Rule(table[group["decay_mode"]], _strength(group), lit_decay=True)
+    if isinstance(optimizer, torch.optim.Adam):
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+        return Rule(DECAY_MODES["decoupled" if decoupled else "l2"], _strength(group))
+    if isinstance(optimizer, torch.optim.SGD):
+        return Rule(SGD, _strength(group))
+    return Rule(UNKNOWN, _strength(group))
 
 
 def group_names(optimizers: Sequence[Optimizer]) -> list[list[str]]:

@@ -20,12 +20,15 @@ from torch.optim import Optimizer
 from lit_decay._tensors import is_dtensor
 from lit_decay.audit import audit_messages
 from lit_decay.diagnostics import DecayProgress
-from lit_decay.modes import group_rule
+from lit_decay.modes import rule_of
 from lit_decay.rules import clean_name
 from lit_decay.schedule import WeightDecayScheduler
 from lit_decay.stats import METRICS, StepStatistics, check_metrics
 from lit_decay.tags import GROUPING, HISTOGRAM, TagIndex, check_prefix, extra_tag, prefixed, tag
 from lit_decay.tensorboard import custom_scalars_layout, group_values, grouping_markdown
+
+# Counted at every optimizer step from host floats (lit_decay.diagnostics.DecayProgress), not measured on logging steps.
+COUNTED_METRICS = frozenset({"decay_progress"})
 
 NONFINITE_ACTIONS = ("warn", "raise", "ignore")
 
@@ -93,6 +96,7 @@ class WeightDecayMonitor(Callback):
         self.on_nonfinite = on_nonfinite
         self._warned_nonfinite: set[str] = set()
         self._statistics: StepStatistics | None = None
+        self._logging = False  # the current batch logs
         self._progress = DecayProgress()
         self._progress_restored = False
         self._progress_handles: list[Any] = []
@@ -144,17 +148,19 @@ class WeightDecayMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._statistics is not None and self._is_logging_batch(trainer):
+        self._logging = self._statistics is not None and self._is_logging_batch(trainer)
+        if self._logging and self._statistics is not None and set(self.metrics) - COUNTED_METRICS:
             self._statistics.arm()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._statistics is None or not self._statistics.armed:
+        if self._statistics is None or not self._logging:
             return
-        figures = self._statistics.collect()
-        if not figures:
-            return
+        self._logging = False
+        figures = self._statistics.collect() if self._statistics.armed else {}
+        if not figures and set(self.metrics) - COUNTED_METRICS:
+            return  # no optimizer step was taken in this batch (gradient accumulation)
         if "decay_progress" in self.metrics:
             progress = self._progress.figures()
             figures.update({tag(None, "decay_progress", name): total for name, total in progress.items()})
@@ -204,11 +210,11 @@ class WeightDecayMonitor(Callback):
         for index, known in enumerate(self._statistics.optimizers):
             if known is optimizer:
                 for name, group in zip(self._statistics.names[index], optimizer.param_groups):
-                    rule = group_rule(optimizer, group)
-                    # By mode, not rule.decoupled: a decoupled group at coefficient 0 (a schedule's warmup starts
+                    rule = rule_of(optimizer, group)
+                    # By mode, not rule.active: a decoupled group at coefficient 0 (a schedule's warmup starts
                     # there) still counts, so its decay_progress is logged from the first step on.
-                    if rule.mode == "decoupled":
-                        self._progress.add(name, group["lr"], rule.coefficient)
+                    if rule.mode.timescale:
+                        self._progress.add(name, group["lr"], rule.strength)
 
     def _is_logging_batch(self, trainer: pl.Trainer) -> bool:
         if self.log_every_n_steps is None:

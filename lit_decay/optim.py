@@ -1,113 +1,103 @@
-"""``configure_adam``: the helper a LightningModule returns from ``configure_optimizers``.
+"""``lit_decay.Adam``: torch's Adam with each group's decay mode applied around its arithmetic.
 
-It builds a plain ``torch.optim.Adam`` over ``lit_decay.param_groups``, picks torch's fused kernel where every
-parameter allows it, and attaches the L1 hooks of ``lit_decay.penalties`` for the modes torch has no key for.
+``Adam.step`` runs, for each group, its mode's ``before`` transform, torch's own Adam arithmetic
+(``torch.optim.adam.adam``: fused, multi-tensor or per-tensor, exactly as ``torch.optim.Adam.step`` calls it) with the
+part of the decay torch applies, then its mode's ``after`` transform (``lit_decay.modes``). The penalty is the class's
+behaviour, not a hook: copies (``copy.deepcopy``, pickling) keep it, and ``state_dict`` is torch Adam's.
 """
 
 from __future__ import annotations
 
-import weakref
+import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.adam import adam
+from torch.utils.hooks import RemovableHandle
 
-from lit_decay._checks import check_betas, check_bool, check_non_negative
+from lit_decay._checks import check_betas, check_bool, check_non_negative, is_real_number
 from lit_decay._tensors import local
 from lit_decay.grouping import GroupingOptions, GroupingReport, plan
-from lit_decay.modes import L1_MODES
-from lit_decay.penalties import attach
+from lit_decay.modes import DECAY_MODES, DecayMode
 
-_REPORTS: weakref.WeakKeyDictionary[Optimizer, GroupingReport] = weakref.WeakKeyDictionary()
-
-# Where torch's multi-tensor (foreach) kernels are real kernels; elsewhere its per-tensor loop is as fast.
-_FOREACH_DEVICES = frozenset({"cuda", "xpu"})
+#: Called as ``observer(optimizer, group)`` right after torch's Adam arithmetic of a group and before its mode's
+#: ``after`` transform: the one moment its weights, state and the transform still to come are all known.
+UpdateObserver = Callable[["Adam", dict[str, Any]], None]
 
 
-def _fused_devices() -> frozenset[str]:
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+def _supported(kind: str) -> frozenset[str]:
+    from torch.optim import optimizer
 
-    return frozenset(_get_fused_kernels_supported_devices())
-
-
-def _unfusable(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, torch.Tensor] | None:
-    """The first parameter torch's fused Adam kernel cannot take, or None."""
-    devices = _fused_devices()
-    for name, tensor in named:
-        if tensor.device.type not in devices or not torch.is_floating_point(tensor) or local(tensor).is_sparse:
-            return name, tensor
-    return None
+    getter = (
+        optimizer._get_fused_kernels_supported_devices
+        if kind == "fused"
+        else optimizer._get_foreach_kernels_supported_devices
+    )
+    return frozenset(getter())
 
 
-def check_parameters(module: nn.Module, groups: Iterable[Mapping[str, Any]]) -> None:
-    """Raise ``ValueError`` naming a parameter that Adam or its group's decay mode cannot take, before any step.
-
-    Torch's Adam takes no sparse gradients (an ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` gives them;
-    in an L1 group the L1 term would fail first, inside torch). The L1 terms are defined for real numbers: a complex
-    parameter has no sign(p) (its sign is a phase), so it cannot be in an ``l1`` or ``decoupled_l1`` group.
-
-    Examples:
-        >>> model = nn.Sequential(nn.Linear(4, 4))
-        >>> model.phase = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
-        >>> check_parameters(model, [{"decay_mode": "l1", "params": [("phase", model.phase)]}])
-        Traceback (most recent call last):
-        ...
-        ValueError: parameter 'phase' is in an 'l1' group but is complex (torch.complex64); ...
-    """
-    sparse: dict[int, str] = {}
-    for owner in module.modules():
-        if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) and owner.sparse:
-            sparse[id(owner.weight)] = type(owner).__name__
-    for group in groups:
-        mode = group.get("decay_mode")
-        for name, tensor in group["params"]:
-            if id(tensor) in sparse:
-                raise ValueError(
-                    f"parameter {name!r} gets sparse gradients ({sparse[id(tensor)]}(sparse=True)), which torch's Adam "
-                    "does not take (nor the L1 terms): build the layer with sparse=False, or optimize it apart with "
-                    "torch.optim.SparseAdam"
-                )
-            if mode in L1_MODES and torch.is_complex(tensor):
-                raise ValueError(
-                    f"parameter {name!r} is in an {mode!r} group but is complex ({tensor.dtype}); the L1 modes are "
-                    "defined for real parameters only: give it another mode with an override, e.g. "
-                    f"overrides=[{{'pattern': {name!r}, 'mode': 'decoupled'}}]"
-                )
+def _tensors(params: Iterable[Any]) -> list[tuple[str, torch.Tensor]]:
+    """Every ``(name, tensor)`` of params in any form torch takes (tensors, named pairs, group dicts)."""
+    found: list[tuple[str, torch.Tensor]] = []
+    for entry in params:
+        if isinstance(entry, Mapping):
+            members = entry["params"]
+            found += _tensors([members] if isinstance(members, torch.Tensor) else members)
+        elif isinstance(entry, tuple):
+            found.append((str(entry[0]), entry[1]))
+        else:
+            found.append((f"params[{len(found)}]", entry))
+    return found
 
 
-def choose_implementation(groups: Iterable[Mapping[str, Any]], fused: bool | None) -> dict[str, Any]:
-    """Torch's Adam implementation keywords (``fused``, ``foreach``) for these groups.
+def _materialize(params: Iterable[Any]) -> list[Any]:
+    """``params`` as a list whose groups hold lists, so that reading them here leaves them for torch."""
+    made = []
+    for entry in params:
+        if isinstance(entry, Mapping) and not isinstance(entry["params"], torch.Tensor):
+            entry = {**entry, "params": list(entry["params"])}
+        made.append(entry)
+    return made
+
+
+def choose_implementation(named: Iterable[tuple[str, torch.Tensor]], fused: bool | None) -> dict[str, bool]:
+    """Torch's Adam implementation keywords (``fused``, ``foreach``) for these parameters.
 
     ``fused=None`` takes the fused kernel whenever every parameter's device and dtype allow it, else torch's
-    multi-tensor kernels on CUDA/XPU and its per-tensor loop elsewhere. ``fused=True`` raises, naming the first
-    parameter that rules the fused kernel out.
+    multi-tensor kernels where they are real kernels (CUDA, XPU) and its per-tensor loop elsewhere. ``fused=True``
+    raises, naming the first parameter that rules the fused kernel out.
 
     Examples:
-        >>> groups = [{"params": [("w", torch.zeros(2, requires_grad=True))]}]
-        >>> choose_implementation(groups, None)
+        >>> choose_implementation([("w", torch.zeros(2, requires_grad=True))], None)
         {'fused': True, 'foreach': False}
     """
     if fused not in (None, True, False):
         raise ValueError(f"fused={fused!r} is not valid; use None (fused where possible), True (require it) or False")
-    named = [(n, t) for g in groups for n, t in g["params"]]
-    if fused is False:
-        blocker: tuple[str, torch.Tensor] | None = ("", torch.empty(0))
-    else:
-        blocker = _unfusable(named)
-    if blocker is None:
+    named = list(named)
+    devices = _supported("fused")
+    blocker = next(
+        (
+            (name, t)
+            for name, t in named
+            if t.device.type not in devices or not torch.is_floating_point(t) or local(t).is_sparse
+        ),
+        None,
+    )
+    if fused is not False and blocker is None:
         return {"fused": True, "foreach": False}
-    if fused:
+    if fused and blocker is not None:
         name, tensor = blocker
         raise ValueError(
-            f"fused=True but torch's fused Adam kernel cannot take parameter {name!r} "
-            f"(device={tensor.device.type}, dtype={tensor.dtype}, layout={tensor.layout}); "
-            "it needs dense floating-point "
-            f"tensors on one of {', '.join(sorted(_fused_devices()))}. Use fused=None to fall back where it cannot run."
+            f"fused=True but torch's fused Adam kernel cannot take parameter {name!r} (device={tensor.device.type}, "
+            f"dtype={tensor.dtype}, layout={tensor.layout}); it needs dense floating-point tensors on one of "
+            f"{', '.join(sorted(devices))}. Use fused=None to fall back where it cannot run."
         )
-    foreach = all(t.device.type in _FOREACH_DEVICES for _, t in named)
-    return {"fused": False, "foreach": foreach}
+    return {"fused": False, "foreach": all(t.device.type in _supported("foreach") for _, t in named)}
 
 
 def describe_implementation(optimizer: Optimizer) -> str:
@@ -122,137 +112,261 @@ def describe_implementation(optimizer: Optimizer) -> str:
     return "foreach" if optimizer.defaults.get("foreach") else "for-loop"
 
 
-def lightning_amp_note(module: nn.Module) -> str | None:
-    """If the fused Adam of ``module`` must leave gradient unscaling to Lightning, why (a note for the summary).
+class Adam(torch.optim.Adam):
+    """``torch.optim.Adam`` that applies each param group's ``"decay_mode"`` around torch's own Adam arithmetic.
 
-    Returns None where the module is not attached to a Trainer, or its precision and clipping need no change.
+    A group's ``"weight_decay"`` is its strength in every mode (a scheduler or loop that writes it, 0 included, sets
+    the strength from the next step on); groups without ``"decay_mode"`` take ``mode``. ``l2`` and ``decoupled`` are
+    torch's own terms (``Adam(weight_decay=)``, ``AdamW``); ``l1`` adds ``wd·sign(p)`` to the gradients after the
+    closure ran (so after clipping, and in a GradScaler's units), ``decoupled_l1`` soft-thresholds the weights after
+    the step (exact zeros; nothing on a step the scaler skipped). ``fused=None`` takes torch's fused kernel wherever
+    every parameter allows it. The modes are the class's ``modes`` table (``lit_decay.modes.DECAY_MODES``): a
+    subclass may extend it.
 
-    Lightning's ``MixedPrecision`` plugin refuses to clip the gradients of an optimizer whose
-    ``_step_supports_amp_scaling`` is set (torch sets it on every fused Adam), bf16 included. Under ``"bf16-mixed"``
-    there is no scaler, so the flag only ever decides that refusal; under ``"16-mixed"`` it also lets the fused kernel
-    unscale inside itself without a host sync, which is kept unless the Trainer clips.
-
-    Examples:
-        >>> lightning_amp_note(nn.Linear(2, 2)) is None  # not attached to a Trainer: nothing to adapt to
-        True
-    """
-    trainer = getattr(module, "_trainer", None)
-    if trainer is None:
-        return None
-    from lightning.pytorch import LightningModule
-    from lightning.pytorch.plugins.precision import MixedPrecision
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
-    plugin = getattr(trainer, "precision_plugin", None)
-    if not isinstance(plugin, MixedPrecision):
-        return None
-    if plugin.scaler is None:
-        return f"clippable by Lightning under precision={plugin.precision!r}, which has no gradient scaler"
-    clip = getattr(trainer, "gradient_clip_val", None)
-    if clip:
-        clipping = f"gradient_clip_val={clip:g}"
-    elif isinstance(module, LightningModule) and is_overridden("configure_gradient_clipping", module, LightningModule):
-        clipping = f"{type(module).__name__}.configure_gradient_clipping"
-    else:
-        return None
-    return (
-        f"gradients unscaled by Lightning's GradScaler before clipping (precision={plugin.precision!r}, {clipping}); "
-        "one host sync per step"
-    )
-
-
-def report_of(optimizer: Optimizer) -> GroupingReport | None:
-    """The grouping report ``configure_adam`` made for ``optimizer`` (None for an optimizer built elsewhere)."""
-    return _REPORTS.get(optimizer)
-
-
-def _check_scheduler(scheduler: Any) -> None:
-    if scheduler is None or callable(scheduler):
-        return
-    if isinstance(scheduler, Mapping) and callable(scheduler.get("scheduler")):
-        return
-    raise TypeError(
-        "scheduler must be a callable taking the optimizer (e.g. lambda opt: CosineAnnealingLR(opt, T_max=100)) or a "
-        f"Lightning scheduler config dict with such a callable under 'scheduler'; got {scheduler!r}"
-    )
-
-
-# Many parameters, on purpose: torch.optim.Adam's own plus the grouping options of param_groups, so that one call
-# replaces both (each is checked once, by plan() or here).
-def configure_adam(
-    module: nn.Module,
-    *,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    mode: str = "decoupled",
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    amsgrad: bool = False,
-    fused: bool | None = None,
-    exclude_embeddings: bool = False,
-    exclude_1d: bool = True,
-    overrides: Iterable[Mapping[str, Any]] | None = (),
-    scheduler: Callable[[Optimizer], Any] | Mapping[str, Any] | None = None,
-) -> Any:
-    """A ``torch.optim.Adam`` over well-grouped parameters, with the decay ``mode`` applied where it belongs.
-
-    Returns the optimizer itself, or Lightning's ``{"optimizer": ..., "lr_scheduler": ...}`` when ``scheduler`` is
-    given (a callable taking the optimizer, or a Lightning scheduler config dict with such a callable under
-    ``"scheduler"``). The fused kernel is used whenever the parameters allow it (``fused=None``); the choice is in
-    ``optimizer.defaults["fused"]`` and in the grouping summary logged on rank zero.
-
-    Under Lightning's mixed precision (``precision="bf16-mixed"``, or ``"16-mixed"`` with gradient clipping), a
-    module attached to its Trainer keeps the fused kernel but leaves gradient unscaling to Lightning, which can then
-    clip them (torch's fused Adam otherwise unscales inside its own step, and Lightning refuses to clip it); the
-    grouping summary says so. This needs the LightningModule itself (a submodule does not know the Trainer); with
-    a submodule under those settings, pass ``fused=False``.
-
-    Parameters Adam or their mode cannot take are refused before any step, naming them: sparse-gradient embeddings
-    (``sparse=True``; torch's Adam takes no sparse gradients) and complex parameters in ``l1``/``decoupled_l1``
-    groups (the L1 modes are defined for real numbers). Numbers may be any real numbers, numpy's scalars included;
-    ``amsgrad``, ``exclude_embeddings`` and ``exclude_1d`` must be booleans (a string such as ``"no"`` is a
-    ``TypeError``, not True).
+    Built by ``lit_decay.configure_adam``, a plain group added later (Lightning's ``BackboneFinetuning``) is split by
+    the same grouping rules into named groups, keeping its own settings (lr, ...).
 
     Examples:
-        >>> import lightning as L
-        >>> class Net(L.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.layer = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
-        ...     def configure_optimizers(self):
-        ...         return configure_adam(self, lr=3e-4, weight_decay=0.1, mode="decoupled")
-        >>> optimizer = Net().configure_optimizers()
-        >>> [(g["name"], g["weight_decay"]) for g in optimizer.param_groups], optimizer.defaults["fused"]
-        ([('decay', 0.1), ('no_decay', 0.0)], True)
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        >>> import lit_decay
+        >>> optimizer = Adam(lit_decay.param_groups(model, weight_decay=0.1, mode="decoupled_l1"), lr=0.01)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> optimizer.step()
+        >>> [(g["name"], g["decay_mode"], g["weight_decay"]) for g in optimizer.param_groups]
+        [('decay', 'decoupled_l1', 0.1), ('no_decay', 'none', 0.0)]
     """
-    # The Adam-only arguments first; plan() checks lr and every grouping option, mode included, before it groups.
-    eps = check_non_negative("eps", eps)
-    betas = check_betas(betas)
-    amsgrad = check_bool("amsgrad", amsgrad)
-    _check_scheduler(scheduler)
-    grouping = plan(module, GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr))
-    assert grouping.lr is not None  # plan() returns the lr it was given, as a checked float
-    groups = grouping.groups()
-    check_parameters(module, groups)
-    implementation = choose_implementation(groups, fused)
-    optimizer = torch.optim.Adam(groups, lr=grouping.lr, betas=betas, eps=eps, amsgrad=amsgrad, **implementation)
-    attach(optimizer)
-    kernel = describe_implementation(optimizer)
-    amp_note = lightning_amp_note(module) if optimizer.defaults["fused"] else None
-    if amp_note is not None:
-        # With the flag off, Lightning's MixedPrecision plugin unscales the gradients (GradScaler.unscale_) before it
-        # clips them, and GradScaler.step takes its ordinary path: it skips a step with inf gradients itself (reading
-        # found_inf on the host) and otherwise steps the fused kernel without grad_scale/found_inf, on gradients that
-        # are already unscaled. The L1 hooks then see neither attribute and use the plain coefficient, as they should.
-        optimizer._step_supports_amp_scaling = False
-        kernel += f" ({amp_note})"
-    report = grouping.report().with_implementation(kernel)
-    _REPORTS[optimizer] = report
-    from lightning.pytorch.utilities import rank_zero_info  # here, so `import lit_decay` does not import Lightning
 
-    rank_zero_info(f"lit_decay: {report.summary()}")
-    if scheduler is None:
-        return optimizer
-    if isinstance(scheduler, Mapping):
-        return {"optimizer": optimizer, "lr_scheduler": {**scheduler, "scheduler": scheduler["scheduler"](optimizer)}}
-    return {"optimizer": optimizer, "lr_scheduler": scheduler(optimizer)}
+    modes: ClassVar[Mapping[str, DecayMode]] = DECAY_MODES
+
+    # torch.optim.Adam's own arguments, and the default decay mode of groups that do not name one.
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        mode: str = "decoupled",
+        fused: bool | None = None,
+    ) -> None:
+        params = _materialize(params)
+        self._mode = self._check_mode(mode, "mode")
+        implementation = choose_implementation(_tensors(params), fused)
+        super().__init__(
+            params,
+            lr=check_non_negative("lr", lr),
+            betas=check_betas(betas),
+            eps=check_non_negative("eps", eps),
+            weight_decay=check_non_negative("weight_decay", weight_decay),
+            amsgrad=check_bool("amsgrad", amsgrad),
+            decoupled_weight_decay=self.modes[mode].torch_term == "decoupled",
+            **implementation,
+        )
+        self.defaults["decay_mode"] = mode
+        self._init_owned_state()
+
+    def _init_owned_state(self) -> None:
+        # Kept between steps by this optimizer alone; not part of state_dict (torch Adam's) nor of copies.
+        self._update_observers: OrderedDict[int, UpdateObserver] = OrderedDict()
+        #: The module and options ``configure_adam`` grouped, so that groups added later are split alike.
+        self.grouping_source: tuple[nn.Module, GroupingOptions] | None = getattr(self, "grouping_source", None)
+        #: The grouping report ``configure_adam`` made (None for an optimizer built by hand).
+        self.grouping_report: GroupingReport | None = getattr(self, "grouping_report", None)
+        self._summary: str | None = None  # shown at the first step: once per fit, not once per configure call
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._init_owned_state()
+
+    def _check_mode(self, mode: Any, what: str) -> str:
+        if not isinstance(mode, str) or mode not in self.modes:
+            valid = ", ".join(repr(m) for m in self.modes)
+            raise ValueError(f"{what}={mode!r} is not a decay mode; valid modes are {valid}")
+        return mode
+
+    # ---- groups ------------------------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, checking the group's decay settings first; a group of plain tensors added to
+        an optimizer built by ``configure_adam`` is split by its grouping rules into named groups."""
+        members = param_group["params"]
+        members = [members] if isinstance(members, torch.Tensor) else list(members)
+        plain = bool(members) and all(isinstance(p, torch.Tensor) for p in members)
+        source = getattr(self, "grouping_source", None)
+        if plain and source is not None:
+            for group in self._split({**param_group, "params": members}, *source):
+                self.add_param_group(group)
+            return
+        if plain and self.param_groups and "param_names" in self.param_groups[0]:
+            raise ValueError(
+                "this optimizer's groups carry parameter names, and the added group holds plain tensors; give "
+                "(name, tensor) pairs, build the optimizer with lit_decay.configure_adam (which splits added groups "
+                "by its grouping rules), or add them with lit_decay.add_param_groups(optimizer, module)"
+            )
+        defaults = getattr(self, "defaults", {})
+        group = {**param_group, "params": members}
+        mode = self._check_mode(group.setdefault("decay_mode", defaults.get("decay_mode", self._mode)), "decay_mode")
+        group["decoupled_weight_decay"] = self.modes[mode].torch_term == "decoupled"
+        check_group(group, defaults, self.modes[mode])
+        super().add_param_group(group)
+
+    def _split(self, group: dict[str, Any], module: nn.Module, options: GroupingOptions) -> list[dict[str, Any]]:
+        added = {id(p) for p in group["params"]}
+        lr = group.get("lr", self.defaults["lr"])
+        options = replace(
+            options,
+            weight_decay=group.get("weight_decay", options.weight_decay),
+            mode=group.get("decay_mode", options.mode),
+            lr=lr,
+        )
+        taken = {str(g.get("name")) for g in self.param_groups}
+        settings = {k: v for k, v in group.items() if k not in ("params", "weight_decay", "decay_mode", "name")}
+        split = []
+        for made in plan(module, options).groups():
+            params = [(n, p) for n, p in made["params"] if id(p) in added]
+            if not params:
+                continue
+            prefix = _common_prefix([n for n, _ in params])
+            name = base = f"{prefix}.{made['name']}" if prefix else str(made["name"])
+            suffix = 0
+            while name in taken:
+                suffix += 1
+                name = f"{base}-{suffix}"
+            taken.add(name)
+            # The added group's own settings (lr, betas...), with the split's decay keys, and its lr where an override's
+            # lr_scale scaled the added group's lr.
+            split.append({**settings, **made, "name": name, "params": params})
+        missing = added - {id(p) for g in split for _, p in g["params"]}
+        if missing:
+            raise ValueError(
+                f"{len(missing)} added tensor(s) are not trainable parameters of {type(module).__name__}, the module "
+                "configure_adam grouped; add them as (name, tensor) pairs in a group of their own"
+            )
+        return split
+
+    # ---- the step --------------------------------------------------------------------------------------------------
+
+    def register_update_observer(self, observer: UpdateObserver) -> RemovableHandle:
+        """Call ``observer(optimizer, group)`` for each group at every step, right after torch's Adam arithmetic and
+        before the group's mode applies its ``after`` transform (the monitor measures there)."""
+        handle = RemovableHandle(self._update_observers)
+        self._update_observers[handle.id] = observer
+        return handle
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One Adam step of every group, each with its mode's transforms around torch's arithmetic."""
+        loss = None
+        if closure is not None:
+            # The gradients exist only once the closure ran (Lightning clips inside it): the terms come after.
+            with torch.enable_grad():
+                loss = closure()
+        if self._summary is not None:
+            _show(self._summary)
+            self._summary = None
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            mode = self.modes[group["decay_mode"]]
+            tensors: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
+            has_complex = self._init_group(group, *tensors)
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = tensors
+            strength = group["weight_decay"]
+            foreach = bool(params) and params[0].device.type in _supported("foreach")
+            if mode.before is not None and params and strength:
+                scaled: float | torch.Tensor = strength
+                if grad_scale is not None:  # the fused kernel unscales the gradients itself: the term must be scaled
+                    scaled = _wide(grad_scale, params[0].dtype) * strength
+                mode.before(_local(params), _local(grads), scaled, foreach)
+            beta1, beta2 = group["betas"]
+            adam(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                steps,
+                amsgrad=group["amsgrad"],
+                has_complex=has_complex,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=strength if mode.torch_term != "none" else 0.0,
+                eps=group["eps"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+                capturable=group["capturable"],
+                differentiable=group["differentiable"],
+                fused=group["fused"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                decoupled_weight_decay=mode.torch_term == "decoupled",
+            )
+            for observer in list(self._update_observers.values()):
+                observer(self, group)
+            if mode.after is not None and params and strength:
+                threshold: float | torch.Tensor = group["lr"] * strength
+                if found_inf is not None:  # a skipped step changes nothing; decided on the device, without a sync
+                    threshold = (1.0 - _wide(found_inf, params[0].dtype)) * threshold
+                mode.after(_local(params), threshold, foreach)
+        return loss
+
+
+def _wide(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A scaler's float32 scalar in the arithmetic dtype of ``dtype`` parameters (float64 for float64, where the
+    device has it), so a float64 parameter's term is not rounded to float32."""
+    wide = torch.float64 if dtype == torch.float64 and tensor.device.type != "mps" else torch.float32
+    return tensor.to(wide)
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    # DTensor shards (FSDP2) take elementwise work on their local part; plain tensors, the usual case, as they are.
+    if all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors):
+        return tensors
+    return [local(t) for t in tensors]
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The dotted module path all ``names`` share (``"backbone"`` for ``backbone.0.weight``, ``backbone.1.bias``)."""
+    parts = [name.split(".")[:-1] for name in names]
+    shared = []
+    for segments in zip(*parts):
+        if len(set(segments)) != 1:
+            break
+        shared.append(segments[0])
+    return ".".join(shared)
+
+
+def _show(summary: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_info  # here: `import lit_decay` does not import Lightning
+
+    rank_zero_info(summary)
+
+
+def check_group(group: Mapping[str, Any], defaults: Mapping[str, Any], mode: DecayMode) -> None:
+    """Raise naming the bad value if a group's name, lr, weight_decay or eps is invalid, or if a decoupled group's
+    lr·wd ≥ 1 (each step would flip the sign of its weights).
+
+    Examples:
+        >>> check_group({"name": "head", "lr": 0.5, "weight_decay": 4.0}, {}, DECAY_MODES["decoupled"])
+        Traceback (most recent call last):
+        ...
+        ValueError: group 'head': lr·weight_decay = 0.5 × 4 = 2 ≥ 1 in decoupled mode multiplies the weights by ...
+    """
+    name = group.get("name")
+    if name is not None and (not isinstance(name, str) or "/" in name or not name):
+        raise ValueError(f"group name {name!r} is not valid: a non-empty string without '/' (it is a tag segment)")
+    label = f"group {name!r}" if name is not None else "param group"
+    values = {key: group.get(key, defaults.get(key)) for key in ("lr", "weight_decay", "eps")}
+    for key, value in values.items():
+        if value is None or isinstance(value, torch.Tensor):  # a tensor lr (capturable) is torch's to check
+            continue
+        if not is_real_number(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{label}: {key} must be a finite number >= 0; got {value!r}")
+    lr, wd = values["lr"], values["weight_decay"]
+    if mode.torch_term == "decoupled" and is_real_number(lr) and is_real_number(wd) and lr * wd >= 1:
+        raise ValueError(
+            f"{label}: lr·weight_decay = {lr:g} × {wd:g} = {lr * wd:g} ≥ 1 in {mode.name} mode multiplies the weights "
+            f"by 1 − lr·wd = {1 - lr * wd:g} each step (their sign flips); lower lr or weight_decay so that lr·wd < 1"
+        )

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lit_decay._checks import check_mode, check_non_negative
-from lit_decay.modes import SPECS, Mode, Penalty
+from lit_decay.modes import DECAY_MODES
 
 DECAY = "decay"
 NO_DECAY = "no_decay"
@@ -102,7 +102,7 @@ class GroupSettings:
     """
 
     name: str
-    mode: Mode
+    mode: str
     coefficient: float
     lr_scale: float | None = None
 
@@ -117,7 +117,7 @@ class GroupSettings:
         number of steps over which the weights forget their past (the other modes' decay depends on the weights).
         """
         rate = self.scaled_lr(base_lr) * self.coefficient
-        if SPECS[self.mode].penalty is not Penalty.DECOUPLED or rate <= 0:
+        if not DECAY_MODES[self.mode].timescale or rate <= 0:
             return None
         return 1.0 / rate
 
@@ -229,7 +229,7 @@ def is_bias_name(leaf: str) -> bool:
 
 
 def parse_overrides(
-    overrides: Iterable[Mapping[str, Any]] | None, *, mode: Mode = "decoupled", weight_decay: float = 0.0
+    overrides: Iterable[Mapping[str, Any]] | None, *, mode: str = "decoupled", weight_decay: float = 0.0
 ) -> tuple[Override, ...]:
     """Validate ``overrides=`` entries into ``Override`` objects, or raise naming the bad entry.
 

@@ -1,9 +1,9 @@
 """Weight-decay schedules, and decay given as a timescale instead of a coefficient.
 
-A schedule is a factor of each group's base coefficient as a function of the optimizer step, written into the group
-before every step (``"decay_coefficient"`` and torch's ``"weight_decay"``, so the fused kernel and the L1 hooks use
-it). Shapes: ``"constant"``, ``"linear"`` and ``"cosine"`` from ``start_factor`` to ``end_factor`` over the run, an
-optional linear warmup from 0, or any callable of the step.
+A schedule is a factor of each group's base coefficient as a function of the optimizer step, written into the group's
+``"weight_decay"`` before every step: the one home of a group's strength, whatever its mode. Shapes: ``"constant"``,
+``"linear"`` and ``"cosine"`` from ``start_factor`` to ``end_factor`` over the run, an optional linear warmup from 0,
+or any callable of the step.
 
 A timescale τ fixes how many steps decoupled decay takes to shrink the weights by e: lr·wd = 1/τ, so wd = 1/(lr·τ).
 Given in epochs, τ_steps = τ_epochs · (optimizer steps per epoch) = τ_epochs · N/B for N samples in batches of B
@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
 from lit_decay._checks import check_bool, check_non_negative, is_real_number
-from lit_decay.modes import Rule, group_names, group_rule, set_decay_coefficient
+from lit_decay.modes import Rule, group_names, rule_of
 
 SHAPES = ("constant", "linear", "cosine")
 
@@ -104,12 +104,12 @@ def _positive(name: str, value: Any) -> float:
 
 
 def _timescale_kind(rule: Rule) -> bool:
-    """Whether a timescale describes ``rule``'s decay: mode ``decoupled``, at any coefficient.
+    """Whether a timescale describes ``rule``'s decay (its mode has one: ``decoupled``), at any coefficient.
 
-    Not ``rule.decoupled``, which also asks for a positive coefficient: with a timescale the coefficient is
+    Not ``rule.active``, which also asks for a positive coefficient: with a timescale the coefficient is
     1/(lr·τ), so a group built with weight_decay=0 is scheduled too.
     """
-    return rule.mode == "decoupled"
+    return rule.mode.timescale
 
 
 @dataclass(frozen=True)
@@ -240,12 +240,12 @@ class ScheduleSettings:
             return
         for optimizer, names in zip(optimizers, all_names):
             for name, group in zip(names, optimizer.param_groups):
-                rule = group_rule(optimizer, group)
+                rule = rule_of(optimizer, group)
                 scheduled = name in self.groups if self.groups is not None else rule.active
                 if scheduled and not _timescale_kind(rule):
                     raise ValueError(
                         f"a decay timescale τ = 1/(lr·wd) describes decoupled decay, but group {name!r} has mode "
-                        f"{rule.mode!r}; use mode='decoupled' or leave this group out with groups="
+                        f"{rule.mode.name!r}; use mode='decoupled' or leave this group out with groups="
                     )
 
 
@@ -257,8 +257,8 @@ def _setting(name: str) -> Any:
 class WeightDecayScheduler(Callback):
     r"""Schedule each param group's weight decay over training, or set it from a decay timescale.
 
-    The factor multiplies each scheduled group's base coefficient (its ``"decay_coefficient"``, or torch's
-    ``"weight_decay"`` for a hand-built optimizer, at the start of training; or ``1/(lr·τ)`` with a timescale) and is
+    The factor multiplies each scheduled group's base coefficient (its ``"weight_decay"`` at the start of training,
+    or ``1/(lr·τ)`` with a timescale) and is
     written into the group before every optimizer step. Groups with mode ``"none"`` or a zero coefficient are left
     alone unless named in ``groups``. The base coefficients are saved in checkpoints, so a resumed run continues the
     schedule where it stopped. ``lit_decay.WeightDecayMonitor`` shows the result in ``effective_decay``.
@@ -458,18 +458,15 @@ class WeightDecayScheduler(Callback):
             for name, group in zip(names, optimizer.param_groups):
                 key = f"{index}/{name}"
                 # A group once scheduled stays so (its base is in a checkpoint), whatever its coefficient now.
-                if key not in self._base and not self.settings.selects(name, group_rule(optimizer, group)):
+                if key not in self._base and not self.settings.selects(name, rule_of(optimizer, group)):
                     continue
                 if self._timescale is not None and (self.hold_timescale or key not in self._base):
                     # Held: the current lr. Otherwise the lr the run starts from, before any lr warmup.
                     lr = float(group["lr"] if self.hold_timescale else group.get("initial_lr", group["lr"]))
                     self._base[key] = timescale_coefficient(lr, self._timescale)
-                self._base.setdefault(key, group_rule(optimizer, group).coefficient)
+                self._base.setdefault(key, rule_of(optimizer, group).strength)
                 coefficient = self._base[key] * factor
-                if "decay_mode" in group:
-                    set_decay_coefficient(group, coefficient)
-                else:
-                    group["weight_decay"] = coefficient
+                group["weight_decay"] = coefficient
                 written[key] = coefficient
         return written
 

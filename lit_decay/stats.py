@@ -1,40 +1,36 @@
 """Per-group figures of what weight decay is doing, as plain tensor functions usable without Lightning.
 
-For each param group, right after ``optimizer.step()``:
+For each param group, right after its optimizer step (the contract's table, docs/monitoring.md):
+``weight_norm``, ``grad_norm`` (the gradient the optimizer used, unscaled, after clipping), ``update_ratio``
+‖Δw‖/‖w‖ with w the weights before the step, ``effective_decay`` d = −⟨Δw_reg, w⟩/‖w‖² (each mode's formula,
+``lit_decay.modes``), ``decay_timescale`` 1/d, ``sparsity``, ``equilibrium`` (Kosson et al., 2024) and the group's
+``weight_decay``. ``decay_progress`` is a count across steps, kept by ``WeightDecayMonitor``.
 
-- ``weight_norm`` ‖w‖₂, ``grad_norm`` ‖g‖₂ (the gradient the optimizer used, unscaled, after clipping; for ``l1``
-  groups it includes the penalty's ``wd·sign(w)``, since that is what Adam was given),
-- ``update_ratio`` ‖Δw‖₂/‖w‖₂,
-- ``effective_decay`` d = −⟨Δw_reg, w⟩/‖w‖², the fraction of the weight norm the penalty removes per step,
-- ``decay_timescale`` 1/d in steps (absent when d = 0), and ``sparsity`` (L1 groups),
-- ``equilibrium``: ``update_ratio`` over its value at rotational equilibrium (``lit_decay.diagnostics``), for
-  ``decoupled`` groups of Adam/AdamW and SGD groups with plain momentum.
+One function, ``tensor_sums``, reduces a tensor to the sums every figure is made of, in one pass over its weights,
+gradient and Adam moments. The weights before the step are rebuilt from Adam's state (no copy of the model), or
+taken from a snapshot where they cannot be (other optimizers, weights below float32). A ``lit_decay.Adam`` is measured
+right after torch's arithmetic and before its mode's ``after`` transform, which the sums apply to a copy: the one
+moment where every figure is known. Sums leave the device once per logging step.
 
-``decay_progress`` (Σ η·λ over all steps so far) is a count across steps, kept by ``WeightDecayMonitor``.
-
-Every figure of a tensor comes from one pass that reads its weights, gradient and Adam moments once (for large
-tensors a compiled kernel, one call per run of same-shaped tensors), the update is read from Adam's state rather
-than from a copy of the weights, and all groups of all optimizers leave the device in a single transfer. Only where
-the update cannot be read from the state (``decoupled_l1``, low-precision weights, optimizers other than Adam) is a
-snapshot taken before the step, on logging steps alone.
+On a CPU the function runs compiled (``torch.compile``, one pass and no temporaries: 0.9-1.3× of an Adam step at
+50M parameters where eager ops take 26-33×, see docs/performance.md); elsewhere eagerly, until measured there.
+``LIT_DECAY_COMPILE=0`` turns compiling off, ``LIT_DECAY_COMPILE=1`` turns it on wherever torch.compile runs.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch.optim import Optimizer
 
 from lit_decay._tensors import is_dtensor, local
-from lit_decay.diagnostics import equilibrium_factor
-from lit_decay.modes import Penalty, Rule, group_names, group_rule
-from lit_decay.penalties import is_attached, observe_proximal_step
-from lit_decay.step_sums import COLUMNS, Block, StepContext, gather, group_sums, update_from_state
+from lit_decay.modes import After, Penalty, Rule, group_names, rule_of
 from lit_decay.tags import tag
 
 METRICS: tuple[str, ...] = (
@@ -45,11 +41,20 @@ METRICS: tuple[str, ...] = (
     "decay_timescale",
     "sparsity",
     "equilibrium",
+    "weight_decay",
     "decay_progress",
 )
-PER_PARAMETER_METRICS: tuple[str, ...] = ("weight_norm", "grad_norm", "update_ratio", "equilibrium")
-# Counted by the monitor at every optimizer step (lit_decay.diagnostics.DecayProgress), not measured on logging steps.
-COUNTED_METRICS = frozenset({"decay_progress"})
+PER_PARAMETER_METRICS: tuple[str, ...] = ("weight_norm", "grad_norm", "update_ratio")
+#: Each row of sums, by name: Σw² after the whole step, Σg² (unscaled), Σ(Δw)², Σw² before the step, the mode's
+#: Σpenalty, Σw² of the weights the penalty acted on, and the count of weights not exactly zero.
+SUMS: tuple[str, ...] = ("w2", "g2", "d2", "w2_before", "penalty", "w2_acted", "nonzeros")
+# A tensor's step scalars, one row: Adam's step size lr/(1−β₁ᵗ) and 1/√(1−β₂ᵗ), eps, AdamW's factor lr·wd (0 on a
+# skipped step), keep (0 on a step a grad scaler skipped), the gradient's unscale factor, lr·wd, and the threshold of
+# the mode's after transform (0 where it does not act). Computed per group beforehand: inside the elementwise pass,
+# inductor would recompute a power per element.
+SCALARS: tuple[str, ...] = (
+    "step_size", "inv_sqrt_bias2", "eps", "adamw", "keep", "grad_factor", "decay", "threshold"
+)  # fmt: skip
 
 
 def check_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
@@ -61,9 +66,7 @@ def check_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
     """
     if metrics is None:
         return METRICS
-    if isinstance(metrics, str):
-        metrics = [metrics]
-    chosen = list(metrics)
+    chosen = [metrics] if isinstance(metrics, str) else list(metrics)
     unknown = [m for m in chosen if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(map(repr, unknown))}; valid metrics are {', '.join(METRICS)}")
@@ -72,92 +75,132 @@ def check_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(m for m in METRICS if m in chosen)
 
 
+def tensor_sums(
+    w: torch.Tensor,
+    g: torch.Tensor | None,
+    m: torch.Tensor | None,
+    v: torch.Tensor | None,
+    before: torch.Tensor | None,
+    scalars: torch.Tensor,
+    penalty: Penalty | None = None,
+    after: After | None = None,
+) -> torch.Tensor:
+    """The row of ``SUMS`` of one tensor, right after torch's Adam arithmetic and before its mode's ``after``.
+
+    ``w`` holds those weights, ``g`` the gradient as the optimizer holds it, ``m``/``v`` Adam's moments (``v`` the
+    maximum with amsgrad), ``before`` the weights before the step (None: rebuilt from Adam's state as
+    w_before = (w + u)/(1 − lr·wd), with AdamW's lr·wd and Adam's update u = lr/(1−β₁ᵗ)·m/(√v̂ + eps)), ``scalars``
+    the ``SCALARS``; ``penalty`` and ``after`` are the mode's (``lit_decay.modes.DecayMode``), passed apart so that
+    modes with neither (``decoupled``, ``none``) share one compiled graph. Float64 tensors are summed in float64, the
+    rest in float32.
+
+    Examples:
+        >>> w, g = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0])
+        >>> scalars = torch.tensor([0.1, 1.0, 1e-8, 0.0, 1.0, 1.0, 0.0, 0.0])
+        >>> tensor_sums(w, g, None, None, torch.tensor([3.0, 5.0]), scalars).tolist()
+        [25.0, 1.0, 1.0, 34.0, 0.0, 25.0, 2.0]
+    """
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    step_size, inv_sqrt_bias2, eps, adamw, keep, grad_factor, decay, threshold = scalars.to(acc).unbind()
+    w = w.to(acc)
+    final = w
+    if after is not None:
+        final = w.clone()
+        after([final], threshold, False)
+    sums = {"w2": (final * final).sum(), "w2_acted": (w * w).sum(), "nonzeros": (final != 0).sum().to(acc)}
+    if g is not None:
+        gf = g.to(acc) * grad_factor
+        sums["g2"] = (gf * gf).sum()
+    denominator = None
+    if v is not None:
+        denominator = torch.sqrt(v.to(acc)) * inv_sqrt_bias2 + eps
+        if before is None and m is not None:
+            update = step_size * m.to(acc) / denominator * keep
+            torch_change = (update + adamw * w) / (1 - adamw)  # w_before − w, without subtracting close numbers
+            sums["w2_before"] = ((w + torch_change) ** 2).sum()
+            sums["d2"] = ((final - w - torch_change) ** 2).sum()
+    if before is not None:
+        old = before.to(acc)
+        sums["w2_before"] = (old * old).sum()
+        sums["d2"] = ((final - old) ** 2).sum()
+    if penalty is not None and denominator is not None:
+        sums["penalty"] = penalty(w, denominator, decay).sum()
+    zero = torch.zeros((), dtype=acc, device=w.device)
+    return torch.stack([sums.get(name, zero) for name in SUMS])
+
+
+def _compile_setting() -> str:
+    return os.environ.get("LIT_DECAY_COMPILE", "auto").strip().lower()
+
+
 @dataclass
-class _MeasuredGroup:
+class _Kernel:
+    """``tensor_sums`` as this device runs it: compiled on a CPU (measured there), eager elsewhere unless
+    ``LIT_DECAY_COMPILE=1``; a compile that fails warns once and runs eager from then on."""
+
+    compiled: Callable[..., torch.Tensor] | None = None
+    failed: bool = False
+
+    def __call__(self, device: torch.device, *args: Any) -> torch.Tensor:
+        setting = _compile_setting()
+        wanted = setting in ("1", "on", "true", "yes") and device.type in ("cpu", "cuda", "xpu")
+        wanted = wanted or (setting == "auto" and device.type == "cpu")
+        if not wanted or self.failed or torch.compiler.is_compiling():
+            return tensor_sums(*args)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(tensor_sums, dynamic=True)
+            return self.compiled(*args)
+        except Exception as error:  # compiling fails before any kernel runs: nothing was applied twice
+            self.failed = True
+            warnings.warn(
+                f"lit_decay could not compile its statistics ({type(error).__name__}: {error}); computing them "
+                "eagerly, which gives the same figures more slowly. Set LIT_DECAY_COMPILE=0 to silence this.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return tensor_sums(*args)
+
+
+@overload
+def _flat(tensor: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _flat(tensor: torch.Tensor | None) -> torch.Tensor | None: ...
+def _flat(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    # One graph for every rank, and complex tensors as the real pairs Adam steps them as.
+    if tensor is None:
+        return None
+    tensor = local(tensor)
+    return (torch.view_as_real(tensor) if tensor.is_complex() else tensor).reshape(-1)
+
+
+@dataclass
+class _Group:
     """One group's place in the table of a logging step, and what turns its sums into figures."""
 
     name: str
     rule: Rule
     lr: float | None  # None: a tensor lr, read from the group's header row
-    header: int | None  # row holding [lr, found_inf] when either is a tensor (they leave the device with the sums)
-    rows: list[int]  # the rows whose sum is the group's
-    parameter_rows: list[int] | None  # each tensor's row, in the group's order (None where only totals were taken)
+    header: int | None  # row holding [lr, found_inf] when either is a tensor
+    rows: list[int]  # each tensor's row, in the group's order
     numels: list[int]
-    has_update: bool
     param_names: list[str]
+    equilibrium: float | None
+    has_update: bool
+    has_penalty: bool
 
 
 @dataclass
 class _Pending:
     """Rows of sums of one logging step, on device, and the groups they belong to."""
 
-    blocks: list[torch.Tensor] = field(default_factory=list)  # [k, len(COLUMNS)] each, stacked into one table
-    count: int = 0  # rows so far
-    groups: list[_MeasuredGroup] = field(default_factory=list)
-    # rows that come from DTensor shards, by the process groups their partial sums must be reduced over
-    sharded: dict[tuple[Any, ...], list[int]] = field(default_factory=lambda: defaultdict(list))
+    rows: list[torch.Tensor] = field(default_factory=list)
+    groups: list[_Group] = field(default_factory=list)
+    sharded: dict[tuple[Any, ...], list[int]] = field(default_factory=dict)  # rows of DTensor shards, by mesh groups
 
-    def add(self, block: torch.Tensor) -> int:
-        """Append ``block``'s rows to the table; the index of its first row."""
-        self.blocks.append(block)
-        self.count += block.shape[0]
-        return self.count - block.shape[0]
-
-    def add_header(self, lr: float | torch.Tensor, found_inf: torch.Tensor | None) -> int | None:
-        """A row ``[lr, found_inf, 0...]`` where either is a tensor (capturable or device-scheduled lr, the grad
-        scaler's verdict): they leave the device with the sums. None where both are known on the host."""
-        if not isinstance(lr, torch.Tensor) and found_inf is None:
-            return None
-        values = [torch.as_tensor(lr).detach().reshape(()), torch.zeros(()) if found_inf is None else found_inf]
-        device = values[0].device if isinstance(lr, torch.Tensor) else values[1].device
-        row = torch.stack([v.to(device, torch.float64, non_blocking=True).reshape(()) for v in values])
-        return self.add(torch.cat([row, torch.zeros(len(COLUMNS) - 2, dtype=row.dtype, device=device)])[None])
-
-    def add_blocks(self, params: Sequence[torch.Tensor], blocks: Sequence[Block]) -> tuple[list[int], list[int] | None]:
-        """Append a group's blocks: the rows whose sum is the group's, and each tensor's row (None where a block holds
-        only totals). Rows of DTensor shards are noted for the reduction across their process groups."""
-        rows: list[int] = []
-        parameter_rows: list[int] | None = [0] * len(params)
-        for block in blocks:
-            first = self.add(block.rows)
-            rows += range(first, first + block.rows.shape[0])
-            if not block.per_tensor:
-                parameter_rows = None
-            elif parameter_rows is not None:
-                for offset, index in enumerate(block.indices):
-                    parameter_rows[index] = first + offset
-        if parameter_rows is not None:
-            for index, param in enumerate(params):
-                if is_dtensor(param):
-                    self.sharded[_shard_groups(param)].append(parameter_rows[index])
-        return rows, parameter_rows
-
-
-def _step_context(
-    optimizer: Optimizer,
-    group: Mapping[str, Any],
-    rule: Rule,
-    *,
-    threshold: float | torch.Tensor | None,
-    per_tensor: bool,
-) -> StepContext:
-    """The step's scalars for ``group``: lr·wd, eps, and what a grad scaler on a fused optimizer left behind."""
-    found_inf = getattr(optimizer, "found_inf", None)
-    grad_scale = getattr(optimizer, "grad_scale", None)
-    grad_factor = None
-    if grad_scale is not None and found_inf is not None:
-        # The fused kernel unscales gradients in place, except on a step it skips.
-        grad_factor = torch.where(found_inf > 0, 1.0 / grad_scale, torch.ones_like(grad_scale))
-    return StepContext(
-        rule=rule,
-        decay=group["lr"] * rule.coefficient,
-        eps=float(group.get("eps", 0.0)),
-        keep=None if found_inf is None else 1.0 - found_inf.float(),
-        grad_factor=grad_factor,
-        threshold=threshold,
-        count_zeros=rule.l1,
-        per_tensor=per_tensor,
-    )
+    def add(self, row: torch.Tensor) -> int:
+        self.rows.append(row)
+        return len(self.rows) - 1
 
 
 def _shard_groups(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -171,10 +214,9 @@ class StepStatistics:
     with a single device-to-host transfer.
 
     Hooked (``attach``, then ``arm`` before each step to measure and ``collect`` after it), it measures from the
-    optimizers' own step hooks, and for ``decoupled_l1`` groups just before lit_decay's proximal step, so that every
-    update is read from Adam's state. ``lit_decay.WeightDecayMonitor`` works this way. By hand, call ``before_step``
-    before ``optimizer.step()`` (it snapshots the weights of groups whose update cannot be read from Adam's state),
-    ``after_step`` right after it, and ``collect``.
+    optimizers' step hooks, and for a ``lit_decay.Adam`` right after torch's arithmetic of each group.
+    ``lit_decay.WeightDecayMonitor`` works this way. By hand, call ``before_step`` before ``optimizer.step()``,
+    ``after_step`` right after it, and ``collect``: the same figures.
 
     Examples:
         >>> model = torch.nn.Linear(4, 2)
@@ -206,24 +248,26 @@ class StepStatistics:
         self.names = group_names(self.optimizers)
         self._parameter_names = dict(parameter_names or {})
         self._snapshots: dict[int, list[torch.Tensor]] = {}
-        self._measured: set[int] = set()  # groups measured before their proximal step, during the current step
+        self._expecting: dict[int, Any] = {}  # optimizers stepped between before_step and after_step, by id
+        self._measured: set[int] = set()  # groups measured during the current step
         self._pending = _Pending()
-        #: Names of the groups whose step a grad scaler skipped, as of the last ``collect``.
-        self.skipped: frozenset[str] = frozenset()
+        self._kernel = _Kernel()
         self._handles: list[Any] = []
         self._armed = False
+        #: Names of the groups whose step a grad scaler skipped, as of the last ``collect``.
+        self.skipped: frozenset[str] = frozenset()
 
     # ---- hooked use --------------------------------------------------------------------------------------------
 
     def attach(self) -> None:
-        """Register step hooks (and proximal-step observers) on every optimizer; they measure while armed."""
+        """Register step hooks (and a ``lit_decay.Adam``'s update observer) on every optimizer; they measure while
+        armed."""
         self.detach()
         for optimizer in self.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_hook))
             self._handles.append(optimizer.register_step_post_hook(self._post_hook))
-            handle = observe_proximal_step(optimizer, self._before_proximal_step)
-            if handle is not None:
-                self._handles.append(handle)
+            if hasattr(optimizer, "register_update_observer"):
+                self._handles.append(optimizer.register_update_observer(self._observe))
 
     def detach(self) -> None:
         """Remove the hooks ``attach`` registered."""
@@ -253,18 +297,38 @@ class StepStatistics:
         if self._armed:
             self.after_step(optimizer)
 
-    def _before_proximal_step(
-        self, optimizer: Optimizer, group: dict[str, Any], threshold: float | torch.Tensor
-    ) -> None:
-        if not self._armed or not self._wants_update():
-            return
-        index = self._index(optimizer)
-        for name, candidate in zip(self.names[index], optimizer.param_groups):
-            if candidate is group:
-                self._measure(optimizer, name, group, threshold=threshold)
-                self._measured.add(id(group))
+    def _observe(self, optimizer: Optimizer, group: dict[str, Any]) -> None:
+        if self._armed or id(optimizer) in self._expecting:
+            self._measure(optimizer, group, observed=True)
 
     # ---- measuring -----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def before_step(self, optimizer: Optimizer) -> None:
+        """Get ready for ``optimizer``'s step: snapshot the weights of groups whose update cannot be read from Adam's
+        state afterwards, and, on a ``lit_decay.Adam``, measure each group during its step."""
+        self._index(optimizer)
+        if not self.attached and hasattr(optimizer, "register_update_observer"):
+            self._expecting[id(optimizer)] = optimizer.register_update_observer(self._observe)
+        else:
+            self._expecting[id(optimizer)] = None
+        if "update_ratio" not in self.metrics and "equilibrium" not in self.metrics:
+            return
+        for group in optimizer.param_groups:
+            if not _rebuilds_update(optimizer, group):
+                self._snapshots[id(group)] = [local(p).detach().clone() for p in group["params"]]
+
+    @torch.no_grad()
+    def after_step(self, optimizer: Optimizer) -> None:
+        """Measure ``optimizer``'s groups not measured during its step: sums on device, no host sync."""
+        self._index(optimizer)
+        handle = self._expecting.pop(id(optimizer), None)
+        if handle is not None:
+            handle.remove()
+        for group in optimizer.param_groups:
+            if id(group) not in self._measured:
+                self._measure(optimizer, group, observed=False)
+            self._measured.discard(id(group))
 
     def _index(self, optimizer: Optimizer) -> int:
         for index, known in enumerate(self.optimizers):
@@ -272,81 +336,94 @@ class StepStatistics:
                 return index
         raise ValueError("this optimizer was not given to StepStatistics")
 
+    def _measure(self, optimizer: Optimizer, group: Mapping[str, Any], *, observed: bool) -> None:
+        """Reduce ``group``'s tensors to rows of sums on device, and note where they go in the table."""
+        self._measured.add(id(group))
+        index = self._index(optimizer)
+        if len(self.names[index]) != len(optimizer.param_groups):  # groups were added (a backbone unfrozen)
+            self.names = group_names(self.optimizers)
+        name = self.names[index][next(i for i, g in enumerate(optimizer.param_groups) if g is group)]
+        rule = rule_of(optimizer, group)
+        params = group["params"]
+        snapshots = self._snapshots.pop(id(group), None)
+        # After a lit_decay.Adam step, its mode's after transform has already acted and left no trace.
+        unseen = rule.lit_decay and not observed and rule.mode.after is not None and rule.strength > 0
+        stepped = [i for i, p in enumerate(params) if p.grad is not None]
+        states = [optimizer.state.get(params[i], {}) for i in stepped]
+        from_state = _rebuilds_update(optimizer, group) and bool(stepped) and not unseen
+        scalars, header = self._scalars(optimizer, group, rule, observed, states)
+        rows = {}
+        for k, (i, state) in enumerate(zip(stepped, states)):
+            v = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
+            m = state.get("exp_avg") if from_state else None
+            before = None if snapshots is None else snapshots[i]
+            inputs = (_flat(params[i].detach()), _flat(params[i].grad), _flat(m), _flat(v), _flat(before))
+            row = self._kernel(params[i].device, *inputs, scalars[k], rule.mode.penalty, rule.mode.after)
+            rows[i] = self._pending.add(row)
+        for i, param in enumerate(params):
+            if i not in rows:  # not stepped: no gradient, no update and no penalty this step
+                weights = _flat(param.detach())
+                row = tensor_sums(weights, None, None, None, weights, scalars.new_zeros(len(SCALARS)))
+                rows[i] = self._pending.add(row)
+            if is_dtensor(param):
+                self._pending.sharded.setdefault(_shard_groups(param), []).append(rows[i])
+        lr = group["lr"]
+        self._pending.groups.append(
+            _Group(
+                name=name,
+                rule=rule,
+                lr=None if isinstance(lr, torch.Tensor) else float(lr),
+                header=header,
+                rows=[rows[i] for i in range(len(params))],
+                numels=[p.numel() * (2 if p.is_complex() else 1) for p in params],
+                param_names=self._param_names(group),
+                equilibrium=None if rule.mode.equilibrium is None else rule.mode.equilibrium(group),
+                has_update=from_state or snapshots is not None,
+                has_penalty=not unseen,
+            )
+        )
+
+    def _scalars(
+        self, optimizer: Optimizer, group: Mapping[str, Any], rule: Rule, observed: bool, states: list[Any]
+    ) -> tuple[torch.Tensor, int | None]:
+        """Each stepped tensor's ``SCALARS`` on the group's device (a few device ops for the whole group), and the
+        header row that brings a tensor lr or a grad scaler's verdict to the host with the sums (None where both
+        are host values)."""
+        device = group["params"][0].device if group["params"] else torch.device("cpu")
+        wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        found_inf = getattr(optimizer, "found_inf", None)
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        lr = group["lr"]
+        keep: float | torch.Tensor = 1.0 if found_inf is None else 1.0 - found_inf.to(device, wide)
+        grad_factor: float | torch.Tensor = 1.0
+        if grad_scale is not None and found_inf is not None:
+            # The fused kernel unscales gradients in place, except on a step it skips.
+            grad_factor = torch.where(found_inf > 0, 1.0 / grad_scale.to(wide), 1.0).to(device)
+        decay = lr * rule.strength
+        adamw = decay * keep if rule.mode.torch_term == "decoupled" and isinstance(optimizer, torch.optim.Adam) else 0.0
+        threshold = decay * keep if rule.lit_decay and observed and rule.mode.after is not None else 0.0
+        shared = (group.get("eps", 0.0), adamw, keep, grad_factor, decay, threshold)
+        row = torch.stack([torch.as_tensor(x).to(device, wide) for x in shared])
+        n = len(states)
+        step_size = inv_sqrt_bias2 = torch.zeros(n, dtype=wide, device=device)
+        if n and all("step" in state for state in states):
+            beta1, beta2 = (float(b) for b in group["betas"])
+            # A count a scaler rolled back to 0 made no update: taken as 1, so that the figures stay finite.
+            t = torch.stack([local(state["step"]).to(device, wide) for state in states]).clamp(min=1.0)
+            step_size, inv_sqrt_bias2 = torch.as_tensor(lr).to(device, wide) / (1 - beta1**t), (1 - beta2**t).rsqrt()
+        scalars = torch.cat([step_size[:, None], inv_sqrt_bias2[:, None], row.expand(n, len(shared))], dim=1)
+        header = None
+        if isinstance(lr, torch.Tensor) or found_inf is not None:
+            head = torch.zeros(len(SUMS), dtype=wide, device=device)
+            head[0], head[1] = torch.as_tensor(lr).to(device, wide), 0.0 if found_inf is None else found_inf.to(wide)
+            header = self._pending.add(head)
+        return scalars, header
+
     def _param_names(self, group: Mapping[str, Any]) -> list[str]:
         names = group.get("param_names")
         if names and len(names) == len(group["params"]):
             return [str(n) for n in names]
         return [self._parameter_names.get(id(p), f"p{i}") for i, p in enumerate(group["params"])]
-
-    def _wants_update(self) -> bool:
-        return "update_ratio" in self.metrics
-
-    def _reads_state(self, optimizer: Optimizer, group: Mapping[str, Any]) -> bool:
-        sees_proximal_step = self.attached and is_attached(optimizer)
-        return update_from_state(optimizer, group, group_rule(optimizer, group), sees_proximal_step=sees_proximal_step)
-
-    @torch.no_grad()
-    def before_step(self, optimizer: Optimizer) -> None:
-        """Snapshot the weights of the groups whose update cannot be read from Adam's state after the step."""
-        self._index(optimizer)
-        if not self._wants_update():
-            return
-        for group in optimizer.param_groups:
-            if not self._reads_state(optimizer, group):
-                self._snapshots[id(group)] = [local(p).detach().clone() for p in group["params"]]
-
-    @torch.no_grad()
-    def after_step(self, optimizer: Optimizer) -> None:
-        """Reduce this optimizer's weights, gradients and state to per-tensor sums, on device (no host sync)."""
-        index = self._index(optimizer)
-        for name, group in zip(self.names[index], optimizer.param_groups):
-            if id(group) in self._measured:
-                self._measured.discard(id(group))
-                continue
-            self._measure(optimizer, name, group)
-
-    def _measure(
-        self,
-        optimizer: Optimizer,
-        name: str,
-        group: Mapping[str, Any],
-        *,
-        threshold: float | torch.Tensor | None = None,
-    ) -> None:
-        """Gather ``group``'s tensors, reduce them to sums on device, and note where they go in the table."""
-        rule = group_rule(optimizer, group)
-        snapshots = self._snapshots.pop(id(group), None)
-        from_state = (
-            snapshots is None
-            and self._wants_update()
-            and update_from_state(optimizer, group, rule, sees_proximal_step=threshold is not None)
-        )
-        tensors = gather(
-            optimizer,
-            group,
-            from_state=from_state,
-            wants_denominator=rule.penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1),
-            snapshots=snapshots,
-        )
-        # Per-tensor rows for per-parameter figures, and for shards whose partial sums are reduced tensor by tensor.
-        per_tensor = self.per_parameter or not tensors.plain
-        context = _step_context(optimizer, group, rule, threshold=threshold, per_tensor=per_tensor)
-        lr = group["lr"]
-        header = self._pending.add_header(lr, getattr(optimizer, "found_inf", None))
-        rows, parameter_rows = self._pending.add_blocks(group["params"], group_sums(tensors, context))
-        self._pending.groups.append(
-            _MeasuredGroup(
-                name=name,
-                rule=rule,
-                lr=None if isinstance(lr, torch.Tensor) else float(lr),
-                header=header,
-                rows=rows,
-                parameter_rows=parameter_rows,
-                numels=[p.numel() * (2 if p.is_complex() else 1) for p in group["params"]],
-                has_update=snapshots is not None or tensors.exp_avgs is not None,
-                param_names=self._param_names(group),
-            )
-        )
 
     def collect(self) -> dict[str, float]:
         """The figures since the last call, keyed ``{metric}/{group}`` (and ``{metric}/{group}/{param}`` per
@@ -359,122 +436,108 @@ class StepStatistics:
         self._snapshots.clear()
         self._measured.clear()
         self.skipped = frozenset()
-        if not pending.blocks:
+        if not pending.groups:
             return {}
-        device = pending.blocks[0].device
+        device = pending.rows[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        table = torch.cat([block.to(device, dtype, non_blocking=True) for block in pending.blocks])
-        if pending.sharded:
+        table = torch.stack([row.to(device, dtype, non_blocking=True) for row in pending.rows])
+        for process_groups, rows in pending.sharded.items():
             import torch.distributed as dist
 
-            for process_groups, rows in pending.sharded.items():
-                index = torch.tensor(rows, device=device)
-                part = table.index_select(0, index)
-                for process_group in process_groups:
-                    dist.all_reduce(part, group=process_group)
-                table = table.index_copy(0, index, part)
-        return self._figures(pending, to_host(table))
+            index = torch.tensor(rows, device=device)
+            part = table.index_select(0, index)
+            for process_group in process_groups:
+                dist.all_reduce(part, group=process_group)
+            table = table.index_copy(0, index, part)
+        return self._figures(pending, table.tolist())  # the one device-to-host transfer
 
     def _figures(self, pending: _Pending, table: list[list[float]]) -> dict[str, float]:
         figures: dict[str, float] = {}
-        wanted = set(self.metrics)
-        factors = self._equilibrium_factors()
         skipped = set()
         for group in pending.groups:
             header = table[group.header] if group.header is not None else None
             lr = group.lr if group.lr is not None else header[0]  # type: ignore[index]
-            step = _Step(group.rule, lr, group.has_update, skipped=header is not None and header[1] > 0)
+            step = _Step(group, lr, skipped=header is not None and header[1] > 0)
             if step.skipped:
                 skipped.add(group.name)
-            total = [sum(table[r][c] for r in group.rows) for c in range(len(COLUMNS))]
-            factor = factors.get(group.name)
-            group_figures = _figures_of(total, step, sum(group.numels), factor)
-            figures.update({tag(None, m, group.name): v for m, v in group_figures.items() if m in wanted})
-            if self.per_parameter and group.parameter_rows is not None:
-                for row, numel, param_name in zip(group.parameter_rows, group.numels, group.param_names):
-                    single = _figures_of(table[row], step, numel, factor)
+            rows = [dict(zip(SUMS, table[r])) for r in group.rows]
+            total = {name: sum(row[name] for row in rows) for name in SUMS}
+            measured = figures_of(total, step, sum(group.numels))
+            figures.update({tag(None, m, group.name): v for m, v in measured.items() if m in self.metrics})
+            if self.per_parameter:
+                for row, numel, param_name in zip(rows, group.numels, group.param_names):
+                    single = figures_of(row, step, numel)
                     for metric in PER_PARAMETER_METRICS:
-                        if metric in wanted and metric in single:
+                        if metric in self.metrics and metric in single:
                             figures[tag(None, metric, group.name, param_name)] = single[metric]
         self.skipped = frozenset(skipped)
         return figures
 
-    def _equilibrium_factors(self) -> dict[str, float | None]:
-        """Each group's equilibrium factor (``lit_decay.diagnostics.equilibrium_factor``), from its host-side keys."""
-        if "equilibrium" not in self.metrics:
-            return {}
-        return {
-            name: equilibrium_factor(optimizer, group, group_rule(optimizer, group).mode)
-            for optimizer, names in zip(self.optimizers, self.names)
-            for name, group in zip(names, optimizer.param_groups)
-        }
 
-
-def to_host(table: torch.Tensor) -> list[list[float]]:
-    """The one device-to-host transfer of a logging step."""
-    return table.tolist()
+def _rebuilds_update(optimizer: Optimizer, group: Mapping[str, Any]) -> bool:
+    """Whether the step's update of ``group`` can be rebuilt from Adam's state: torch's Adam/AdamW (lit_decay's
+    included) with float32/float64 weights (lower precision rounds the applied update away from Adam's), a host lr,
+    and AdamW's factor lr·wd ≤ 0.5 (rebuilding divides by 1 − lr·wd)."""
+    if not isinstance(optimizer, torch.optim.Adam) or isinstance(group["lr"], torch.Tensor):
+        return False
+    rule = rule_of(optimizer, group)
+    if rule.mode.torch_term == "decoupled" and group["lr"] * rule.strength > 0.5:
+        return False
+    exact = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+    return all(p.dtype in exact for p in group["params"])
 
 
 @dataclass(frozen=True)
 class _Step:
     """What a group's step was, for turning its sums into figures."""
 
-    rule: Rule
+    group: _Group
     lr: float
-    has_update: bool
     skipped: bool  # a grad scaler skipped it: nothing changed
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    """``numerator/denominator``, 0 for a zero denominator: the figures of an all-zero tensor stay finite."""
-    return 0.0 if denominator == 0.0 else numerator / denominator
-
-
-def _figures_of(
-    sums: Sequence[float], step: _Step, numel: int, equilibrium_constant: float | None = None
-) -> dict[str, float]:
-    w2, g2, d2, penalty, nonzeros, penalised_w2 = sums[: len(COLUMNS)]
-    rule = step.rule
-    figures = {"weight_norm": math.sqrt(w2), "grad_norm": math.sqrt(g2)}
-    decay = step.lr * rule.coefficient
-    if step.has_update:
-        # Relative to the weights after the step; a tensor the step left all zero (a proximal step zeroing a gate)
-        # is measured against the weights it was applied to.
-        figures["update_ratio"] = 0.0 if step.skipped else _ratio(math.sqrt(d2), math.sqrt(w2 or penalised_w2))
-        # Rotational equilibrium: the update ratio over √(c·η·λ), its value at equilibrium (Kosson et al., 2024).
-        if equilibrium_constant is not None and decay > 0:
-            figures["equilibrium"] = figures["update_ratio"] / math.sqrt(equilibrium_constant * decay)
-    effective: float | None
-    if rule.penalty is Penalty.NONE or step.skipped:
-        effective = 0.0  # a skipped step applied no penalty either
-    elif rule.penalty is Penalty.DECOUPLED:
-        effective = decay
-    elif rule.penalty in (Penalty.ADAM_L2, Penalty.ADAM_L1):
-        effective = decay * _ratio(penalty, w2)
-    elif rule.penalty is Penalty.PROXIMAL_L1:
-        effective = _ratio(penalty, penalised_w2)
-    else:
-        effective = None
+def figures_of(sums: Mapping[str, float], step: _Step, numel: int) -> dict[str, float]:
+    """The figures of one group (or one tensor) from its ``SUMS``; a figure the sums cannot tell is left out."""
+    group, rule = step.group, step.group.rule
+    decay = step.lr * rule.strength
+    figures = {"weight_norm": math.sqrt(sums["w2"]), "grad_norm": math.sqrt(sums["g2"]), "weight_decay": rule.strength}
+    if group.has_update:
+        change, before = math.sqrt(sums["d2"]), math.sqrt(sums["w2_before"])
+        if step.skipped or change == 0.0:
+            figures["update_ratio"] = 0.0
+        elif before > 0.0:  # weights that start from zero have no relative update
+            figures["update_ratio"] = change / before
+        if "update_ratio" in figures and group.equilibrium is not None and decay > 0:
+            # Rotational equilibrium: the update ratio over √(c·lr·wd), its value at equilibrium (Kosson et al., 2024).
+            figures["equilibrium"] = figures["update_ratio"] / math.sqrt(group.equilibrium * decay)
+    effective: float | None = 0.0
+    if rule.active and not step.skipped:
+        uses_sums = rule.mode.penalty is not None
+        effective = (
+            None
+            if uses_sums and not group.has_penalty
+            else rule.mode.effective_decay(sums["penalty"], sums["w2_acted"], decay)
+        )
     if effective is not None:
         figures["effective_decay"] = effective
-        if effective != 0.0:
+        if effective > 0:
             figures["decay_timescale"] = 1.0 / effective
-    if rule.l1 and numel:
-        figures["sparsity"] = (numel - nonzeros) / numel
+    if rule.mode.sparsity and numel:
+        figures["sparsity"] = (numel - sums["nonzeros"]) / numel
     return figures
 
 
 def group_stats(optimizer: Optimizer, *, metrics: Iterable[str] | None = None) -> dict[str, float]:
     """The monitor's figures for ``optimizer``, without Lightning: call it right after ``optimizer.step()``.
 
-    Keys are ``{metric}/{group}``. ``update_ratio`` is read from Adam's state, so it is there for torch's Adam and
-    AdamW in every mode but ``decoupled_l1``; for those, and for other optimizers, use ``StepStatistics``
-    (which snapshots the weights before the step).
+    Keys are ``{metric}/{group}``. The weights before the step are rebuilt from Adam's state; where they cannot be
+    (optimizers other than Adam, weights below float32) and for ``decoupled_l1`` groups, whose proximal step leaves
+    no trace, ``update_ratio`` and the figures that need it are absent: ``StepStatistics.before_step`` gives them.
 
     Examples:
         >>> import lit_decay
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-        >>> optimizer = lit_decay.configure_adam(model, lr=0.01, weight_decay=0.1, mode="decoupled")
+        >>> optimizer = lit_decay.configure_adam(model, lr=0.01, weight_decay=0.1, verbose=False)
         >>> model(torch.randn(8, 4)).square().mean().backward()
         >>> optimizer.step()
         >>> figures = lit_decay.group_stats(optimizer)

@@ -10,10 +10,11 @@ from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from lit_decay._tensors import is_dtensor, local
+from lit_decay.configure import report_of
 from lit_decay.diagnostics import peak_lr, timescale_cells
 from lit_decay.grouping import Table
-from lit_decay.modes import group_rule
-from lit_decay.optim import describe_implementation, report_of
+from lit_decay.modes import rule_of
+from lit_decay.optim import describe_implementation
 from lit_decay.tags import group_tag_pattern
 
 
@@ -61,13 +62,13 @@ def grouping_markdown(
             continue
         rows = []
         for name, group in zip(group_names, optimizer.param_groups):
-            rule = group_rule(optimizer, group)
+            rule = rule_of(optimizer, group)
             lazy = any(is_lazy(p) for p in group["params"])
             rows.append(
                 (
                     name,
-                    rule.mode,
-                    f"{rule.coefficient:g}",
+                    rule.mode.name,
+                    f"{rule.strength:g}",
                     f"{float(group['lr']):g}",
                     str(len(group["params"])),
                     "?" if lazy else f"{sum(p.numel() for p in group['params']):,}",
@@ -81,10 +82,10 @@ def grouping_markdown(
 
 
 def _timescale_of(optimizer: Optimizer, group: Mapping[str, Any], run_steps: float | None) -> tuple[str, str]:
-    rule = group_rule(optimizer, group)
-    if not rule.decoupled:
+    rule = rule_of(optimizer, group)
+    if not (rule.mode.timescale and rule.active):
         return "–", "–"
-    return timescale_cells(peak_lr(group), rule.coefficient, run_steps)
+    return timescale_cells(peak_lr(group), rule.strength, run_steps)
 
 
 def _timescale_table(optimizer: Optimizer, group_names: Sequence[str], run_steps: float | None) -> str:
