@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lit_decay._checks import check_bool
+from lit_decay._checks import check_betas, check_bool, check_non_negative
 from lit_decay.grouping import GroupingOptions, GroupingReport, plan
 from lit_decay.modes import DecayMode
 from lit_decay.optim import Adam, describe_implementation
@@ -157,7 +157,11 @@ def configure_adam(
         >>> [(g["name"], g["weight_decay"]) for g in optimizer.param_groups], optimizer.defaults["fused"]
         ([('decay', 0.1), ('no_decay', 0.0)], True)
     """
+    # Adam's own arguments first, so that a bad one is named whatever the grouping would have said.
     verbose = check_bool("verbose", verbose)
+    check_bool("amsgrad", amsgrad), check_betas(betas), check_non_negative("eps", eps)
+    if fused not in (None, True, False):
+        raise ValueError(f"fused={fused!r} is not valid; use None (fused where possible), True (require it) or False")
     _check_scheduler(scheduler)
     grouping_options: dict[str, Any] = {} if layer_decay is None else {"layer_decay": layer_decay}
     options = GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr, **grouping_options)

@@ -403,19 +403,19 @@ class StepStatistics:
         adamw = decay * keep if rule.mode.torch_term == "decoupled" and isinstance(optimizer, torch.optim.Adam) else 0.0
         threshold = decay * keep if rule.lit_decay and observed and rule.mode.after is not None else 0.0
         shared = (group.get("eps", 0.0), adamw, keep, grad_factor, decay, threshold)
-        row = torch.stack([torch.as_tensor(x).to(device, wide) for x in shared])
+        row = torch.stack([_scalar(x, device, wide) for x in shared])
         n = len(states)
         step_size = inv_sqrt_bias2 = torch.zeros(n, dtype=wide, device=device)
         if n and all("step" in state for state in states):
             beta1, beta2 = (float(b) for b in group["betas"])
             # A count a scaler rolled back to 0 made no update: taken as 1, so that the figures stay finite.
             t = torch.stack([local(state["step"]).to(device, wide) for state in states]).clamp(min=1.0)
-            step_size, inv_sqrt_bias2 = torch.as_tensor(lr).to(device, wide) / (1 - beta1**t), (1 - beta2**t).rsqrt()
+            step_size, inv_sqrt_bias2 = _scalar(lr, device, wide) / (1 - beta1**t), (1 - beta2**t).rsqrt()
         scalars = torch.cat([step_size[:, None], inv_sqrt_bias2[:, None], row.expand(n, len(shared))], dim=1)
         header = None
         if isinstance(lr, torch.Tensor) or found_inf is not None:
             head = torch.zeros(len(SUMS), dtype=wide, device=device)
-            head[0], head[1] = torch.as_tensor(lr).to(device, wide), 0.0 if found_inf is None else found_inf.to(wide)
+            head[0], head[1] = _scalar(lr, device, wide), 0.0 if found_inf is None else found_inf.to(wide)
             header = self._pending.add(head)
         return scalars, header
 
@@ -449,7 +449,7 @@ class StepStatistics:
             for process_group in process_groups:
                 dist.all_reduce(part, group=process_group)
             table = table.index_copy(0, index, part)
-        return self._figures(pending, table.tolist())  # the one device-to-host transfer
+        return self._figures(pending, to_host(table))
 
     def _figures(self, pending: _Pending, table: list[list[float]]) -> dict[str, float]:
         figures: dict[str, float] = {}
@@ -472,6 +472,18 @@ class StepStatistics:
                             figures[tag(None, metric, group.name, param_name)] = single[metric]
         self.skipped = frozenset(skipped)
         return figures
+
+
+def _scalar(value: float | torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # A Python float straight to float64: through torch's default float32 it would be rounded first.
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype)
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def to_host(table: torch.Tensor) -> list[list[float]]:
+    """The one device-to-host transfer of a logging step."""
+    return table.tolist()
 
 
 def _rebuilds_update(optimizer: Optimizer, group: Mapping[str, Any]) -> bool:

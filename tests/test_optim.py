@@ -1,4 +1,5 @@
-"""configure_adam and the five decay modes against an independent float64 reference and against torch's own Adam."""
+"""lit_decay.Adam and configure_adam: the five decay modes against an independent float64 reference and against
+torch's own Adam, through Lightning's closure, clipping and mixed precision, copies, checkpoints and bad input."""
 
 from __future__ import annotations
 
@@ -22,10 +23,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import lit_decay
+from lit_decay.configure import report_of
 from lit_decay.grouping import GroupingReport
-from lit_decay.modes import group_rule
-from lit_decay.optim import report_of
-from lit_decay.penalties import is_attached
+from lit_decay.modes import rule_of
 from tests.reference import ReferenceAdam, ReferenceState, assert_unchanged, clip_grad_norm, snapshot
 
 MODES = ("l2", "decoupled", "l1", "decoupled_l1", "none")
@@ -271,7 +271,7 @@ def test_lightning_fit_with_clipping_matches_reference(tmp_path, mode: str) -> N
     trainer(tmp_path, max_steps=12, gradient_clip_val=clip).fit(module, loader(6))
     assert len(module.seen) == 12
     optimizer = module.trainer.optimizers[0]
-    assert optimizer.defaults["fused"] is True and is_attached(optimizer)
+    assert optimizer.defaults["fused"] is True and isinstance(optimizer, lit_decay.Adam)
     norms = []
     for x, y in module.seen:
         clipped, norm = clip_grad_norm(reference_grads(template, ref.params, x, y), clip)
@@ -468,23 +468,23 @@ def test_decoupled_l1_zeros_match_reference_and_sparsity_rises() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# A loop that writes torch's weight_decay key directly (timm, DINO): torch's key is the source of truth
+# "weight_decay" is each group's strength in every mode: whatever writes it (a DINO-style loop, a scheduler), 0 included
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["l2", "decoupled", "l1", "decoupled_l1"])
-def test_torch_key_written_by_a_loop_is_the_decay_applied_and_reported(mode: str) -> None:
-    """A DINO-style loop sets group["weight_decay"] every step. torch applies it to l2/decoupled groups; an L1 group
-    takes it as its L1 coefficient (torch's own key back to 0, so no L2 term is added); the monitor reports it."""
+@pytest.mark.parametrize("mode", MODES)
+def test_weight_decay_written_by_a_loop_is_the_strength_applied_and_reported(mode: str) -> None:
+    """A loop sets group["weight_decay"] every step, down to 0 and back: that is the strength of the group's mode from
+    the next step on (an L1 group at 0 shrinks nothing), torch never adds an L2 term to an L1 group, nothing warns."""
     model = Net().double()
-    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode=mode)
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode=mode, verbose=False)
     settings = {name: (LR, 0.0, "none") for name, _ in model.named_parameters()}
     settings["body.0.weight"] = settings["body.2.weight"] = settings["head.weight"] = (LR, WD, mode)
     ref = ReferenceAdam.from_named(model.named_parameters(), settings)
     template = copy.deepcopy(model)
-    schedule = [0.04 * (1 + step) for step in range(8)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    schedule = [0.04, 0.3, 0.0, 0.0, 0.2, 0.0, 0.5, 0.1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         for (x, y), wd in zip(batches(8, torch.float64), schedule):
             optimizer.param_groups[0]["weight_decay"] = wd  # the "decay" group
             ref.group_of("body.0.weight").weight_decay = wd
@@ -492,49 +492,156 @@ def test_torch_key_written_by_a_loop_is_the_decay_applied_and_reported(mode: str
             F.mse_loss(model(x), y).backward()
             optimizer.step()
             ref.step(reference_grads(template, ref.params, x, y))
-            group = optimizer.param_groups[0]
-            assert group["decay_coefficient"] == wd
-            assert group["weight_decay"] == (wd if mode in ("l2", "decoupled") else 0.0)
+            assert optimizer.param_groups[0]["weight_decay"] == wd
+            figures = lit_decay.group_stats(optimizer, metrics=["effective_decay", "weight_decay"])
+            assert figures["weight_decay/decay"] == wd
             if mode == "decoupled":
-                figures = lit_decay.group_stats(optimizer, metrics=["effective_decay"])
                 assert figures["effective_decay/decay"] == pytest.approx(LR * wd)
+            if wd == 0.0 and mode != "decoupled_l1":  # decoupled_l1's figure is unknowable after the step
+                assert figures["effective_decay/decay"] == 0.0
     assert_matches_reference(model, optimizer, ref, atol=1e-10, rtol=1e-9)
-    messages = [str(w.message) for w in caught if "weight_decay=" in str(w.message)]
-    if mode in ("l1", "decoupled_l1"):
-        assert len(messages) == 1, messages  # said once, not every step
-        assert f"param group 'decay' (decay_mode='{mode}') was given torch's weight_decay=0.04" in messages[0]
-    else:
-        assert messages == []
 
 
-def test_coefficient_written_alone_moves_torch_key_and_a_none_group_given_torch_key_decays() -> None:
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1"])
+def test_an_l1_group_written_to_zero_stops_decaying(mode: str) -> None:
+    """The fault of the hooks' two keys: writing 0 into an L1 group's weight_decay must stop the shrinking."""
+    model, control = Net().double(), Net().double()
+    control.load_state_dict(model.state_dict())
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode=mode, verbose=False)
+    plain = lit_decay.configure_adam(control, lr=LR, weight_decay=WD, mode="none", verbose=False)
+    optimizer.param_groups[0]["weight_decay"] = 0.0
+    for x, y in batches(5, torch.float64):
+        for net, opt in ((model, optimizer), (control, plain)):
+            opt.zero_grad()
+            F.mse_loss(net(x), y).backward()
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), control.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_a_none_group_decays_nothing_whatever_its_strength() -> None:
     model = Net()
-    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode="l2")
-    decay, no_decay = optimizer.param_groups
-    x, y = batches(1, torch.float32)[0]
-    for _ in range(2):
-        F.mse_loss(model(x), y).backward()
-        optimizer.step()
-    decay["decay_coefficient"] = 0.3  # lit_decay's key only: torch's follows at the next step
-    no_decay["weight_decay"] = 0.2  # torch would apply it: the group says so
-    with pytest.warns(UserWarning, match=r"'no_decay' \(decay_mode='none'\).*weight_decay=0\.2.*makes it a 'l2' group"):
-        optimizer.step()
-    assert decay["weight_decay"] == 0.3 and decay["decay_coefficient"] == 0.3
-    assert no_decay["decay_mode"] == "l2" and no_decay["decay_coefficient"] == 0.2
-    rule = group_rule(optimizer, no_decay)
-    assert (rule.mode, rule.coefficient) == ("l2", 0.2)
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode="none", verbose=False)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.0]  # so torch's own Adam agrees
+    before = copy.deepcopy(model)
+    reference = torch.optim.Adam(before.parameters(), lr=LR, fused=True)
+    optimizer.param_groups[0]["weight_decay"] = 0.5
+    for x, y in batches(3, torch.float32):
+        for net, opt in ((model, optimizer), (before, reference)):
+            opt.zero_grad()
+            F.mse_loss(net(x), y).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), before.parameters()):
+        assert torch.equal(a, b)
 
 
-def test_group_rule_reads_torch_key_before_any_step() -> None:
-    """A hand-built optimizer over param_groups() has no hooks to reconcile the keys: the monitor reads torch's key,
-    which is what torch applies."""
+def test_rule_of_a_hand_built_torch_optimizer_reads_torch_keys() -> None:
+    """Over param_groups() in torch's own Adam, what torch applies is reported: decoupled groups as AdamW, an L1
+    group's strength as L2 (the audit says so), a written weight_decay as the new strength."""
     groups = lit_decay.param_groups(Net(), weight_decay=WD, mode="decoupled")
     optimizer = torch.optim.Adam(groups, lr=LR)
     optimizer.param_groups[0]["weight_decay"] = 0.04
     optimizer.param_groups[1]["weight_decay"] = 0.02
-    decoupled, none = (group_rule(optimizer, g) for g in optimizer.param_groups)
-    assert (decoupled.mode, decoupled.coefficient) == ("decoupled", 0.04)
-    assert (none.mode, none.coefficient) == ("l2", 0.02)
+    decoupled, other = (rule_of(optimizer, g) for g in optimizer.param_groups)
+    assert (decoupled.mode.name, decoupled.strength, decoupled.lit_decay) == ("decoupled", 0.04, False)
+    assert (other.mode.name, other.strength) == ("l2", 0.02)
+    l1 = torch.optim.Adam(lit_decay.param_groups(Net(), weight_decay=WD, mode="l1"), lr=LR)
+    assert rule_of(l1, l1.param_groups[0]).mode.name == "l2"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# lit_decay.Adam built by hand, its state_dict, and nothing global
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_adam_by_hand_from_param_groups_and_from_parameters() -> None:
+    model = Net()
+    groups = lit_decay.param_groups(model, weight_decay=WD, mode="l1")
+    del groups[1]["decay_mode"]  # a group without a mode takes the optimizer's
+    optimizer = lit_decay.Adam(groups, lr=LR, mode="decoupled_l1")
+    assert [g["decay_mode"] for g in optimizer.param_groups] == ["l1", "decoupled_l1"]
+    assert optimizer.param_groups[1]["decoupled_weight_decay"] is False
+    assert optimizer.defaults["fused"] is True and optimizer.defaults["decay_mode"] == "decoupled_l1"
+    # Adam(model.parameters()) is AdamW: same defaults (lr 1e-3, weight_decay 1e-2, decoupled).
+    plain, reference = Net(), Net()
+    reference.load_state_dict(plain.state_dict())
+    ours, theirs = lit_decay.Adam(plain.parameters()), torch.optim.AdamW(reference.parameters(), fused=True)
+    for x, y in batches(3, torch.float32):
+        for net, opt in ((plain, ours), (reference, theirs)):
+            opt.zero_grad()
+            F.mse_loss(net(x), y).backward()
+            opt.step()
+    for a, b in zip(plain.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_is_torch_adams_both_ways() -> None:
+    model = Net()
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode="l1", verbose=False)
+    for x, y in batches(2, torch.float32):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    saved = optimizer.state_dict()
+    assert set(saved) == {"state", "param_groups"}
+    torch_adam = torch.optim.Adam(lit_decay.param_groups(model, weight_decay=WD, mode="l1"), lr=LR, fused=True)
+    torch_adam.load_state_dict(saved)
+    again = lit_decay.Adam(lit_decay.param_groups(model, weight_decay=WD, mode="l1"), lr=LR)
+    again.load_state_dict(torch_adam.state_dict())
+    assert again.state_dict()["param_groups"] == saved["param_groups"]
+    for index, state in saved["state"].items():
+        for key, value in state.items():
+            assert torch.equal(again.state_dict()["state"][index][key], value)
+
+
+def test_nothing_global(tmp_path) -> None:
+    """No process-wide optimizer hook, no change to torch's or dynamo's configuration, after every public entry."""
+    from torch.optim import optimizer as torch_optimizer
+
+    limit = torch._dynamo.config.recompile_limit
+    model = Net()
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode="l1", verbose=False)
+    statistics = lit_decay.StepStatistics([optimizer])
+    for x, y in batches(2, torch.float32):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        statistics.before_step(optimizer)
+        optimizer.step()
+        statistics.after_step(optimizer)
+        assert statistics.collect()
+    assert not torch_optimizer._global_optimizer_pre_hooks and not torch_optimizer._global_optimizer_post_hooks
+    assert torch._dynamo.config.recompile_limit == limit
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+
+
+@pytest.mark.parametrize("as_keyword", [False, True])
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1", "decoupled"])
+def test_closure_runs_once_and_its_loss_is_returned(mode: str, as_keyword: bool) -> None:
+    model = Net()
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, mode=mode, verbose=False)
+    x, y = batches(1, torch.float32)[0]
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure=closure) if as_keyword else optimizer.step(closure)
+    assert len(calls) == 1 and isinstance(loss, torch.Tensor) and loss.requires_grad
+
+
+@pytest.mark.parametrize("mode", ["l1", "decoupled_l1"])
+def test_parameter_without_gradient_is_untouched(mode: str) -> None:
+    model = Net()
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=10.0, mode=mode, verbose=False)
+    x, y = batches(1, torch.float32)[0]
+    F.mse_loss(model.head(torch.randn(8, 16)), y).backward()  # the body gets no gradient
+    before = model.body[0].weight.detach().clone()
+    optimizer.step()
+    assert torch.equal(model.body[0].weight, before) and model.body[0].weight not in optimizer.state
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -572,10 +679,10 @@ def test_copied_optimizer_keeps_the_l1_penalty(mode: str, how: str) -> None:
         F.mse_loss(copied_model(x), y).backward()
         copied.step()
         ref.step(reference_grads(template, ref.params, x, y))
-    assert is_attached(copied)
+    assert type(copied) is lit_decay.Adam
     assert_matches_reference(copied_model, copied, ref, atol=1e-10, rtol=1e-9)
-    # Still one set of hooks on each: the original steps as before, the copy's terms are applied once.
-    assert len(optimizer._optimizer_step_pre_hooks) == len(copied._optimizer_step_pre_hooks) == 1
+    # The penalty is the class's: no hook on either, so the copy's terms are applied once.
+    assert not optimizer._optimizer_step_pre_hooks and not copied._optimizer_step_pre_hooks
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -624,13 +731,14 @@ def test_resume_from_checkpoint_equals_straight_run(tmp_path, mode: str) -> None
     for index, state in expected["state"].items():
         for key, value in state.items():
             assert torch.equal(value, got["state"][index][key]), (index, key)
-    assert is_attached(second.optimizers[0])
+    assert isinstance(second.optimizers[0], lit_decay.Adam)
 
     checkpoint = torch.load(path, weights_only=True)
     groups = checkpoint["optimizer_states"][0]["param_groups"]
     assert [g["name"] for g in groups] == ["decay", "no_decay", "head", "mid"]
     assert [g["decay_mode"] for g in groups] == [mode, "none", *(o["mode"] for o in overrides_for(mode))]
-    assert [g["decay_coefficient"] for g in groups] == [WD, 0.0, HEAD["weight_decay"], MID["weight_decay"]]
+    strengths = [o["weight_decay"] if o["mode"] != "none" else 0.0 for o in overrides_for(mode)]
+    assert [g["weight_decay"] for g in groups] == [WD, 0.0, *strengths]
     assert groups[2]["param_names"] == ["net.head.weight", "net.head.bias"]
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == 5
 
@@ -643,7 +751,7 @@ def test_resume_from_checkpoint_equals_straight_run(tmp_path, mode: str) -> None
 def test_configure_adam_returns_plain_fused_adam_with_report() -> None:
     model = Net()
     optimizer = lit_decay.configure_adam(model, lr=0.02, weight_decay=WD, overrides=overrides_for("decoupled"))
-    assert type(optimizer) is torch.optim.Adam
+    assert type(optimizer) is lit_decay.Adam and isinstance(optimizer, torch.optim.Adam)
     assert optimizer.defaults["fused"] is True
     assert [g["lr"] for g in optimizer.param_groups] == [0.02, 0.02, 0.02 * 0.5, 0.02 * 2.0]
     report = report_of(optimizer)
@@ -781,6 +889,10 @@ BAD_ARGUMENTS = [
     ({"fused": 1.5}, ValueError, r"fused=1\.5"),
     ({"scheduler": 5}, TypeError, r"scheduler.*got 5"),
     ({"scheduler": {"interval": "step"}}, TypeError, r"scheduler.*'interval': 'step'"),
+    ({"verbose": "no"}, TypeError, r"verbose must be True or False; got 'no'"),
+    ({"weight_decay": 1e308}, ValueError, r"group 'decay': lr·weight_decay = 0\.001 × 1e\+308.*≥ 1.*sign flips"),
+    ({"lr": 2.0, "weight_decay": 0.5}, ValueError, r"lr·weight_decay = 2 × 0\.5 = 1 ≥ 1 in decoupled mode"),
+    ({"overrides": [{"pattern": "head.*", "name": "a/b"}]}, ValueError, r"'a/b'"),
 ]
 
 
@@ -799,7 +911,7 @@ def test_numpy_and_other_real_numbers_are_accepted() -> None:
     group = optimizer.param_groups[0]
     assert type(group["lr"]) is float and group["lr"] == pytest.approx(0.01)
     assert group["betas"] == pytest.approx((0.9, 0.99)) and all(type(b) is float for b in group["betas"])
-    assert group["amsgrad"] is True and group["decay_coefficient"] == pytest.approx(0.1)
+    assert group["amsgrad"] is True and group["weight_decay"] == pytest.approx(0.1)
     assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.02)
     # exclude_1d=np.bool_(False) is False: biases and the LayerNorm stay out of decay by their own rules.
     assert "body.0.bias" in optimizer.state_dict()["param_groups"][1]["param_names"]
