@@ -223,12 +223,14 @@ class Adam(torch.optim.Adam):
         )
         taken = {str(g.get("name")) for g in self.param_groups}
         settings = {k: v for k, v in group.items() if k not in ("params", "weight_decay", "decay_mode", "name")}
+        made_groups = plan(module, options).groups()
+        # Named after the module the added tensors share (e.g. "backbone.decay"), as add_param_groups names them.
+        prefix = _common_prefix([n for g in made_groups for n, p in g["params"] if id(p) in added])
         split = []
-        for made in plan(module, options).groups():
+        for made in made_groups:
             params = [(n, p) for n, p in made["params"] if id(p) in added]
             if not params:
                 continue
-            prefix = _common_prefix([n for n, _ in params])
             name = base = f"{prefix}.{made['name']}" if prefix else str(made["name"])
             suffix = 0
             while name in taken:

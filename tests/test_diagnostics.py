@@ -12,7 +12,6 @@ from lit_decay import StepStatistics
 from lit_decay.diagnostics import (
     DecayProgress,
     decay_timescale,
-    equilibrium_factor,
     equilibrium_update_ratio,
     peak_lr,
     removable_fraction,
@@ -82,21 +81,6 @@ def test_equilibrium_prediction_formulas() -> None:
     assert equilibrium_update_ratio(0.1, 1e-3, momentum=0.9) == pytest.approx(math.sqrt(2e-4 / 1.9))
     with pytest.raises(ValueError, match="exactly one of beta1"):
         equilibrium_update_ratio(1e-3, 0.1)
-
-
-def test_equilibrium_factor_only_where_the_paper_has_a_closed_form() -> None:
-    w = torch.zeros(2, requires_grad=True)
-    adamw = torch.optim.AdamW([w], betas=(0.8, 0.99))
-    assert equilibrium_factor(adamw, adamw.param_groups[0], "decoupled") == pytest.approx(2 * 0.2 / 1.8)
-    for mode in ("l2", "l1", "decoupled_l1", "none"):
-        assert equilibrium_factor(adamw, adamw.param_groups[0], mode) is None
-    sgd = torch.optim.SGD([w], lr=0.1, momentum=0.5)
-    assert equilibrium_factor(sgd, sgd.param_groups[0], "sgd") == pytest.approx(2 / 1.5)
-    for options in ({"nesterov": True}, {"dampening": 0.1}):
-        other = torch.optim.SGD([w], lr=0.1, momentum=0.5, **options)
-        assert equilibrium_factor(other, other.param_groups[0], "sgd") is None
-    rms = torch.optim.RMSprop([w], weight_decay=0.1)
-    assert equilibrium_factor(rms, rms.param_groups[0], "decoupled") is None
 
 
 def test_timescale_against_the_run() -> None:

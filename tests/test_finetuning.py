@@ -13,7 +13,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lit_decay
-from lit_decay.penalties import is_attached
 
 LR = 0.01
 WD = 0.1
@@ -64,10 +63,54 @@ def fit(tmp_path, model: Model, callback: L.Callback, epochs: int = 4) -> L.Trai
     return trainer
 
 
-def test_lightning_backbone_finetuning_alone_fails_on_named_groups(tmp_path) -> None:
-    """Why the callback below exists: Lightning's own adds plain tensors, which torch refuses next to named groups."""
-    with pytest.raises(ValueError, match="with/without names"):
-        fit(tmp_path, Model(), BackboneFinetuning(unfreeze_backbone_at_epoch=1), epochs=2)
+@pytest.mark.parametrize("mode", ["decoupled", "decoupled_l1"])
+def test_lightnings_own_backbone_finetuning_works_unchanged(tmp_path, mode: str) -> None:
+    """Lightning's BackboneFinetuning adds the backbone as one group of plain tensors: the optimizer configure_adam
+    returns splits it by the same rules (torch alone would refuse it next to named groups, or decay its norms)."""
+    model = Model(mode)
+    frozen = {name: p.detach().clone() for name, p in model.backbone.named_parameters()}
+    optimizer = fit(tmp_path, model, BackboneFinetuning(unfreeze_backbone_at_epoch=1), epochs=3).optimizers[0]
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert list(groups) == ["decay", "no_decay", "backbone.decay", "backbone.no_decay"]
+    assert groups["backbone.decay"]["param_names"] == ["backbone.0.weight", "backbone.3.weight"]
+    assert groups["backbone.no_decay"]["param_names"] == ["backbone.0.bias", "backbone.3.bias", "backbone.4.weight",
+                                                          "backbone.4.bias"]  # fmt: skip
+    assert (groups["backbone.decay"]["decay_mode"], groups["backbone.decay"]["weight_decay"]) == (mode, WD)
+    assert (groups["backbone.no_decay"]["decay_mode"], groups["backbone.no_decay"]["weight_decay"]) == ("none", 0.0)
+    # The added group's own lr (10% of the head's at the unfreeze epoch) went to both parts.
+    assert model.lrs[1]["backbone.decay"] == model.lrs[1]["backbone.no_decay"] == pytest.approx(LR * 0.1)
+    for name, p in model.backbone.named_parameters():
+        assert not torch.equal(p.detach(), frozen[name]), name
+
+
+def test_a_plain_group_added_by_hand_is_split_keeping_its_settings() -> None:
+    model = Model()
+    model.backbone.requires_grad_(False)
+    optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=WD, verbose=False)
+    model.backbone.requires_grad_(True)
+    first = list(model.backbone[:3].parameters())
+    # Lightning's filter_on_optimizer compares tensors by value: a LayerNorm's initial ones and zeros would pass for
+    # the BatchNorm's, already added, and be skipped.
+    for p in model.backbone[4].parameters():
+        torch.nn.init.normal_(p)
+    optimizer.add_param_group({"params": first, "lr": 1e-4, "betas": (0.8, 0.9), "weight_decay": 0.3})
+    BackboneFinetuning.unfreeze_and_add_param_group(model.backbone[3:], optimizer, lr=2e-3, initial_denom_lr=1.0)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert list(groups) == ["decay", "no_decay", "backbone.decay", "backbone.no_decay", "backbone.decay-1",
+                            "backbone.no_decay-1"]  # fmt: skip
+    assert groups["backbone.decay"]["param_names"] == ["backbone.0.weight"]
+    assert groups["backbone.no_decay"]["param_names"] == ["backbone.0.bias", "backbone.1.weight", "backbone.1.bias"]
+    for name in ("backbone.decay", "backbone.no_decay"):
+        assert (groups[name]["lr"], groups[name]["betas"]) == (1e-4, (0.8, 0.9))
+    assert groups["backbone.decay"]["weight_decay"] == 0.3 and groups["backbone.no_decay"]["weight_decay"] == 0.0
+    assert groups["backbone.decay-1"]["lr"] == 2e-3 and groups["backbone.decay-1"]["weight_decay"] == WD
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(held) == len(set(map(id, held))) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match=r"not trainable parameters of Model"):
+        optimizer.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    by_hand = lit_decay.Adam(lit_decay.param_groups(Model(), weight_decay=WD))
+    with pytest.raises(ValueError, match=r"carry parameter names.*plain tensors.*configure_adam"):
+        by_hand.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
 
 
 @pytest.mark.parametrize("mode", ["decoupled", "l1"])
@@ -89,10 +132,8 @@ def test_backbone_unfreezes_into_split_named_groups(tmp_path, mode: str) -> None
     ]
     # train_bn=True (the default) trains the BatchNorm from the start: it is in the first no_decay group.
     assert groups["no_decay"]["param_names"] == ["backbone.1.weight", "backbone.1.bias", "head.bias"]
-    assert groups["backbone.decay"]["decay_mode"] == mode and groups["backbone.decay"]["decay_coefficient"] == WD
-    assert groups["backbone.decay"]["weight_decay"] == (WD if mode == "decoupled" else 0.0)
+    assert groups["backbone.decay"]["decay_mode"] == mode and groups["backbone.decay"]["weight_decay"] == WD
     assert groups["backbone.no_decay"]["decay_mode"] == "none" and groups["backbone.no_decay"]["weight_decay"] == 0.0
-    assert is_attached(optimizer)
     # BackboneFinetuning's lr schedule, written into every backbone group: 10% of the head's lr at the unfreeze
     # epoch, then x1.5 per epoch.
     assert [set(lrs) for lrs in model.lrs] == [{"decay", "no_decay"}] * 2 + [set(groups)] * 2
