@@ -896,19 +896,19 @@ FAMILIES = {
     "whisper": "Whisper (`WhisperForConditionalGeneration`)",
     "wav2vec2": "wav2vec 2.0 (`Wav2Vec2Model`)",
     "vit_mask_token": "ViT (`ViTModel`, with mask token)",
+    "vit_classifier": "ViT (`ViTForImageClassification`)",
+    "deit_teacher": "DeiT (`DeiTForImageClassificationWithTeacher`)",
+    "beit": "BEiT (`BeitModel`, mask token, absolute and relative positions)",
     "swin": "Swin (`SwinModel`, absolute positions, mask token)",
     "clip": "CLIP (`CLIPModel`)",
     "convnext": "ConvNeXt (`ConvNextModel`)",
+    "convnext_v2": "ConvNeXt-V2 (`ConvNextV2ForImageClassification`)",
+    "norm_free": "NFNet-style gains and GRN (toy)",
     "mamba": "Mamba (`MambaForCausalLM`)",
     "mamba2": "Mamba2 (`Mamba2ForCausalLM`)",
     "normed_embedding": "`*NormedEmbedding` LM",
     "torch_transformer": "torch `nn.Transformer`",
     "batchnorm_cnn": "Conv + BatchNorm CNN",
-    "vit_classifier": "ViT (`ViTForImageClassification`)",
-    "deit_teacher": "DeiT (`DeiTForImageClassificationWithTeacher`)",
-    "beit": "BEiT (`BeitModel`, mask token, absolute and relative positions)",
-    "convnext_v2": "ConvNeXt-V2 (`ConvNextV2ForImageClassification`)",
-    "norm_free": "NFNet-style gains and GRN (toy)",
 }
 TOOLS = ("HF Trainer", "timm", "nanoGPT")
 
@@ -916,11 +916,11 @@ TOOLS = ("HF Trainer", "timm", "nanoGPT")
 def others_decay(model: nn.Module) -> dict[str, dict[str, bool]]:
     """{tool: {first name: decayed?}} for the trainable tensors, each tool's rule applied to ``model``.
 
-    - HF Trainer: transformers' own ``Trainer.get_decay_parameter_names`` (LayerNorm instances and names containing
-      "bias", "layernorm", "rmsnorm", or a "norm"/"_norm" segment are not decayed);
-    - timm's ``param_groups_weight_decay``: not decayed when ``ndim <= 1``, the name ends in ".bias", or the name is in
-      the model's ``no_weight_decay()``;
-    - nanoGPT's ``configure_optimizers``: decayed when ``dim() >= 2``.
+    - HF Trainer: transformers' own ``Trainer.get_decay_parameter_names`` (``transformers/trainer.py``: LayerNorm
+      instances and names containing "bias", "layernorm", "rmsnorm", or a "norm"/"_norm" segment are not decayed);
+    - timm's ``param_groups_weight_decay`` (``timm/optim/_param_groups.py``): not decayed when ``ndim <= 1``, the name
+      ends in ".bias", or the name is in the model's ``no_weight_decay()``;
+    - nanoGPT's ``GPT.configure_optimizers`` (``model.py``): decayed when ``dim() >= 2``.
     """
     hf = set(transformers.Trainer.get_decay_parameter_names(None, model))  # the method reads nothing from self
     declared = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
