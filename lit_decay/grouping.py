@@ -415,7 +415,10 @@ class Plan:
 @dataclass(frozen=True)
 class GroupingOptions:
     """The grouping options of ``param_groups`` (and ``explain``, ``lit_decay.configure_adam``,
-    ``lit_decay.add_param_groups``), as the user gave them: ``plan`` checks them."""
+    ``lit_decay.add_param_groups``), as the user gave them: ``plan`` checks them.
+
+    The fields keep their order (``layer_decay`` came last), so positional construction stays valid.
+    """
 
     weight_decay: float
     mode: str = "decoupled"
