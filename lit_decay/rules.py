@@ -666,10 +666,11 @@ def numel(tensor: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class Layers:
-    """Every parameter's layer for layer-wise learning-rate decay, as timm's ``param_groups_layer_decay`` numbers
-    them (``timm/optim/_param_groups.py``, after BEiT's ``beit/optim_factory.py``): what comes before the repeated
-    blocks (the embeddings) is layer 0, block ``i`` is layer ``i + 1``, what comes after the last block (final norm,
-    head) is layer ``L + 1``. A layer's learning-rate factor is ``decay ** (L + 1 - layer)``.
+    """Every parameter's layer for layer-wise learning-rate decay, numbered as BEiT's fine-tuning code does
+    (``get_num_layer_for_vit`` in ``beit/optim_factory.py``) and scaled as timm's ``param_groups_layer_decay``
+    (``timm/optim/_param_groups.py``): what comes before the repeated blocks (the embeddings) is layer 0, block ``i``
+    is layer ``i + 1``, what comes after the last block (final norm, head) is layer ``L + 1``. A layer's
+    learning-rate factor is ``decay ** (L + 1 - layer)``.
 
     ``stacks`` are the lists of blocks, ``(dotted path, number of blocks)`` in module order (T5's encoder stack, then
     its decoder stack); ``of_name`` maps every parameter name (aliases and frozen ones included) to its layer.
