@@ -1,7 +1,8 @@
 """Small plain ``nn.Module`` models shared by the examples, the docs and the CLI tests.
 
 They carry no Lightning code so that any training loop (Lightning, Fabric, plain PyTorch) can wrap them, and
-``lit-decay inspect examples.models:TinyGPT`` works from the repository root.
+``lit-decay inspect examples.models:TinyGPT`` (or ``:tiny_vit``, a function building a Hugging Face model from a config)
+works from the repository root.
 
 Example:
     >>> import torch
@@ -130,3 +131,29 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
+
+
+def tiny_vit(num_hidden_layers: int = 2, hidden_size: int = 32, num_labels: int = 10) -> nn.Module:
+    """A tiny Hugging Face ViT image classifier, built from a config as transformers builds any model (no download).
+
+    A function returning a module, so ``lit-decay inspect examples.models:tiny_vit --init-args '{"num_labels": 3}'``
+    works where the model class itself needs a config object that JSON cannot write. transformers is imported here,
+    so the other models of this file need only torch.
+
+    Example:
+        >>> model = tiny_vit(num_hidden_layers=1, num_labels=3)
+        >>> model(torch.zeros(2, 3, 32, 32)).logits.shape
+        torch.Size([2, 3])
+    """
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        intermediate_size=4 * hidden_size,
+        num_labels=num_labels,
+    )
+    return ViTForImageClassification(config)

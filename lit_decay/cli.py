@@ -1,19 +1,26 @@
-"""``lit-decay inspect MODULE:CLASS``: print a model's grouping table without training it.
+"""``lit-decay inspect MODULE:NAME``: print a model's grouping table without training it.
 
-Errors a user can make on the command line (a path or class that does not exist, bad JSON, a bad option) end with
-exit code 2 and one line on stderr, never a traceback; so does the user's own code failing on the way (a module that
-raises on import, a constructor or ``no_weight_decay()`` that raises, or calls ``sys.exit``).
+NAME is a class or a function returning a module (how Hugging Face models are built from a config), called with the
+keyword arguments of ``--init-args``. The defaults are ``configure_adam``'s.
+
+Errors a user can make on the command line (a path or name that does not exist, bad JSON, a bad option, a
+constructor that needs arguments) end with exit code 2 and one line on stderr, never a traceback; so does the user's
+own code failing on the way (a module that raises on import, a constructor or ``no_weight_decay()`` that raises, or
+calls ``sys.exit``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
+
+from torch import nn
 
 from lit_decay.grouping import explain
 from lit_decay.modes import MODES
@@ -30,10 +37,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"lit-decay: error: {message}\n")
 
 
-def _load_class(target: str) -> type:
+# configure_adam's learning rate, for --layer-decay without --lr (a layer's lr is a fraction of a base lr).
+_DEFAULT_LR = 1e-3
+
+
+def _load_builder(target: str) -> Any:
+    """The class or function ``MODULE:NAME`` names."""
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
-        raise _UsageError(f"expected MODULE:CLASS (e.g. examples.models:TinyGPT); got {target!r}")
+        raise _UsageError(f"expected MODULE:NAME, a class or a function (e.g. examples.models:TinyGPT); got {target!r}")
     if module_name.startswith("."):
         raise _UsageError(
             f"MODULE must be an absolute module path, importable from the current directory (e.g. examples.models); "
@@ -52,9 +64,35 @@ def _load_class(target: str) -> type:
         if not hasattr(value, part):
             raise _UsageError(f"module {module_name!r} has no attribute {attribute!r}")
         value = getattr(value, part)
-    if not isinstance(value, type):
-        raise _UsageError(f"{target!r} is a {type(value).__name__}, not a class")
+    if isinstance(value, type(sys)) or not callable(value):
+        raise _UsageError(f"{target!r} is a {type(value).__name__}, not a class or a function returning a module")
     return value
+
+
+def _check_arguments(builder: Any, name: str, init_args: dict[str, Any]) -> None:
+    """Refuse, before calling it, a constructor that needs arguments --init-args does not give, saying how to."""
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):  # some builtins have none: calling them says what is wrong
+        return
+    try:
+        signature.bind(**init_args)
+    except TypeError:
+        missing = [
+            parameter.name
+            for parameter in signature.parameters.values()
+            if parameter.default is inspect.Parameter.empty
+            and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            and parameter.name not in init_args
+        ]
+        if not missing:
+            return  # an unknown or positional-only argument: calling it says which
+        given = [f"{json.dumps(key)}: {json.dumps(value)}" for key, value in init_args.items()]
+        example = "{" + ", ".join(given + [f'"{key}": ...' for key in missing]) + "}"
+        raise _UsageError(
+            f"{name} needs argument(s) {', '.join(missing)}: give them with --init-args JSON, e.g. --init-args "
+            f"'{example}'; for one JSON cannot write (a config object), inspect a function that builds the model"
+        ) from None
 
 
 def _describe(error: BaseException) -> str:
@@ -68,25 +106,40 @@ def _describe(error: BaseException) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lit-decay", description="Adam parameter grouping for PyTorch Lightning.")
     commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser(
+    inspect_command = commands.add_parser(
         "inspect",
         help="print a model's grouping table without training it",
-        description="Instantiate MODULE:CLASS and print which parameters lit_decay decays, and why.",
+        description="Build MODULE:NAME (a class, or a function returning a module) and print which parameters "
+        "lit_decay decays, and why. The defaults are configure_adam's.",
     )
-    inspect.add_argument("target", metavar="MODULE:CLASS", help="e.g. examples.models:TinyGPT")
-    inspect.add_argument(
-        "--init-args", default="{}", metavar="JSON", help="constructor keyword arguments, e.g. '{\"n_layer\": 4}'"
+    inspect_command.add_argument(
+        "target", metavar="MODULE:NAME", help="a class or a function returning a module, e.g. examples.models:TinyGPT"
     )
-    inspect.add_argument("--weight-decay", type=float, default=0.01, metavar="F", help="coefficient of the decay group")
-    inspect.add_argument("--mode", default="decoupled", choices=MODES, help="decay mode (default: decoupled)")
-    inspect.add_argument(
+    inspect_command.add_argument(
+        "--init-args",
+        default="{}",
+        metavar="JSON",
+        help="keyword arguments of the class or function, e.g. '{\"n_layer\": 4}'",
+    )
+    inspect_command.add_argument(
+        "--weight-decay", type=float, default=0.01, metavar="F", help="coefficient of the decay group (default: 0.01)"
+    )
+    inspect_command.add_argument("--mode", default="decoupled", choices=MODES, help="decay mode (default: decoupled)")
+    inspect_command.add_argument(
         "--lr", type=float, default=None, metavar="F", help="base learning rate: also show each group's lr and τ"
     )
-    inspect.add_argument("--exclude-embeddings", action="store_true", help="keep embedding tables out of decay")
-    inspect.add_argument(
+    inspect_command.add_argument(
+        "--layer-decay",
+        type=float,
+        default=None,
+        metavar="F",
+        help=f"layer-wise lr decay in (0, 1], as timm's layer_decay (base lr: --lr, else {_DEFAULT_LR:g})",
+    )
+    inspect_command.add_argument("--exclude-embeddings", action="store_true", help="keep embedding tables out of decay")
+    inspect_command.add_argument(
         "--decay-1d", action="store_true", help="decay other ndim<=1 parameters too (exclude_1d=False)"
     )
-    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect_command.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -97,11 +150,16 @@ def _inspect(args: argparse.Namespace) -> str:
         raise _UsageError(f"--init-args is not valid JSON ({error}): {args.init_args!r}") from None
     if not isinstance(init_args, dict):
         raise _UsageError(f"--init-args must be a JSON object of keyword arguments; got {args.init_args!r}")
-    cls = _load_class(args.target)
+    builder = _load_builder(args.target)
+    name = getattr(builder, "__name__", args.target)
+    _check_arguments(builder, name, init_args)
     try:
-        model = cls(**init_args)
+        model = builder(**init_args)
     except (Exception, SystemExit) as error:  # the user's constructor may raise anything; report it, not a traceback
-        raise _UsageError(f"cannot build {cls.__name__}(**{init_args!r}): {_describe(error)}") from None
+        raise _UsageError(f"cannot build {name}(**{init_args!r}): {_describe(error)}") from None
+    if not isinstance(model, nn.Module):
+        raise _UsageError(f"{name}(**{init_args!r}) returned a {type(model).__name__}, not a torch.nn.Module")
+    lr = _DEFAULT_LR if args.lr is None and args.layer_decay is not None else args.lr
     try:
         report = explain(
             model,
@@ -109,12 +167,13 @@ def _inspect(args: argparse.Namespace) -> str:
             mode=args.mode,
             exclude_embeddings=args.exclude_embeddings,
             exclude_1d=not args.decay_1d,
-            lr=args.lr,
+            lr=lr,
+            layer_decay=args.layer_decay,
         )
     except (TypeError, ValueError) as error:
         raise _UsageError(" ".join(str(error).split())) from None
     except (Exception, SystemExit) as error:  # the model's own no_weight_decay() runs here
-        raise _UsageError(f"cannot group the parameters of {cls.__name__}: {_describe(error)}") from None
+        raise _UsageError(f"cannot group the parameters of {type(model).__name__}: {_describe(error)}") from None
     return json.dumps(report.to_dict(), indent=2) if args.json else str(report)
 
 

@@ -163,8 +163,7 @@ def configure_adam(
     if fused not in (None, True, False):
         raise ValueError(f"fused={fused!r} is not valid; use None (fused where possible), True (require it) or False")
     _check_scheduler(scheduler)
-    grouping_options: dict[str, Any] = {} if layer_decay is None else {"layer_decay": layer_decay}
-    options = GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr, **grouping_options)
+    options = GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr, layer_decay)
     grouping = plan(module, options)
     groups = grouping.groups()
     check_parameters(module, groups, Adam.modes)

@@ -16,16 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_decay._checks import check_bool, check_mode, check_non_negative
+from lit_decay._checks import check_bool, check_mode, check_non_negative, is_real_number
 from lit_decay.modes import DECAY_MODES
 from lit_decay.rules import (
     DECAY,
     NO_DECAY,
     GroupSettings,
+    Layers,
     Placement,
+    find_layers,
     numel,
     parse_overrides,
     place_parameters,
+    unmatched_no_weight_decay,
     unwrap,
 )
 
@@ -53,10 +56,12 @@ class FrozenRow:
 
 @dataclass(frozen=True, kw_only=True)
 class GroupSummary(GroupSettings):
-    """One group of a ``GroupingReport``: its ``GroupSettings`` and how many tensors and elements it holds."""
+    """One group of a ``GroupingReport``: its ``GroupSettings``, how many tensors and elements it holds, and with
+    layer-wise learning-rate decay its layer (else None)."""
 
     tensors: int
     numel: int
+    layer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,9 @@ class GroupingReport:
     """Every grouping decision for a model: ``str(report)`` is a table, ``report.to_dict()`` is JSON-safe.
 
     With ``lr`` (the base learning rate given to ``explain`` or ``configure_adam``) the report also shows each
-    group's learning rate and, for decoupled groups, the decay timescale τ = 1/(lr·wd).
+    group's learning rate and, for decoupled groups, the decay timescale τ = 1/(lr·wd). With ``layer_decay`` it says
+    how the layers were found (``layering``), and its parameter table shows each tensor's layer and lr.
+    ``unmatched_no_weight_decay`` lists the names a ``no_weight_decay()`` returned that match no parameter.
 
     Examples:
         >>> report = explain(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), weight_decay=0.1)
@@ -133,6 +140,8 @@ class GroupingReport:
     # Tensors with ndim >= 2 kept out of decay only because their module's class name contains "Norm".
     norm_by_name: tuple[str, ...] = field(default=())
     lr: float | None = field(default=None)
+    layering: str | None = field(default=None)
+    unmatched_no_weight_decay: tuple[str, ...] = field(default=())
 
     def group_of(self, name: str) -> str:
         """The group of the parameter called ``name`` (its first name or any alias)."""
@@ -142,14 +151,16 @@ class GroupingReport:
         raise KeyError(f"{name!r} is not a trainable parameter of {self.model}")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict: ``model``, ``groups`` (each with its ``lr``, None without one), ``parameters`` (rows),
-        ``frozen`` and ``implementation``."""
+        """A JSON-safe dict: ``model``, ``groups`` (each with its ``layer`` and ``lr``, None without them),
+        ``parameters`` (rows), ``frozen``, ``implementation``, ``layering`` and ``unmatched_no_weight_decay``."""
         return {
             "model": self.model,
             "groups": [{**asdict(g), "lr": None if self.lr is None else g.scaled_lr(self.lr)} for g in self.groups],
             "parameters": [{**asdict(r), "shape": list(r.shape), "aliases": list(r.aliases)} for r in self.rows],
             "frozen": [{**asdict(r), "shape": list(r.shape)} for r in self.frozen],
             "implementation": self.implementation,
+            "layering": self.layering,
+            "unmatched_no_weight_decay": list(self.unmatched_no_weight_decay),
         }
 
     def group_table(self) -> Table:
@@ -185,11 +196,42 @@ class GroupingReport:
         return Table(("group", "lr", "τ = 1/(lr·wd) (steps)"), tuple(rows), numeric=(2,))
 
     def parameter_table(self, *, with_frozen: bool = False) -> Table:
-        """One row per trainable tensor: name, shape, numel, group and reason (with the names it is tied to);
-        ``with_frozen`` adds the frozen ones, in group ``frozen``."""
-        rows = [(r.name, _shape(r.shape), f"{r.numel:,}", r.group, r.reason + _tied(r.aliases)) for r in self.rows]
+        """One row per trainable tensor: name, shape, numel, group and reason (with the names it is tied to), and
+        with layer-wise lr decay its layer and lr; ``with_frozen`` adds the frozen ones, in group ``frozen``.
+
+        Examples:
+            >>> blocks = nn.Sequential(*(nn.Sequential(nn.Linear(2, 2, bias=False)) for _ in range(2)))
+            >>> report = explain(nn.Sequential(blocks, nn.Linear(2, 1)), lr=1.0, layer_decay=0.5)
+            >>> for line in report.parameter_table().text_lines():
+            ...     print(line)
+            name          shape   numel  group             layer    lr  reason
+            0.0.0.weight  (2, 2)      4  layer_1.decay         1  0.25  ndim=2 weight
+            0.1.0.weight  (2, 2)      4  layer_2.decay         2   0.5  ndim=2 weight
+            1.weight      (1, 2)      2  layer_3.decay         3     1  ndim=2 weight
+            1.bias        (1,)        1  layer_3.no_decay      3     1  bias
+        """
+        by_group = {g.name: g for g in self.groups}
+        layered = any(g.layer is not None for g in self.groups)
+
+        def layer_and_lr(group: str) -> tuple[str, ...]:
+            if not layered:
+                return ()
+            summary = by_group[group]
+            lr = "" if self.lr is None else f"{summary.scaled_lr(self.lr):g}"
+            return ("" if summary.layer is None else str(summary.layer), lr)
+
+        rows = [
+            (r.name, _shape(r.shape), f"{r.numel:,}", r.group, *layer_and_lr(r.group), r.reason + _tied(r.aliases))
+            for r in self.rows
+        ]
+        blank = ("", "") if layered else ()
         if with_frozen:
-            rows += [(f.name, _shape(f.shape), f"{f.numel:,}", "frozen", "requires_grad=False") for f in self.frozen]
+            rows += [
+                (f.name, _shape(f.shape), f"{f.numel:,}", "frozen", *blank, "requires_grad=False") for f in self.frozen
+            ]
+        if layered:
+            header = ("name", "shape", "numel", "group", "layer", "lr", "reason")
+            return Table(header, tuple(rows), numeric=(2, 4, 5))
         return Table(("name", "shape", "numel", "group", "reason"), tuple(rows), numeric=(2,))
 
     def frozen_table(self) -> Table:
@@ -205,6 +247,8 @@ class GroupingReport:
             f"{len(self.frozen)} frozen ({sum(r.numel for r in self.frozen):,} elements)",
             *_indented(self.group_table().text_lines()),
         ]
+        if self.layering:
+            lines.append(self.layering)
         lr_table = self.lr_table()
         if lr_table is not None:
             lines += [self._lr_title(), *_indented(lr_table.text_lines())]
@@ -219,6 +263,8 @@ class GroupingReport:
     def to_markdown(self) -> str:
         """The grouping as markdown tables (what the monitor writes to TensorBoard's text tab)."""
         lines = [f"**{self.model}**", "", *self.group_table().markdown_lines()]
+        if self.layering:
+            lines += ["", self.layering]
         lr_table = self.lr_table()
         if lr_table is not None:
             lines += ["", self._lr_title(), "", *lr_table.markdown_lines()]
@@ -245,6 +291,11 @@ class GroupingReport:
                 f"Check: {len(self.norm_by_name)} tensor(s) with ndim >= 2 kept out of decay only because their "
                 f"module's class name contains 'Norm' ({listed}); add an override for any that is a weight matrix"
             )
+        if self.unmatched_no_weight_decay:
+            notes.append(
+                "no_weight_decay() names matching no parameter (nothing is kept out of decay for them): "
+                + ", ".join(self.unmatched_no_weight_decay)
+            )
         return notes
 
 
@@ -266,8 +317,12 @@ class Plan:
 
     ``placements`` has one entry per trainable tensor (``lit_decay.rules.Placement``), ``frozen`` the
     ``(name, tensor)`` pairs left out, ``settings`` every group's settings in order (``"decay"``, ``"no_decay"``,
-    then each override's group where first named; a group no tensor lands in is dropped from the output), and ``lr``
-    the validated base learning rate, or None.
+    then each override's group where first named; a group no tensor lands in is dropped from the output), ``lr``
+    the validated base learning rate, or None, ``layers`` each parameter's layer with ``layer_decay`` (else None), and
+    ``unmatched_no_weight_decay`` the ``no_weight_decay()`` names that match no parameter.
+
+    With ``layers``, each of those groups is split by layer: group ``name`` of layer ``n`` becomes ``layer_n.name``,
+    layer by layer, with ``lr_scale`` the layer's factor times the group's own.
     """
 
     model: str
@@ -275,11 +330,13 @@ class Plan:
     frozen: tuple[tuple[str, torch.Tensor], ...]
     settings: tuple[GroupSettings, ...]
     lr: float | None = None
+    layers: Layers | None = None
+    unmatched_no_weight_decay: tuple[str, ...] = ()
 
     def groups(self) -> list[dict[str, Any]]:
         """The param-group dicts (see ``param_groups``)."""
         groups: list[dict[str, Any]] = []
-        for settings, members in self._members():
+        for settings, layer, members in self._members():
             group: dict[str, Any] = {
                 "name": settings.name,
                 "params": [(p.name, p.tensor) for p in members],
@@ -288,6 +345,8 @@ class Plan:
                 "weight_decay": settings.coefficient if DECAY_MODES[settings.mode].decays else 0.0,
                 "decoupled_weight_decay": DECAY_MODES[settings.mode].torch_term == "decoupled",
             }
+            if layer is not None:
+                group["layer"] = layer
             if settings.lr_scale is not None:
                 group["lr_scale"] = settings.lr_scale
                 if self.lr is not None:
@@ -305,30 +364,62 @@ class Plan:
 
     def report(self) -> GroupingReport:
         """The ``GroupingReport`` (see ``explain``)."""
+        members = self._members()
+        group_of = {id(p.tensor): settings.name for settings, _, placed in members for p in placed}
         rows = tuple(
-            ParameterRow(p.name, tuple(p.tensor.shape), numel(p.tensor), p.group, p.reason, p.aliases)
+            ParameterRow(p.name, tuple(p.tensor.shape), numel(p.tensor), group_of[id(p.tensor)], p.reason, p.aliases)
             for p in self.placements
         )
         summaries = tuple(
-            GroupSummary(**asdict(settings), tensors=len(members), numel=sum(numel(p.tensor) for p in members))
-            for settings, members in self._members()
+            GroupSummary(
+                **asdict(settings), tensors=len(placed), numel=sum(numel(p.tensor) for p in placed), layer=layer
+            )
+            for settings, layer, placed in members
         )
         frozen = tuple(FrozenRow(name, tuple(t.shape), numel(t)) for name, t in self.frozen)
         norm_by_name = tuple(p.name for p in self.placements if p.norm_by_name)
-        return GroupingReport(self.model, rows, frozen, summaries, norm_by_name=norm_by_name, lr=self.lr)
+        return GroupingReport(
+            self.model,
+            rows,
+            frozen,
+            summaries,
+            norm_by_name=norm_by_name,
+            lr=self.lr,
+            layering=None if self.layers is None else self.layers.describe(),
+            unmatched_no_weight_decay=self.unmatched_no_weight_decay,
+        )
 
-    def _members(self) -> list[tuple[GroupSettings, list[Placement]]]:
-        """Each group that holds at least one tensor, with its placements, in the order of ``settings``."""
-        members: dict[str, list[Placement]] = {settings.name: [] for settings in self.settings}
+    def _members(self) -> list[tuple[GroupSettings, int | None, list[Placement]]]:
+        """Each group that holds at least one tensor, with its layer (None without layer decay) and placements: in
+        the order of ``settings``, or layer by layer and within a layer in that order."""
+        if self.layers is None:
+            members: dict[str, list[Placement]] = {settings.name: [] for settings in self.settings}
+            for placement in self.placements:
+                members[placement.group].append(placement)
+            return [(settings, None, members[settings.name]) for settings in self.settings if members[settings.name]]
+        layers = self.layers
+        by_layer: dict[tuple[int, str], list[Placement]] = {}
         for placement in self.placements:
-            members[placement.group].append(placement)
-        return [(settings, members[settings.name]) for settings in self.settings if members[settings.name]]
+            # A tied tensor takes the layer of its first name.
+            by_layer.setdefault((layers.of_name[placement.name], placement.group), []).append(placement)
+        found: list[tuple[GroupSettings, int | None, list[Placement]]] = []
+        for layer in sorted({layer for layer, _ in by_layer}):
+            for settings in self.settings:
+                placed = by_layer.get((layer, settings.name))
+                if placed:
+                    scale = layers.factor(layer) * (1.0 if settings.lr_scale is None else settings.lr_scale)
+                    layered = replace(settings, name=f"layer_{layer}.{settings.name}", lr_scale=scale)
+                    found.append((layered, layer, placed))
+        return found
 
 
 @dataclass(frozen=True)
 class GroupingOptions:
     """The grouping options of ``param_groups`` (and ``explain``, ``lit_decay.configure_adam``,
-    ``lit_decay.add_param_groups``), as the user gave them: ``plan`` checks them."""
+    ``lit_decay.add_param_groups``), as the user gave them: ``plan`` checks them.
+
+    The fields keep their order (``layer_decay`` came last), so positional construction stays valid.
+    """
 
     weight_decay: float
     mode: str = "decoupled"
@@ -336,6 +427,34 @@ class GroupingOptions:
     exclude_1d: bool = True
     overrides: Iterable[Mapping[str, Any]] | None = ()
     lr: float | None = None
+    layer_decay: float | None = None
+
+
+def check_layer_decay(layer_decay: Any, lr: float | None) -> float | None:
+    """Return ``layer_decay`` as a float in (0, 1], or None; raise naming it if it is not one, or if there is no
+    ``lr`` to scale.
+
+    Examples:
+        >>> check_layer_decay(0.75, lr=1e-3), check_layer_decay(None, lr=None)
+        (0.75, None)
+        >>> check_layer_decay(1.5, lr=1e-3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: layer_decay must be a number in (0, 1] (each layer's lr is layer_decay times the next ...; got 1.5
+    """
+    if layer_decay is None:
+        return None
+    valid = "a number in (0, 1] (each layer's lr is layer_decay times the next one's, e.g. 0.75)"
+    if not is_real_number(layer_decay):
+        raise TypeError(f"layer_decay must be {valid}; got {layer_decay!r} of type {type(layer_decay).__name__}")
+    if not 0.0 < layer_decay <= 1.0:  # NaN fails this too
+        raise ValueError(f"layer_decay must be {valid}; got {layer_decay!r}")
+    if lr is None:
+        raise ValueError(
+            f"layer_decay={layer_decay!r} needs lr=, the base learning rate each layer's lr is scaled from "
+            "(configure_adam passes its own)"
+        )
+    return float(layer_decay)
 
 
 def plan(module: nn.Module, options: GroupingOptions) -> Plan:
@@ -359,6 +478,7 @@ def plan(module: nn.Module, options: GroupingOptions) -> Plan:
         raise TypeError(f"expected a torch.nn.Module (a LightningModule is one); got {type(module).__name__}")
     decay = GroupSettings(DECAY, check_mode(options.mode), check_non_negative("weight_decay", options.weight_decay))
     parsed = parse_overrides(options.overrides, mode=decay.mode, weight_decay=decay.coefficient)
+    layer_decay = check_layer_decay(options.layer_decay, lr)
     placements, frozen = place_parameters(
         module,
         overrides=parsed,
@@ -374,7 +494,9 @@ def plan(module: nn.Module, options: GroupingOptions) -> Plan:
     settings = {DECAY: decay, NO_DECAY: GroupSettings(NO_DECAY, "none", 0.0)}
     for override in parsed:
         settings.setdefault(override.name, override.settings)
-    return Plan(model, tuple(placements), tuple(frozen), tuple(settings.values()), lr)
+    layers = None if layer_decay is None else find_layers(module, decay=layer_decay)
+    unmatched = unmatched_no_weight_decay(module)
+    return Plan(model, tuple(placements), tuple(frozen), tuple(settings.values()), lr, layers, unmatched)
 
 
 def check_partition(groups: Sequence[Mapping[str, Any]], trainable: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -415,6 +537,7 @@ def param_groups(
     exclude_1d: bool = True,
     overrides: Iterable[Mapping[str, Any]] | None = (),
     lr: float | None = None,
+    layer_decay: float | None = None,
 ) -> list[dict[str, Any]]:
     """Adam parameter groups for ``module``: weights decayed, biases, norms and other no-decay parameters not.
 
@@ -432,6 +555,12 @@ def param_groups(
         overrides: ordered dicts with ``"pattern"`` (fnmatch on dotted names) and optional ``"name"``,
             ``"weight_decay"``, ``"lr_scale"`` and ``"mode"``; the first matching override takes the parameter.
         lr: the base learning rate; groups of overrides with ``lr_scale`` get ``"lr": lr * lr_scale``.
+        layer_decay: layer-wise learning-rate decay, a float in (0, 1] (needs ``lr``), as timm's ``layer_decay``
+            (the BEiT and ELECTRA fine-tuning recipes). The repeated blocks are found from the module tree; the
+            embeddings before them are layer 0, block ``i`` is layer ``i + 1``, the final norm and head after them
+            layer ``L + 1``, and each group's lr is ``lr * layer_decay ** (L + 1 - layer)`` (times an override's
+            ``lr_scale``). Groups are split by layer, named ``layer_{n}.decay``, ``layer_{n}.no_decay``, ...; each
+            has its ``"layer"``.
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -442,21 +571,36 @@ def param_groups(
         >>> groups[2]["lr"]
         0.01
         >>> optimizer = torch.optim.Adam(groups, lr=1e-3)
+
+        With layer-wise learning-rate decay, over a model whose blocks are ``blocks.0`` and ``blocks.1``:
+
+        >>> model = nn.ModuleDict(
+        ...     {"blocks": nn.ModuleList(nn.Sequential(nn.Linear(8, 8)) for _ in range(2)), "head": nn.Linear(8, 2)}
+        ... )
+        >>> groups = param_groups(model, weight_decay=0.1, lr=1e-3, layer_decay=0.5)
+        >>> [(g["name"], g["layer"], g["lr"]) for g in groups]  # doctest: +NORMALIZE_WHITESPACE
+        [('layer_1.decay', 1, 0.00025), ('layer_1.no_decay', 1, 0.00025), ('layer_2.decay', 2, 0.0005),
+         ('layer_2.no_decay', 2, 0.0005), ('layer_3.decay', 3, 0.001), ('layer_3.no_decay', 3, 0.001)]
     """
-    return plan(module, GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr)).groups()
+    options = GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr, layer_decay)
+    return plan(module, options).groups()
 
 
 def explain(
     module: nn.Module,
     *,
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.01,
     mode: str = "decoupled",
     exclude_embeddings: bool = False,
     exclude_1d: bool = True,
     overrides: Iterable[Mapping[str, Any]] | None = (),
     lr: float | None = None,
+    layer_decay: float | None = None,
 ) -> GroupingReport:
     """Explain how ``param_groups`` would group ``module``'s parameters (same options), one row per tensor.
+
+    ``weight_decay`` defaults to ``configure_adam``'s (AdamW's 0.01), so ``explain(model)`` shows what
+    ``configure_adam(model)`` does. With ``layer_decay`` the table also shows each tensor's layer and lr.
 
     With ``lr``, the base learning rate, the report also shows each group's learning rate (``lr * lr_scale``) and,
     for a decoupled group, its decay timescale τ = 1/(lr·wd) in optimizer steps: the weights forget their past over
@@ -483,4 +627,5 @@ def explain(
           group  lr     τ = 1/(lr·wd) (steps)
           decay  0.001                 10,000
     """
-    return plan(module, GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr)).report()
+    options = GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr, layer_decay)
+    return plan(module, options).report()

@@ -11,9 +11,11 @@ trainable tensor (tied tensors once, with their aliases) and the frozen ones apa
 5. a bias: "bias" is an underscore-separated part of the leaf name (``bias``, ``in_proj_bias``,
    ``relative_position_bias_table``) or of the attribute name of a module owning an embedding table (T5's
    ``relative_attention_bias``) → no decay;
-6. an embedding table, or a raw token / position-embedding parameter (``cls_token``, ``pos_embed``, ...) → decay, or
-   no decay with ``exclude_embeddings=True``;
-7. any other parameter with ``ndim <= 1`` → no decay, unless ``exclude_1d=False``;
+6. a raw token or position-embedding parameter (``cls_token``, ``pos_embed``, ``position_embeddings``, ...) → no
+   decay; an embedding table → decay, or no decay with ``exclude_embeddings=True``;
+7. any other parameter that is a vector once its size-1 dimensions are dropped (``ndim <= 1``, or per-channel such
+   as ``(1, 1, 1, C)`` and ``(C, 1, 1, 1)``), unless it is the weight of a linear, convolution or embedding layer
+   → no decay, unless ``exclude_1d=False``;
 8. everything else → decay.
 
 Wrappers (DDP, DataParallel, FSDP1, ``torch.compile``, activation checkpointing, Lightning's strategy wrapper) are
@@ -22,6 +24,8 @@ seen through, so names are the ones the user wrote. A parametrized tensor (``tor
 
 An override also sets its group's ``GroupSettings`` (mode, coefficient, lr_scale): the one type of a group's
 settings, which ``lit_decay.grouping`` writes into the optimizer's groups and into the report.
+
+For layer-wise learning-rate decay, ``find_layers`` numbers every parameter by the block it is in (``Layers``).
 """
 
 from __future__ import annotations
@@ -64,16 +68,27 @@ _NEVER_NORMALIZATION: tuple[type[nn.Module], ...] = (*_EMBEDDINGS, nn.Linear, nn
 # mamba_ssm (``modules/mamba_simple.py``, ``mamba2.py``) marks these ``_no_weight_decay``; ports such as transformers'
 # ``MambaMixer``/``Mamba2Mixer`` keep the parameters and drop the mark.
 _MAMBA_NO_DECAY = frozenset({"A_log", "D"})
-# Raw embedding parameters by the names timm and transformers give them: a token or a position table.
-_EMBEDDING_PARAMETERS = {
+# Raw embedding parameters by the names timm and transformers give them (timm: ``cls_token``, ``dist_token``,
+# ``reg_token``, ``pos_embed``, Swin's ``absolute_pos_embed``; transformers: DeiT's ``distillation_token``, DINOv2's
+# ``register_tokens``, ViT's ``mask_token`` and raw ``position_embeddings``). The ViT/DeiT/BEiT/Swin recipes keep them
+# out of decay; timm's models only get it right because their ``no_weight_decay()`` names them.
+_RAW_EMBEDDINGS = {
     "cls_token": "token",
     "dist_token": "token",
+    "distillation_token": "token",
     "reg_token": "token",
+    "register_tokens": "token",
     "mask_token": "token",
     "pos_embed": "position",
     "absolute_pos_embed": "position",
     "position_embeddings": "position",
 }
+# Layers whose ``weight`` is a matrix (or kernel) however thin: a ``Linear(d, 1)`` head is no per-channel scale.
+_WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, *_EMBEDDINGS)
+# A typo of a parameter's name spells nearly the same (difflib ratio: ``pos_embd``/``pos_embed`` 0.94,
+# ``proj.bais``/``proj.bias`` 0.89), unlike a token a timm model may simply not have (``dist_token``/``cls_token``
+# 0.74, ``reg_token``/``cls_token`` 0.67).
+_TYPO_RATIO = 0.8
 
 # torch.nn.utils.parametrize keeps ``<module>.<name>`` as ``<module>.parametrizations.<name>.original`` (or
 # ``original0``, ``original1``, ... when the parametrization's right_inverse returns several tensors).
@@ -228,18 +243,39 @@ def is_bias_name(leaf: str) -> bool:
     return "bias" in leaf.split("_")
 
 
+def is_vector(tensor: torch.Tensor) -> bool:
+    """True for a tensor that is a vector (or a scalar) once its size-1 dimensions are dropped: ``ndim <= 1``, or a
+    per-channel shape such as ConvNeXt-V2's GRN ``(1, 1, 1, C)`` or an NFNet conv gain ``(C, 1, 1, 1)``.
+
+    Examples:
+        >>> [is_vector(torch.empty(shape)) for shape in ((), (8,), (1, 1, 1, 8), (8, 1, 1, 1), (1, 8, 8))]
+        [True, True, True, True, False]
+    """
+    return sum(size > 1 for size in tensor.shape) <= 1
+
+
+def _channels(tensor: torch.Tensor) -> str:
+    """The shape with its one dimension of size > 1 written ``C``: ``(1, 1, 1, C)``."""
+    return "(" + ", ".join("C" if size > 1 else str(size) for size in tensor.shape) + ")"
+
+
 def parse_overrides(
     overrides: Iterable[Mapping[str, Any]] | None, *, mode: str = "decoupled", weight_decay: float = 0.0
 ) -> tuple[Override, ...]:
     """Validate ``overrides=`` entries into ``Override`` objects, or raise naming the bad entry.
 
     An entry without ``"mode"`` or ``"weight_decay"`` takes the ``"decay"`` group's, passed as ``mode`` and
-    ``weight_decay`` (already validated).
+    ``weight_decay`` (already validated). A group name may not contain ``"/"`` (the monitor's tags are
+    ``{prefix}/{metric}/{group}``).
 
     Examples:
         >>> (head,) = parse_overrides([{"pattern": "head.*", "lr_scale": 10.0}], mode="l2", weight_decay=0.1)
         >>> head.name, head.settings
         ('head.*', GroupSettings(name='head.*', mode='l2', coefficient=0.1, lr_scale=10.0))
+        >>> parse_overrides([{"pattern": "head.*", "name": "head/fast"}])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: overrides[0] 'name'='head/fast' contains '/', which would break the {prefix}/{metric}/{group} ...
     """
     if overrides is None:
         return ()
@@ -269,6 +305,13 @@ def parse_overrides(
             raise ValueError(f"{where} 'name' must be a non-empty string; got {name!r}")
         if name in (DECAY, NO_DECAY):
             raise ValueError(f"{where} 'name'={name!r} is reserved for the built-in groups; choose another name")
+        if "/" in name:
+            # The monitor's tags are {prefix}/{metric}/{group}: a "/" in a group name would read as another level.
+            named = f"'name'={name!r}" if "name" in entry else f"group name {name!r} (taken from its pattern)"
+            raise ValueError(
+                f"{where} {named} contains '/', which would break the {{prefix}}/{{metric}}/{{group}} tags the monitor "
+                "logs; give it a 'name' without '/'"
+            )
         written: dict[str, Any] = {}
         if "weight_decay" in entry:
             written["weight_decay"] = check_non_negative(f"{where} weight_decay", entry["weight_decay"])
@@ -332,27 +375,66 @@ def _match_no_weight_decay(names: Iterable[str], declared: Mapping[str, str]) ->
     return None
 
 
-def _warn_unmatched_no_weight_decay(root: nn.Module, declared: Mapping[str, str], names: Sequence[str]) -> None:
-    """Warn, per declaring module, about ``no_weight_decay()`` names that match no parameter (a typo such as
-    ``pos_embd`` would otherwise leave the intended tensor decayed without a word)."""
+def _unmatched(declared: Mapping[str, str], names: Sequence[str]) -> dict[str, list[str]]:
+    """The declared entries that match no name, by the path of the module that declared them."""
     unmatched: dict[str, list[str]] = {}
     for entry, path in declared.items():
         if not any(_matches_entry(name, entry) for name in names):
             unmatched.setdefault(path, []).append(entry)
-    for path, entries in unmatched.items():
+    return unmatched
+
+
+def _every_name(sites: Mapping[str, _Site]) -> list[str]:
+    """Every name a ``no_weight_decay()`` entry may match: all parameter names, aliases and frozen ones included, and
+    the names parametrized tensors stand for."""
+    return list(sites) + [site.name for site in sites.values() if site.parametrized]
+
+
+def unmatched_no_weight_decay(module: nn.Module) -> tuple[str, ...]:
+    """The names (full dotted names, sorted) that a ``no_weight_decay()`` of ``module`` or of a submodule returned
+    and that match no parameter: nothing is kept out of decay for them.
+
+    timm's ``VisionTransformer.no_weight_decay()`` returns ``{'pos_embed', 'cls_token', 'reg_token', 'dist_token'}``
+    whether or not the model has them (``timm/models/vision_transformer.py``), so an entry here is no fault by itself;
+    ``place_parameters`` warns only about one that looks like a typo of a parameter's name.
+
+    Examples:
+        >>> class Tokens(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+        ...
+        ...     def no_weight_decay(self):
+        ...         return ["cls_token", "dist_token"]
+        >>> unmatched_no_weight_decay(Tokens())
+        ('dist_token',)
+    """
+    root = unwrap(module)
+    declared = _no_weight_decay_names(root)
+    if not declared:
+        return ()
+    unmatched = _unmatched(declared, _every_name(_sites(root)))
+    return tuple(sorted(entry for entries in unmatched.values() for entry in entries))
+
+
+def _warn_no_weight_decay_typos(root: nn.Module, declared: Mapping[str, str], names: Sequence[str]) -> None:
+    """Warn, per declaring module, about ``no_weight_decay()`` names that match no parameter and spell nearly like one
+    (a typo such as ``pos_embd`` would otherwise leave the intended tensor decayed without a word). A name unlike any
+    parameter's is no typo: timm's models return tokens they may not have (``dist_token``, ``reg_token``)."""
+    for path, entries in _unmatched(declared, names).items():
         prefix = path + "." if path else ""
         local = [name[len(prefix) :] for name in names if name.startswith(prefix)]
         relative = sorted(entry[len(prefix) :] for entry in entries)
+        typos = [entry for entry in relative if difflib.get_close_matches(entry, local, n=1, cutoff=_TYPO_RATIO)]
+        if not typos:
+            continue
         # closest first, as difflib ranks them
-        nearest = dict.fromkeys(
-            m for entry in relative for m in difflib.get_close_matches(entry, local, n=3, cutoff=0.6)
-        )
+        nearest = dict.fromkeys(m for entry in typos for m in difflib.get_close_matches(entry, local, n=3, cutoff=0.6))
         owner = type(root.get_submodule(path)).__name__ if path else type(root).__name__
         where = f"{path} ({owner})" if path else f"the root module ({owner})"
         warnings.warn(
-            f"no_weight_decay() of {where} returned {', '.join(map(repr, relative))}, matching no parameter, so "
-            "nothing is kept out of decay for it (a typo?); nearest parameter names: "
-            + (", ".join(nearest) if nearest else "none close"),
+            f"no_weight_decay() of {where} returned {', '.join(map(repr, typos))}, matching no parameter, so "
+            "nothing is kept out of decay for it (a typo?); nearest parameter names: " + ", ".join(nearest),
             UserWarning,
             stacklevel=5,
         )
@@ -401,7 +483,7 @@ def _decide_by_rules(
             NO_DECAY, f"Mamba {leaf} of {owner_class} (mamba_ssm marks it _no_weight_decay)", RULE_NO_WEIGHT_DECAY
         )
     if is_normalization(owner):
-        if isinstance(owner, _TORCH_NORMS) or tensor.ndim < 2:
+        if isinstance(owner, _TORCH_NORMS) or is_vector(tensor):
             return _Decision(NO_DECAY, f"normalization layer {owner_class}", RULE_NORMALIZATION)
         return _Decision(
             NO_DECAY,
@@ -417,16 +499,18 @@ def _decide_by_rules(
     attribute = path.rpartition(".")[2]
     if isinstance(owner, _EMBEDDINGS) and is_bias_name(attribute):
         return _Decision(NO_DECAY, f"bias table (embedding {attribute}, name part 'bias')", RULE_BIAS)
-    kind = "embedding" if isinstance(owner, _EMBEDDINGS) else _EMBEDDING_PARAMETERS.get(leaf)
-    if kind is not None:
-        what = kind if kind == "embedding" else f"{kind} embedding"
+    kind = _RAW_EMBEDDINGS.get(leaf)
+    if kind is not None and not isinstance(owner, _EMBEDDINGS):
+        return _Decision(NO_DECAY, f"{kind} embedding ({leaf})", RULE_EMBEDDING)
+    if isinstance(owner, _EMBEDDINGS):
         if exclude_embeddings:
-            return _Decision(NO_DECAY, f"{what} (exclude_embeddings=True)", RULE_EMBEDDING)
-        return _Decision(DECAY, what, RULE_EMBEDDING)
-    if tensor.ndim <= 1:
+            return _Decision(NO_DECAY, "embedding (exclude_embeddings=True)", RULE_EMBEDDING)
+        return _Decision(DECAY, "embedding", RULE_EMBEDDING)
+    if is_vector(tensor) and not (leaf == "weight" and isinstance(owner, _WEIGHT_LAYERS)):
+        what = f"ndim={tensor.ndim} parameter" if tensor.ndim <= 1 else f"per-channel {_channels(tensor)} parameter"
         if exclude_1d:
-            return _Decision(NO_DECAY, f"ndim={tensor.ndim} parameter", RULE_1D)
-        return _Decision(DECAY, f"ndim={tensor.ndim} parameter (exclude_1d=False)", RULE_DEFAULT)
+            return _Decision(NO_DECAY, what, RULE_1D)
+        return _Decision(DECAY, f"{what} (exclude_1d=False)", RULE_DEFAULT)
     return _Decision(DECAY, f"ndim={tensor.ndim} weight", RULE_DEFAULT)
 
 
@@ -485,8 +569,7 @@ def place_parameters(
     declared = _no_weight_decay_names(root)
     sites = _sites(root)
     if declared:
-        every_name = list(sites) + [site.name for site in sites.values() if site.parametrized]
-        _warn_unmatched_no_weight_decay(root, declared, every_name)
+        _warn_no_weight_decay_typos(root, declared, _every_name(sites))
 
     names_by_tensor, tensors = _names_of_each_tensor(root)
     placements: list[Placement] = []
@@ -576,3 +659,128 @@ def _raise_shadowed(index: int, overrides: Sequence[Override], trainable: Sequen
 def numel(tensor: torch.Tensor) -> int:
     """Number of elements of the whole tensor (a DTensor's global size, not its shard)."""
     return math.prod(tensor.shape)
+
+
+# --- layer ids, for layer-wise learning-rate decay -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layers:
+    """Every parameter's layer for layer-wise learning-rate decay, numbered as BEiT's fine-tuning code does
+    (``get_num_layer_for_vit`` in ``beit/optim_factory.py``) and scaled as timm's ``param_groups_layer_decay``
+    (``timm/optim/_param_groups.py``): what comes before the repeated blocks (the embeddings) is layer 0, block ``i``
+    is layer ``i + 1``, what comes after the last block (final norm, head) is layer ``L + 1``. A layer's
+    learning-rate factor is ``decay ** (L + 1 - layer)``.
+
+    ``stacks`` are the lists of blocks, ``(dotted path, number of blocks)`` in module order (T5's encoder stack, then
+    its decoder stack); ``of_name`` maps every parameter name (aliases and frozen ones included) to its layer.
+
+    Examples:
+        >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Sequential(*(nn.Sequential(nn.Linear(4, 4)) for _ in "ab")))
+        >>> layers = find_layers(model, decay=0.5)
+        >>> layers.stacks, layers.blocks, layers.of_name["1.1.0.weight"], layers.factor(0)
+        ((('1', 2),), 2, 2, 0.125)
+    """
+
+    decay: float
+    stacks: tuple[tuple[str, int], ...]
+    of_name: Mapping[str, int]
+
+    @property
+    def blocks(self) -> int:
+        """L, the number of blocks of all stacks together."""
+        return sum(count for _, count in self.stacks)
+
+    def factor(self, layer: int) -> float:
+        """The learning-rate factor of ``layer``: ``decay ** (L + 1 - layer)``, 1 for the layer after the blocks."""
+        return float(self.decay ** (self.blocks + 1 - layer))
+
+    def describe(self) -> str:
+        """One line: where the blocks are and how the layers' learning rates follow from them."""
+        stacks = ", ".join(f"{path + '.' if path else ''}{{0..{count - 1}}}" for path, count in self.stacks)
+        last = self.blocks + 1
+        return (
+            f"Layer-wise lr decay {self.decay:g}: layer 0 before the blocks, layers 1-{self.blocks} the blocks "
+            f"({stacks}), layer {last} after them; lr = base lr * {self.decay:g} ** ({last} - layer)"
+        )
+
+
+def _block_stacks(root: nn.Module) -> list[tuple[str, list[str]]]:
+    """The lists of repeated blocks: every ``nn.ModuleList``/``nn.Sequential`` of two or more children of one class,
+    each a module of modules (a block, not one Linear) that holds parameters, and not itself inside such a block (a
+    Mixtral-style list of experts inside each layer is part of its layer). Returned as (dotted path, block paths), in
+    module order."""
+    found: list[tuple[str, list[str]]] = []
+    for raw_path, module in root.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or isinstance(
+            module, parametrize.ParametrizationList
+        ):
+            continue
+        children = list(module.named_children())
+        if len(children) < 2 or len({type(child) for _, child in children}) != 1:
+            continue
+        if not all(next(child.children(), None) is not None for _, child in children):
+            continue
+        if not all(next(child.parameters(), None) is not None for _, child in children):
+            continue
+        path = clean_name(raw_path)
+        if any(_within(path, outer) for outer, _ in found):
+            continue  # named_modules() lists an outer stack before what its blocks hold
+        found.append((path, [f"{path}.{name}" if path else name for name, _ in children]))
+    return found
+
+
+def _within(path: str, outer: str) -> bool:
+    return outer == "" or path.startswith(outer + ".")
+
+
+def find_layers(module: nn.Module, *, decay: float) -> Layers:
+    """Number every parameter of ``module`` by layer (see ``Layers``), finding the repeated blocks from the module tree:
+    GPT-2's ``h.N``, Llama's ``layers.N``, BERT's ``encoder.layer.N``, timm's ``blocks.N``, ... without configuration.
+
+    Several stacks side by side (T5's and BART's encoder and decoder) are numbered one after the other, in module
+    order, as the data flows through them: a T5 with 6 + 6 blocks has layers 1-6 in the encoder and 7-12 in the
+    decoder. A parameter between two stacks (the encoder's final norm) takes the layer of the block before it, as
+    timm's ``group_matcher`` puts a ViT's final norm with its last block. Order is that of ``named_parameters()``.
+
+    Raises ``ValueError`` when the module has no such blocks, saying what was looked for.
+
+    Examples:
+        >>> find_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), decay=0.75)
+        Traceback (most recent call last):
+        ...
+        ValueError: layer_decay=0.75 needs the model's repeated blocks, but Sequential has none: ...
+    """
+    root = unwrap(module)
+    stacks = _block_stacks(root)
+    if not stacks:
+        raise ValueError(
+            f"layer_decay={decay:g} needs the model's repeated blocks, but {type(root).__name__} has none: looked for "
+            "an nn.ModuleList or nn.Sequential of two or more blocks of one class (such as encoder.layer.N, h.N, "
+            "layers.N, blocks.N), each a module of modules holding parameters"
+        )
+    block_layer = {block: index for index, block in enumerate((b for _, blocks in stacks for b in blocks), start=1)}
+    names = [clean_name(name) for name, _ in root.named_parameters(remove_duplicate=False)]
+    in_block = [_layer_of_block(name, block_layer) for name in names]
+    placed = [index for index, layer in enumerate(in_block) if layer is not None]
+    first, last = placed[0], placed[-1]
+    of_name: dict[str, int] = {}
+    current = 0
+    for index, (name, layer) in enumerate(zip(names, in_block)):
+        if layer is not None:
+            current = layer
+        elif index > last:
+            current = len(block_layer) + 1
+        elif index < first:
+            current = 0
+        of_name.setdefault(name, current)
+    return Layers(decay, tuple((path, len(blocks)) for path, blocks in stacks), of_name)
+
+
+def _layer_of_block(name: str, block_layer: Mapping[str, int]) -> int | None:
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        layer = block_layer.get(".".join(parts[:end]))
+        if layer is not None:
+            return layer
+    return None

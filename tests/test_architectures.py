@@ -12,8 +12,10 @@ nanoGPT); ``PYTHONPATH=. python tests/test_architectures.py`` rewrites it after 
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -272,6 +274,84 @@ def batchnorm_cnn() -> nn.Module:
     )
 
 
+VIT_SIZES = {
+    "image_size": 16,
+    "patch_size": 4,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+}
+
+
+def vit_classifier() -> nn.Module:
+    return transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=3, **VIT_SIZES))
+
+
+def deit_with_teacher() -> nn.Module:
+    config = transformers.DeiTConfig(num_labels=3, **VIT_SIZES)
+    return transformers.DeiTForImageClassificationWithTeacher(config)
+
+
+def beit() -> nn.Module:
+    config = transformers.BeitConfig(
+        vocab_size=99,
+        use_mask_token=True,
+        use_absolute_position_embeddings=True,
+        use_relative_position_bias=True,
+        **VIT_SIZES,
+    )
+    return transformers.BeitModel(config)
+
+
+def convnext_v2() -> nn.Module:
+    config = transformers.ConvNextV2Config(
+        num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], patch_size=2, num_labels=3
+    )
+    return transformers.ConvNextV2ForImageClassification(config)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """An NFNet weight-standardised convolution, with timm's per-channel ``gain`` of shape ``(C, 1, 1, 1)``
+    (``timm/layers/std_conv.py``); DeepMind's NFNet recipe keeps every parameter named ``gain`` out of decay
+    (``nfnets/experiment.py``, ``_make_opt``)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1)
+        self.gain = nn.Parameter(torch.ones(out_channels, 1, 1, 1))
+
+
+class GRN(nn.Module):
+    """Global response normalization with its scale and shift as transformers' ``ConvNextV2GRN`` stores them:
+    ``(1, 1, 1, C)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, 1, 1, channels))
+        self.bias = nn.Parameter(torch.zeros(1, 1, 1, channels))
+
+
+class NFBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = ScaledStdConv2d(channels, channels)
+        self.grn = GRN(channels)
+        self.conv2 = ScaledStdConv2d(channels, channels)
+        self.skipinit_gain = nn.Parameter(torch.tensor(0.0))  # timm's NormFreeBlock
+
+
+class NormFreeNet(nn.Module):
+    """A toy with NFNet-style gains, ConvNeXt-V2-style GRNs, a classifier and a ``Linear(d, 1)`` score head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = ScaledStdConv2d(3, 8)
+        self.blocks = nn.Sequential(NFBlock(8), NFBlock(8))
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 10)
+        self.score = nn.Linear(8, 1)
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "bert": bert_model,
     "bert_mlm": bert_mlm,
@@ -296,6 +376,11 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "normed_embedding": NormedEmbeddingLM,
     "torch_transformer": torch_transformer,
     "batchnorm_cnn": batchnorm_cnn,
+    "vit_classifier": vit_classifier,
+    "deit_teacher": deit_with_teacher,
+    "beit": beit,
+    "convnext_v2": convnext_v2,
+    "norm_free": NormFreeNet,
 }
 
 
@@ -388,21 +473,42 @@ MOVED: dict[str, list[tuple[str, str, str]]] = {
     "t5": [("*.relative_attention_bias.weight", "no_decay", "no_decay")],
     "swin": [
         ("*.relative_position_bias_table", "no_decay", "no_decay"),
-        # timm's Swin/ViT recipes keep these out; HF and nanoGPT decay them: decayed unless exclude_embeddings.
-        ("embeddings.position_embeddings", "decay", "no_decay"),
-        ("embeddings.mask_token", "decay", "no_decay"),
+        # Raw token and position parameters: timm's Swin/ViT recipes keep them out (HF and nanoGPT decay them).
+        ("embeddings.position_embeddings", "no_decay", "no_decay"),
+        ("embeddings.mask_token", "no_decay", "no_decay"),
     ],
-    "vit": [("embeddings.cls_token", "decay", "no_decay"), ("embeddings.position_embeddings", "decay", "no_decay")],
+    "vit": [
+        ("embeddings.cls_token", "no_decay", "no_decay"),
+        ("embeddings.position_embeddings", "no_decay", "no_decay"),
+    ],
     "vit_mask_token": [
-        ("embeddings.cls_token", "decay", "no_decay"),
-        ("embeddings.mask_token", "decay", "no_decay"),
-        ("embeddings.position_embeddings", "decay", "no_decay"),
+        ("embeddings.cls_token", "no_decay", "no_decay"),
+        ("embeddings.mask_token", "no_decay", "no_decay"),
+        ("embeddings.position_embeddings", "no_decay", "no_decay"),
     ],
     # mamba_ssm sets _no_weight_decay on both; transformers' port drops the mark.
     "mamba": [("*.mixer.A_log", "no_decay", "no_decay"), ("*.mixer.D", "no_decay", "no_decay")],
     "mamba2": [("*.mixer.A_log", "no_decay", "no_decay"), ("*.mixer.D", "no_decay", "no_decay")],
     # An embedding table despite the "Norm" in its class name.
     "normed_embedding": [("embed_tokens.weight", "decay", "no_decay")],
+    "vit_classifier": [
+        ("vit.embeddings.cls_token", "no_decay", "no_decay"),
+        ("vit.embeddings.position_embeddings", "no_decay", "no_decay"),
+    ],
+    "deit_teacher": [
+        ("deit.embeddings.cls_token", "no_decay", "no_decay"),
+        ("deit.embeddings.distillation_token", "no_decay", "no_decay"),
+        ("deit.embeddings.position_embeddings", "no_decay", "no_decay"),
+    ],
+    "beit": [
+        ("embeddings.cls_token", "no_decay", "no_decay"),
+        ("embeddings.mask_token", "no_decay", "no_decay"),
+        ("embeddings.position_embeddings", "no_decay", "no_decay"),
+        ("*.relative_position_bias_table", "no_decay", "no_decay"),
+    ],
+    # Per-channel (1, 1, 1, C) and (C, 1, 1, 1) scales: vectors once their size-1 dimensions are dropped (rule 7).
+    "convnext_v2": [("*.grn.weight", "no_decay", "decay")],
+    "norm_free": [("*gain", "no_decay", "decay"), ("*.grn.weight", "no_decay", "decay")],
 }
 
 
@@ -484,11 +590,12 @@ def test_reasons_of_the_moved_tensors() -> None:
     rows = rows_of(lit_decay.explain(swin()))
     table = rows["encoder.layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table"]
     assert (table.group, table.reason) == ("no_decay", "bias table (name part 'bias')")
-    assert rows["embeddings.position_embeddings"].reason == "position embedding"
-    rows = rows_of(lit_decay.explain(vit_with_mask_token(), exclude_embeddings=True))
-    assert rows["embeddings.cls_token"].reason == "token embedding (exclude_embeddings=True)"
-    assert rows["embeddings.mask_token"].reason == "token embedding (exclude_embeddings=True)"
-    assert rows["embeddings.position_embeddings"].reason == "position embedding (exclude_embeddings=True)"
+    assert rows["embeddings.position_embeddings"].reason == "position embedding (position_embeddings)"
+    for options in ({}, {"exclude_embeddings": True}):
+        rows = rows_of(lit_decay.explain(vit_with_mask_token(), **options))
+        assert rows["embeddings.cls_token"].reason == "token embedding (cls_token)"
+        assert rows["embeddings.mask_token"].reason == "token embedding (mask_token)"
+        assert rows["embeddings.position_embeddings"].reason == "position embedding (position_embeddings)"
     rows = rows_of(lit_decay.explain(mamba(), exclude_1d=False))
     assert rows["backbone.layers.1.mixer.A_log"].reason == (
         "Mamba A_log of MambaMixer (mamba_ssm marks it _no_weight_decay)"
@@ -499,6 +606,278 @@ def test_reasons_of_the_moved_tensors() -> None:
     rows = rows_of(lit_decay.explain(NormedEmbeddingLM()))
     assert (rows["embed_tokens.weight"].group, rows["embed_tokens.weight"].reason) == ("decay", "embedding")
     assert rows["embed_tokens.embed_norm.weight"].reason == "normalization layer InklingRMSNorm"
+
+
+# --- vision models: every tensor, from tables written against the model classes ---------------------------------------
+
+NORM = "normalization layer LayerNorm"
+# The transformer tensors of HF ViT, DeiT and BEiT blocks, whichever model holds them.
+VIT_BLOCK = [
+    ("*.layernorm*", "no_decay", NORM),
+    ("*.bias", "no_decay", "bias"),
+    ("*.patch_embeddings.projection.weight", "decay", "ndim=4 weight"),
+    ("*.weight", "decay", "ndim=2 weight"),  # attention and MLP projections, classifiers
+]
+# model -> [(fnmatch pattern, group, reason)]: the first pattern matching a tensor's name says where it goes; every
+# pattern must match a tensor. The same with exclude_embeddings=True (no table here) and with exclude_1d=False except
+# for the per-channel and 1-D parameters named in VECTORS.
+EVERY_TENSOR: dict[str, list[tuple[str, str, str]]] = {
+    "vit_classifier": [
+        ("vit.embeddings.cls_token", "no_decay", "token embedding (cls_token)"),
+        ("vit.embeddings.position_embeddings", "no_decay", "position embedding (position_embeddings)"),
+        *VIT_BLOCK,
+    ],
+    "deit_teacher": [
+        ("deit.embeddings.cls_token", "no_decay", "token embedding (cls_token)"),
+        ("deit.embeddings.distillation_token", "no_decay", "token embedding (distillation_token)"),
+        ("deit.embeddings.position_embeddings", "no_decay", "position embedding (position_embeddings)"),
+        *VIT_BLOCK,
+    ],
+    "beit": [
+        ("embeddings.cls_token", "no_decay", "token embedding (cls_token)"),
+        ("embeddings.mask_token", "no_decay", "token embedding (mask_token)"),
+        ("embeddings.position_embeddings", "no_decay", "position embedding (position_embeddings)"),
+        ("layers.*.lambda_[12]", "no_decay", "ndim=1 parameter"),  # layer scale
+        ("*.relative_position_bias_table", "no_decay", "bias table (name part 'bias')"),
+        *VIT_BLOCK,
+    ],
+    "convnext_v2": [
+        ("*.grn.weight", "no_decay", "per-channel (1, 1, 1, C) parameter"),
+        ("*.grn.bias", "no_decay", "bias"),
+        ("convnextv2.layernorm.*", "no_decay", NORM),
+        ("*layernorm.*", "no_decay", "normalization layer ConvNextV2LayerNorm"),
+        ("*.downsampling_layer.0.*", "no_decay", "normalization layer ConvNextV2LayerNorm"),
+        ("*.bias", "no_decay", "bias"),
+        ("*.patch_embeddings.weight", "decay", "ndim=4 weight"),
+        ("*.downsampling_layer.1.weight", "decay", "ndim=4 weight"),
+        ("*.dwconv.weight", "decay", "ndim=4 weight"),  # (C, 1, 7, 7): a depthwise kernel, not a vector
+        ("*.weight", "decay", "ndim=2 weight"),  # pwconv1, pwconv2 (Linear), classifier
+    ],
+    "norm_free": [
+        ("*.gain", "no_decay", "per-channel (C, 1, 1, 1) parameter"),
+        ("blocks.*.skipinit_gain", "no_decay", "ndim=0 parameter"),
+        ("*.grn.weight", "no_decay", "per-channel (1, 1, 1, C) parameter"),
+        ("norm.*", "no_decay", NORM),
+        ("*.bias", "no_decay", "bias"),
+        ("score.weight", "decay", "ndim=2 weight"),  # Linear(8, 1): a (1, C) weight, still a linear layer's
+        ("head.weight", "decay", "ndim=2 weight"),
+        ("*.weight", "decay", "ndim=4 weight"),
+    ],
+}
+VECTORS = ("*.gain", "*skipinit_gain", "*.grn.weight", "layers.*.lambda_[12]")
+
+
+def expected_from(table: list[tuple[str, str, str]], names: list[str], decay_1d: bool) -> dict[str, tuple[str, str]]:
+    expected: dict[str, tuple[str, str]] = {}
+    used: set[str] = set()
+    for name in names:
+        pattern, group, reason = next(entry for entry in table if fnmatch.fnmatchcase(name, entry[0]))
+        used.add(pattern)
+        if decay_1d and any(fnmatch.fnmatchcase(name, vector) for vector in VECTORS):
+            group, reason = "decay", f"{reason} (exclude_1d=False)"
+        expected[name] = (group, reason)
+    assert used == {pattern for pattern, _, _ in table}, "a pattern of the table matches no tensor"
+    return expected
+
+
+@pytest.mark.parametrize("options", [{}, {"exclude_embeddings": True}, {"exclude_1d": False}], ids=str)
+@pytest.mark.parametrize("name", list(EVERY_TENSOR))
+def test_every_tensor_of_the_vision_models(name: str, options: dict[str, bool]) -> None:
+    model = MODELS[name]()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no no_weight_decay() here, and nothing to warn about
+        report = lit_decay.explain(model, **options)
+    found = {row.name: (row.group, row.reason) for row in report.rows}
+    assert found == expected_from(EVERY_TENSOR[name], names, decay_1d=options.get("exclude_1d") is False)
+
+
+# --- layer-wise learning-rate decay against timm's rule -------------------------------------------------------------
+
+# timm's MATCH_PREV_GROUP (timm/models/_manipulate.py): a matcher suffix that joins the previous layer.
+MATCH_PREV_GROUP = 99999
+
+
+def timm_layer_scales(model: nn.Module, group_matcher: dict[str, Any], layer_decay: float) -> dict[str, float]:
+    """{parameter name: lr scale} by timm's ``param_groups_layer_decay`` (``timm/optim/_param_groups.py``), written
+    again from its source: layer ids from ``group_parameters(model, model.group_matcher(coarse=False),
+    reverse=True)`` (``group_with_matcher`` in ``timm/models/_manipulate.py``: each regex's ordinal, then its
+    captured numbers, then its suffix; unmatched names last; a MATCH_PREV_GROUP suffix stays in the previous
+    layer), then ``layer_decay ** (layer_max - layer_id)`` with ``layer_max = num_layers - 1``."""
+    compiled: list[tuple[re.Pattern[str], tuple[float, ...], tuple[float, ...] | None]] = []
+    for ordinal, spec in enumerate(group_matcher.values()):
+        for regex, suffix in spec if isinstance(spec, list) else [(spec, None)]:
+            compiled.append((re.compile(regex), (ordinal,), suffix))
+
+    def ordinals(name: str) -> tuple[float, ...]:
+        for regex, prefix, suffix in compiled:
+            match = regex.match(name)
+            if match:
+                return tuple(float(x) for part in (prefix, match.groups(), suffix) if part for x in part)
+        return (math.inf,)
+
+    by_ordinals: dict[tuple[float, ...], list[str]] = {}
+    for name, _ in model.named_parameters():
+        by_ordinals.setdefault(ordinals(name), []).append(name)
+    layer_id: dict[str, int] = {}
+    current = -1
+    for key in sorted(by_ordinals):
+        if current < 0 or key[-1] != MATCH_PREV_GROUP:
+            current += 1
+        layer_id.update(dict.fromkeys(by_ordinals[key], current))
+    layer_max = max(layer_id.values())
+    return {name: layer_decay ** (layer_max - layer) for name, layer in layer_id.items()}
+
+
+def lrs_by_name(groups: list[dict[str, Any]]) -> dict[str, float]:
+    return {name: group["lr"] for group in groups for name, _ in group["params"]}
+
+
+# timm's ViT matcher (``VisionTransformer.group_matcher``) in the names of transformers' ViT, and the same for BERT:
+# the embeddings a stem, each block its own layer, everything else (final norm, pooler, head) after them.
+HF_VIT_MATCHER = {"stem": r"^vit\.embeddings", "blocks": [(r"^vit\.layers\.(\d+)", None)]}
+HF_BERT_MATCHER = {"stem": r"^embeddings", "blocks": [(r"^encoder\.layer\.(\d+)", None)]}
+
+
+def vit_four_blocks() -> nn.Module:
+    return transformers.ViTForImageClassification(transformers.ViTConfig(**{**VIT_SIZES, "num_hidden_layers": 4}))
+
+
+def bert_four_blocks() -> nn.Module:
+    return transformers.BertModel(transformers.BertConfig(hidden_size=32, **{**SMALL, "num_hidden_layers": 4}))
+
+
+@pytest.mark.parametrize(
+    ("build", "matcher", "stacks"),
+    [
+        (vit_four_blocks, HF_VIT_MATCHER, (("vit.layers", 4),)),
+        (bert_four_blocks, HF_BERT_MATCHER, (("encoder.layer", 4),)),
+    ],
+    ids=["vit", "bert"],
+)
+@pytest.mark.parametrize("layer_decay", [0.75, 0.5, 1.0])
+def test_layer_decay_gives_timms_learning_rates(
+    build: Callable[[], nn.Module], matcher: dict[str, Any], stacks: tuple[tuple[str, int], ...], layer_decay: float
+) -> None:
+    model = build()
+    lr = 3e-4
+    groups = lit_decay.param_groups(model, weight_decay=0.05, lr=lr, layer_decay=layer_decay)
+    scales = timm_layer_scales(model, matcher, layer_decay)
+    found = lrs_by_name(groups)
+    assert set(found) == set(scales)
+    for name, scale in scales.items():
+        assert found[name] == pytest.approx(lr * scale), name
+    assert len({g["layer"] for g in groups}) == 4 + 2
+    assert lit_decay.explain(model, lr=lr, layer_decay=layer_decay).layering.count("{0..3}") == 1
+    from lit_decay.rules import find_layers
+
+    assert find_layers(model, decay=layer_decay).stacks == stacks
+
+
+def test_timms_own_vit_matcher_keeps_the_final_norm_with_the_last_block() -> None:
+    """timm's ``VisionTransformer.group_matcher`` adds ``(r'^norm', (99999,))``: the final norm joins the last block
+    (one factor below the head). lit_decay, as BEiT's ``get_num_layer_for_vit`` and the contract, puts it after the
+    blocks with the head: that tensor, and only it, differs."""
+    model = vit_classifier()
+    timm_vit = {**HF_VIT_MATCHER, "blocks": [*HF_VIT_MATCHER["blocks"], (r"^vit\.layernorm", (MATCH_PREV_GROUP,))]}
+    scales = timm_layer_scales(model, timm_vit, 0.5)
+    found = lrs_by_name(lit_decay.param_groups(model, weight_decay=0.05, lr=1.0, layer_decay=0.5))
+    differing = {name for name, scale in scales.items() if found[name] != pytest.approx(scale)}
+    assert differing == {"vit.layernorm.weight", "vit.layernorm.bias"}
+    assert (scales["vit.layernorm.weight"], found["vit.layernorm.weight"]) == (0.5, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "stacks", "layers"),
+    [
+        (
+            "gpt2",
+            (("transformer.h", 2),),
+            {"transformer.wte.weight": 0, "transformer.h.1.attn.c_attn.weight": 2, "transformer.ln_f.weight": 3},
+        ),
+        (
+            "llama",
+            (("model.layers", 2),),
+            {
+                "model.embed_tokens.weight": 0,
+                "model.layers.0.self_attn.q_proj.weight": 1,
+                "model.norm.weight": 3,
+                "lm_head.weight": 3,
+            },
+        ),
+        (
+            "bert_mlm",
+            (("bert.encoder.layer", 2),),
+            {
+                "bert.embeddings.word_embeddings.weight": 0,
+                "bert.encoder.layer.1.output.dense.weight": 2,
+                "cls.predictions.transform.dense.weight": 3,
+            },
+        ),
+        # T5's encoder then decoder, one after the other; the encoder's final norm goes with its last block.
+        (
+            "t5",
+            (("encoder.block", 2), ("decoder.block", 2)),
+            {
+                "shared.weight": 0,
+                "encoder.block.1.layer.1.DenseReluDense.wi.weight": 2,
+                "encoder.final_layer_norm.weight": 2,
+                "decoder.block.0.layer.1.EncDecAttention.q.weight": 3,
+                "decoder.final_layer_norm.weight": 5,
+            },
+        ),
+        (
+            "beit",
+            (("layers", 2),),
+            {
+                "embeddings.cls_token": 0,
+                "layers.1.relative_position_bias.relative_position_bias_table": 2,
+                "pooler.layernorm.weight": 3,
+            },
+        ),
+        (
+            "convnext_v2",
+            (("convnextv2.encoder.stages", 2),),
+            {
+                "convnextv2.embeddings.layernorm.weight": 0,
+                "convnextv2.encoder.stages.1.layers.0.grn.weight": 2,
+                "classifier.weight": 3,
+            },
+        ),
+    ],
+)
+def test_blocks_are_found_without_configuration(
+    name: str, stacks: tuple[tuple[str, int], ...], layers: dict[str, int]
+) -> None:
+    model = MODELS[name]()
+    groups = lit_decay.param_groups(model, weight_decay=0.1, lr=1.0, layer_decay=0.5)
+    layer_of = {n: g["layer"] for g in groups for n, _ in g["params"]}
+    for tensor_name, layer in layers.items():
+        assert layer_of[tensor_name] == layer, tensor_name
+    from lit_decay.rules import find_layers
+
+    assert find_layers(model, decay=0.5).stacks == stacks
+
+
+def test_tied_head_takes_the_layer_of_its_first_name() -> None:
+    model = gpt2_small()
+    groups = lit_decay.param_groups(model, weight_decay=0.1, lr=1.0, layer_decay=0.5)
+    (embedding,) = [g for g in groups if "transformer.wte.weight" in dict(g["params"])]
+    assert (embedding["name"], embedding["layer"], embedding["lr"]) == ("layer_0.decay", 0, 0.125)
+    assert all("lm_head.weight" not in dict(g["params"]) for g in groups)
+
+
+def test_vit_base_on_the_meta_device_has_twelve_blocks() -> None:
+    with torch.device("meta"):
+        model = transformers.ViTModel(transformers.ViTConfig())
+    report = lit_decay.explain(model, lr=1e-3, layer_decay=0.65)
+    assert (
+        report.layering is not None
+        and "layers 1-12 the blocks (layers.{0..11}), layer 13 after them" in report.layering
+    )
+    assert {g.layer for g in report.groups} == set(range(14))
+    lrs = {g.layer: g.scaled_lr(1e-3) for g in report.groups}
+    assert lrs[13] == 1e-3 and lrs[0] == pytest.approx(1e-3 * 0.65**13)
 
 
 # --- lit_decay vs the Hugging Face Trainer vs timm vs nanoGPT, for docs/grouping.md -------------------------------
@@ -517,9 +896,14 @@ FAMILIES = {
     "whisper": "Whisper (`WhisperForConditionalGeneration`)",
     "wav2vec2": "wav2vec 2.0 (`Wav2Vec2Model`)",
     "vit_mask_token": "ViT (`ViTModel`, with mask token)",
+    "vit_classifier": "ViT (`ViTForImageClassification`)",
+    "deit_teacher": "DeiT (`DeiTForImageClassificationWithTeacher`)",
+    "beit": "BEiT (`BeitModel`, mask token, absolute and relative positions)",
     "swin": "Swin (`SwinModel`, absolute positions, mask token)",
     "clip": "CLIP (`CLIPModel`)",
     "convnext": "ConvNeXt (`ConvNextModel`)",
+    "convnext_v2": "ConvNeXt-V2 (`ConvNextV2ForImageClassification`)",
+    "norm_free": "NFNet-style gains and GRN (toy)",
     "mamba": "Mamba (`MambaForCausalLM`)",
     "mamba2": "Mamba2 (`Mamba2ForCausalLM`)",
     "normed_embedding": "`*NormedEmbedding` LM",
@@ -532,11 +916,11 @@ TOOLS = ("HF Trainer", "timm", "nanoGPT")
 def others_decay(model: nn.Module) -> dict[str, dict[str, bool]]:
     """{tool: {first name: decayed?}} for the trainable tensors, each tool's rule applied to ``model``.
 
-    - HF Trainer: transformers' own ``Trainer.get_decay_parameter_names`` (LayerNorm instances and names containing
-      "bias", "layernorm", "rmsnorm", or a "norm"/"_norm" segment are not decayed);
-    - timm's ``param_groups_weight_decay``: not decayed when ``ndim <= 1``, the name ends in ".bias", or the name is in
-      the model's ``no_weight_decay()``;
-    - nanoGPT's ``configure_optimizers``: decayed when ``dim() >= 2``.
+    - HF Trainer: transformers' own ``Trainer.get_decay_parameter_names`` (``transformers/trainer.py``: LayerNorm
+      instances and names containing "bias", "layernorm", "rmsnorm", or a "norm"/"_norm" segment are not decayed);
+    - timm's ``param_groups_weight_decay`` (``timm/optim/_param_groups.py``): not decayed when ``ndim <= 1``, the name
+      ends in ".bias", or the name is in the model's ``no_weight_decay()``;
+    - nanoGPT's ``GPT.configure_optimizers`` (``model.py``): decayed when ``dim() >= 2``.
     """
     hf = set(transformers.Trainer.get_decay_parameter_names(None, model))  # the method reads nothing from self
     declared = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()

@@ -203,16 +203,72 @@ def test_lr_shows_each_groups_lr_and_timescale(
     assert "Learning rates" not in out  # without --lr there is no lr to show
 
 
+def test_a_function_building_a_hugging_face_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = run_main(
+        ["inspect", "examples.models:tiny_vit", "--init-args", '{"num_labels": 3}', "--json"], capsys, monkeypatch
+    )
+    assert (code, err) == (0, "")
+    data = json.loads(out)
+    assert data["model"] == "ViTForImageClassification"
+    rows = {row["name"]: (row["group"], row["reason"]) for row in data["parameters"]}
+    assert rows["vit.embeddings.cls_token"] == ("no_decay", "token embedding (cls_token)")
+    assert rows["classifier.weight"] == ("decay", "ndim=2 weight")
+    assert [g["coefficient"] for g in data["groups"]] == [0.01, 0.0]  # configure_adam's default weight decay
+
+
+def test_layer_decay_shows_each_tensors_layer_and_lr(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, _ = run_main(["inspect", "examples.models:TinyGPT", "--layer-decay", "0.5"], capsys, monkeypatch)
+    assert code == 0
+    lines = out.splitlines()
+    # without --lr, configure_adam's lr=1e-3 is the base
+    assert "Learning rates at base lr=0.001:" in lines
+    assert any(line.startswith("Layer-wise lr decay 0.5: ") and "blocks.{0..1}" in line for line in lines)
+    assert re.search(r"^name\s+shape\s+numel\s+group\s+layer\s+lr\s+reason$", out, re.M)
+    assert re.search(r"^tok_emb\.weight\s+\(65, 64\)\s+4,160\s+layer_0\.decay\s+0\s+0\.000125\s+embedding", out, re.M)
+    assert re.search(r"^blocks\.1\.ln_1\.bias\s+\(64,\)\s+64\s+layer_2\.no_decay\s+2\s+0\.0005\s+", out, re.M)
+    assert re.search(r"^ln_f\.weight\s+\(64,\)\s+64\s+layer_3\.no_decay\s+3\s+0\.001\s+", out, re.M)
+    code, out, _ = run_main(
+        ["inspect", "examples.models:TinyGPT", "--layer-decay", "0.5", "--lr", "0.1", "--json"], capsys, monkeypatch
+    )
+    data = json.loads(out)
+    # lm_head is tied to tok_emb, so it is in layer 0; after the blocks only the final norm is left (no decay)
+    assert [(g["name"], g["layer"]) for g in data["groups"]] == [
+        ("layer_0.decay", 0),
+        ("layer_1.decay", 1),
+        ("layer_1.no_decay", 1),
+        ("layer_2.decay", 2),
+        ("layer_2.no_decay", 2),
+        ("layer_3.no_decay", 3),
+    ]
+    assert data["groups"][0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
 # --- the same errors in-process (what main() returns and prints) ----------------------------------------------------
 
 ERRORS = {
     "nonexistent module": (["inspect", "no_such_package.models:Net"], "no_such_package"),
     "nonexistent class": (["inspect", "examples.models:NoSuchNet"], "NoSuchNet"),
-    "not a class": (["inspect", "examples.models:F"], "not a class"),
-    "not a class (function)": (["inspect", "os.path:join"], "not a class"),
-    "no colon": (["inspect", "examples.models"], "MODULE:CLASS"),
-    "empty class": (["inspect", "examples.models:"], "MODULE:CLASS"),
-    "empty module": (["inspect", ":TinyGPT"], "MODULE:CLASS"),
+    "a module, not a class": (["inspect", "examples.models:F"], "is a module, not a class or a function"),
+    "not callable": (["inspect", "os:sep"], "is a str, not a class or a function returning a module"),
+    "function needing arguments": (["inspect", "os.path:join"], "join needs argument(s) a: give them with --init-args"),
+    "class needing arguments": (
+        ["inspect", "torch.nn:Linear", "--init-args", '{"bias": false}'],
+        "Linear needs argument(s) in_features, out_features: give them with --init-args JSON, e.g. --init-args "
+        '\'{"bias": false, "in_features": ..., "out_features": ...}\'',
+    ),
+    "hugging face class needing a config": (
+        ["inspect", "transformers:BertModel"],
+        "BertModel needs argument(s) config: give them with --init-args JSON, e.g. --init-args '{\"config\": ...}'; "
+        "for one JSON cannot write (a config object), inspect a function that builds the model",
+    ),
+    "function returning no module": (["inspect", "os:getcwd"], "getcwd(**{}) returned a str, not a torch.nn.Module"),
+    "no colon": (["inspect", "examples.models"], "MODULE:NAME"),
+    "empty class": (["inspect", "examples.models:"], "MODULE:NAME"),
+    "empty module": (["inspect", ":TinyGPT"], "MODULE:NAME"),
     "bad json": (["inspect", "examples.models:TinyGPT", "--init-args", "{n_layer: 1}"], "JSON"),
     "json not an object": (["inspect", "examples.models:TinyGPT", "--init-args", "[1]"], "JSON object"),
     "unknown init arg": (["inspect", "examples.models:TinyGPT", "--init-args", '{"layers": 1}'], "layers"),
@@ -224,6 +280,14 @@ ERRORS = {
     "bad weight decay": (["inspect", "examples.models:MLP", "--weight-decay", "-1"], "-1"),
     "bad lr": (["inspect", "examples.models:MLP", "--lr", "-0.5"], "lr must be a finite number >= 0; got -0.5"),
     "no trainable parameters": (["inspect", "torch.nn:Identity"], "no trainable parameters"),
+    "bad layer decay": (
+        ["inspect", "examples.models:TinyGPT", "--layer-decay", "1.5"],
+        "layer_decay must be a number in (0, 1]",
+    ),
+    "layer decay without blocks": (
+        ["inspect", "examples.models:MLP", "--layer-decay", "0.75"],
+        "layer_decay=0.75 needs the model's repeated blocks, but MLP has none",
+    ),
 }
 
 

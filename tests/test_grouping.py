@@ -277,7 +277,16 @@ def test_report_str_is_a_table() -> None:
 
 def test_report_to_dict_is_json() -> None:
     data = json.loads(json.dumps(reported().to_dict()))
-    assert set(data) == {"model", "groups", "parameters", "frozen", "implementation"}
+    assert set(data) == {
+        "model",
+        "groups",
+        "parameters",
+        "frozen",
+        "implementation",
+        "layering",
+        "unmatched_no_weight_decay",
+    }
+    assert (data["layering"], data["unmatched_no_weight_decay"]) == (None, [])
     assert data["model"] == "Reported"
     for row in data["parameters"]:
         assert set(row) == {"name", "shape", "numel", "group", "reason", "aliases"}
@@ -291,6 +300,7 @@ def test_report_to_dict_is_json() -> None:
     }
     assert data["frozen"][0] == {"name": "frozen.weight", "shape": [3, 4], "numel": 12}
     assert [g["name"] for g in data["groups"]] == ["decay", "no_decay", "norms"]
+    assert [(g["layer"], g["lr"]) for g in data["groups"]] == [(None, 1e-3), (None, 1e-3), (None, 5e-4)]
 
 
 def test_report_summary_totals() -> None:
@@ -499,6 +509,26 @@ def test_reserved_override_name(name: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("entry", "shown"),
+    [
+        ({"pattern": "0.*", "name": "encoder/fast"}, r"overrides\[0\] 'name'='encoder/fast' contains '/'"),
+        ({"pattern": "0/*"}, r"overrides\[0\] group name '0/\*' \(taken from its pattern\) contains '/'"),
+    ],
+    ids=["name", "pattern-as-name"],
+)
+def test_group_name_with_a_slash_is_refused(entry: dict[str, Any], shown: str) -> None:
+    for build in (lit_decay.param_groups, lit_decay.explain):
+        with pytest.raises(ValueError, match=shown) as error:
+            build(small_model(), weight_decay=0.1, overrides=[entry])
+        assert "{prefix}/{metric}/{group}" in str(error.value)
+
+
+def test_explain_defaults_to_configure_adams_weight_decay() -> None:
+    (decay, _) = lit_decay.explain(small_model()).groups
+    assert (decay.name, decay.mode, decay.coefficient) == ("decay", "decoupled", 0.01)
+
+
+@pytest.mark.parametrize(
     ("key", "value", "error", "shown"),
     [
         ("lr_scale", -1.0, ValueError, "-1.0"),
@@ -703,3 +733,183 @@ def test_tied_tensor_is_decided_by_any_excluding_alias(kinds: list[str], exclude
     groups = lit_decay.param_groups(model, weight_decay=0.1, exclude_embeddings=exclude_embeddings)
     assert layout(groups) == [(group, [names[0]])]
     assert groups[0]["params"][0][1] is shared
+
+
+# --- layer-wise learning-rate decay ---------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+
+
+class Layered(nn.Module):
+    """Embeddings, a stack of three blocks, a final norm and a head whose weight is tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.tokens = nn.Embedding(10, 4)
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 10)
+        self.head.weight = self.tokens.weight
+
+
+def test_layer_decay_splits_groups_by_layer_and_decay() -> None:
+    groups = lit_decay.param_groups(Layered(), weight_decay=0.1, lr=1.0, layer_decay=0.5)
+    assert [(g["name"], g["layer"], g["lr"], g["lr_scale"], [n for n, _ in g["params"]]) for g in groups] == [
+        ("layer_0.decay", 0, 0.0625, 0.0625, ["tokens.weight"]),
+        ("layer_0.no_decay", 0, 0.0625, 0.0625, ["cls_token"]),
+        ("layer_1.decay", 1, 0.125, 0.125, ["blocks.0.fc.weight"]),
+        ("layer_1.no_decay", 1, 0.125, 0.125, ["blocks.0.fc.bias", "blocks.0.norm.weight", "blocks.0.norm.bias"]),
+        ("layer_2.decay", 2, 0.25, 0.25, ["blocks.1.fc.weight"]),
+        ("layer_2.no_decay", 2, 0.25, 0.25, ["blocks.1.fc.bias", "blocks.1.norm.weight", "blocks.1.norm.bias"]),
+        ("layer_3.decay", 3, 0.5, 0.5, ["blocks.2.fc.weight"]),
+        ("layer_3.no_decay", 3, 0.5, 0.5, ["blocks.2.fc.bias", "blocks.2.norm.weight", "blocks.2.norm.bias"]),
+        # the head's weight is the embedding's tensor: it takes the layer of its first name, tokens.weight
+        ("layer_4.no_decay", 4, 1.0, 1.0, ["norm.weight", "norm.bias", "head.bias"]),
+    ]
+    for group in groups:
+        assert (group["weight_decay"] > 0) is group["name"].endswith(".decay")
+        assert "/" not in group["name"]
+    torch.optim.AdamW(groups, lr=1.0)  # torch takes them as they are
+
+
+def test_layer_decay_report_shows_each_tensors_layer_and_lr() -> None:
+    report = lit_decay.explain(Layered(), weight_decay=0.1, lr=1e-3, layer_decay=0.5)
+    assert report.layering == (
+        "Layer-wise lr decay 0.5: layer 0 before the blocks, layers 1-3 the blocks (blocks.{0..2}), layer 4 after "
+        "them; lr = base lr * 0.5 ** (4 - layer)"
+    )
+    text = str(report)
+    assert report.layering in text.splitlines()
+    assert re.search(r"^\s+group\s+lr\s+τ", text, re.M)
+    assert re.search(
+        r"^blocks\.1\.fc\.weight\s+\(4, 4\)\s+16\s+layer_2\.decay\s+2\s+0\.00025\s+ndim=2 weight$", text, re.M
+    )
+    assert re.search(r"^head\.bias\s+\(10,\)\s+10\s+layer_4\.no_decay\s+4\s+0\.001\s+bias$", text, re.M)
+    data = json.loads(json.dumps(report.to_dict()))
+    for row in data["parameters"]:
+        assert set(row) == {"name", "shape", "numel", "group", "reason", "aliases"}
+    assert [(g["name"], g["layer"], g["lr"]) for g in data["groups"]][:2] == [
+        ("layer_0.decay", 0, 1e-3 * 0.5**4),
+        ("layer_0.no_decay", 0, 1e-3 * 0.5**4),
+    ]
+    assert data["layering"] == report.layering
+    markdown = report.to_markdown()
+    assert "| name | shape | numel | group | layer | lr | reason |" in markdown
+    assert {r.name: r.group for r in report.rows} == {
+        n: g["name"]
+        for g in lit_decay.param_groups(Layered(), weight_decay=0.1, lr=1e-3, layer_decay=0.5)
+        for n, _ in g["params"]
+    }
+
+
+def test_layer_decay_multiplies_an_overrides_lr_scale_and_splits_it_by_layer() -> None:
+    overrides = [{"pattern": "*.norm.*", "name": "norms", "lr_scale": 10.0, "weight_decay": 0.0}]
+    groups = lit_decay.param_groups(Layered(), weight_decay=0.1, lr=1.0, layer_decay=0.5, overrides=overrides)
+    norms = [(g["name"], g["lr"]) for g in groups if g["name"].endswith(".norms")]
+    assert norms == [("layer_1.norms", 1.25), ("layer_2.norms", 2.5), ("layer_3.norms", 5.0)]
+    # the final norm (norm.*) is not matched by "*.norm.*": it stays in layer 4's no_decay group
+    assert [n for n, _ in groups[-1]["params"]] == ["norm.weight", "norm.bias", "head.bias"]
+
+
+def test_layer_decay_of_one_keeps_every_lr_and_still_names_the_layers() -> None:
+    groups = lit_decay.param_groups(Layered(), weight_decay=0.1, lr=1e-3, layer_decay=1.0)
+    assert {g["lr"] for g in groups} == {1e-3}
+    assert [g["layer"] for g in groups] == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+
+
+def test_frozen_blocks_still_count_as_layers() -> None:
+    model = Layered()
+    model.blocks[0].requires_grad_(False)
+    groups = lit_decay.param_groups(model, weight_decay=0.1, lr=1.0, layer_decay=0.5)
+    assert [g["name"] for g in groups][:3] == ["layer_0.decay", "layer_0.no_decay", "layer_2.decay"]
+    assert groups[2]["lr"] == 0.25
+
+
+class EncoderDecoder(nn.Module):
+    """Two stacks side by side, as T5 and BART have, with a norm between them; blocks hold inner lists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.encoder = nn.ModuleDict({"block": nn.ModuleList(Block() for _ in range(2)), "final_norm": nn.LayerNorm(4)})
+        self.decoder = nn.ModuleDict({"block": nn.Sequential(*(Block() for _ in range(3)))})
+        for block in self.decoder["block"]:
+            block.experts = nn.ModuleList(nn.Sequential(nn.Linear(4, 4)) for _ in range(4))  # inside a block: no stack
+        self.head = nn.Linear(4, 10, bias=False)
+
+
+def test_stacks_side_by_side_are_numbered_one_after_the_other() -> None:
+    from lit_decay.rules import find_layers
+
+    layers = find_layers(EncoderDecoder(), decay=0.5)
+    assert layers.stacks == (("encoder.block", 2), ("decoder.block", 3))
+    assert layers.blocks == 5
+    expected = {
+        "embed.weight": 0,
+        "encoder.block.1.fc.weight": 2,
+        "encoder.final_norm.weight": 2,  # between the stacks: with the block before it
+        "decoder.block.0.norm.bias": 3,
+        "decoder.block.2.experts.3.0.weight": 5,
+        "head.weight": 6,
+    }
+    assert {name: layers.of_name[name] for name in expected} == expected
+    assert layers.factor(6) == 1.0 and layers.factor(0) == 0.5**6
+
+
+def test_blocks_are_found_through_wrappers() -> None:
+    model = Layered()
+    compiled = torch.compile(model)
+    names = [g["name"] for g in lit_decay.param_groups(compiled, weight_decay=0.1, lr=1.0, layer_decay=0.5)]
+    assert names == [g["name"] for g in lit_decay.param_groups(model, weight_decay=0.1, lr=1.0, layer_decay=0.5)]
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "shown"),
+    [
+        (0.0, ValueError, "got 0.0"),
+        (1.5, ValueError, "got 1.5"),
+        (-0.5, ValueError, "got -0.5"),
+        (math.nan, ValueError, "got nan"),
+        ("0.75", TypeError, "got '0.75' of type str"),
+        (True, TypeError, "got True of type bool"),
+    ],
+)
+def test_bad_layer_decay(value: Any, error: type[Exception], shown: str) -> None:
+    for build in (lit_decay.param_groups, lit_decay.explain):
+        with pytest.raises(error, match=rf"layer_decay must be a number in \(0, 1\].*{re.escape(shown)}"):
+            build(Layered(), weight_decay=0.1, lr=1e-3, layer_decay=value)
+
+
+def test_layer_decay_needs_lr() -> None:
+    with pytest.raises(ValueError, match=r"layer_decay=0\.75 needs lr="):
+        lit_decay.param_groups(Layered(), weight_decay=0.1, layer_decay=0.75)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        small_model(),  # a Sequential of different layers
+        nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)),  # layers, not blocks
+        nn.ModuleDict({"blocks": nn.ModuleList([Block()]), "head": nn.Linear(4, 2)}),  # one block repeats nothing
+    ],
+    ids=["mixed", "layers", "one-block"],
+)
+def test_layer_decay_without_repeated_blocks_says_what_it_looked_for(module: nn.Module) -> None:
+    with pytest.raises(
+        ValueError, match=r"layer_decay=0\.75 needs the model's repeated blocks, but \w+ has none"
+    ) as error:
+        lit_decay.explain(module, lr=1e-3, layer_decay=0.75)
+    assert "encoder.layer.N, h.N, layers.N, blocks.N" in str(error.value)
+
+
+def test_grouping_options_keep_their_positional_order() -> None:
+    options = GroupingOptions(0.1, "decoupled", False, True, (), 1e-3)
+    assert options.layer_decay is None
+    layered = plan(Layered(), GroupingOptions(0.1, "decoupled", False, True, (), 1.0, 0.5))
+    assert [g["layer"] for g in layered.groups()][-1] == 4

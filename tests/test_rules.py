@@ -736,32 +736,144 @@ def test_attention_bias_tables_are_not_decayed(exclude_embeddings: bool) -> None
 
 
 class RawEmbeddings(nn.Module):
-    """timm's and transformers' raw embedding parameters, with no ``no_weight_decay()``."""
+    """timm's and transformers' raw embedding parameters, with no ``no_weight_decay()``, beside embedding tables."""
+
+    TOKENS = ("cls_token", "dist_token", "distillation_token", "reg_token", "register_tokens", "mask_token")
+    POSITIONS = ("pos_embed", "absolute_pos_embed", "position_embeddings")
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("cls_token", "dist_token", "reg_token", "mask_token"):
+        for name in self.TOKENS:
             setattr(self, name, nn.Parameter(torch.zeros(1, 1, 4)))
-        for name in ("pos_embed", "absolute_pos_embed", "position_embeddings"):
+        for name in self.POSITIONS:
             setattr(self, name, nn.Parameter(torch.zeros(1, 5, 4)))
-        self.head_token = nn.Parameter(torch.zeros(1, 1, 4))  # no conventional name: an ordinary weight
+        self.register_tokens = nn.Parameter(torch.zeros(1, 4, 4))  # DINOv2's: several tokens
+        self.prompt_tokens = nn.Parameter(torch.zeros(1, 3, 4))  # no conventional name: an ordinary weight
+        # BERT's tables: an nn.Embedding called position_embeddings is a table, not a raw parameter.
+        self.text = nn.ModuleDict({"position_embeddings": nn.Embedding(8, 4), "word_embeddings": nn.Embedding(9, 4)})
 
 
-def test_raw_token_and_position_embeddings_follow_exclude_embeddings() -> None:
-    tokens = ("cls_token", "dist_token", "reg_token", "mask_token")
-    positions = ("pos_embed", "absolute_pos_embed", "position_embeddings")
-    assert decisions(RawEmbeddings()) == {
-        **dict.fromkeys(tokens, ("decay", "token embedding")),
-        **dict.fromkeys(positions, ("decay", "position embedding")),
-        "head_token": ("decay", "ndim=3 weight"),
+RAW_TOKENS = {name: ("no_decay", f"token embedding ({name})") for name in RawEmbeddings.TOKENS}
+RAW_POSITIONS = {name: ("no_decay", f"position embedding ({name})") for name in RawEmbeddings.POSITIONS}
+
+
+@pytest.mark.parametrize("options", [{}, {"exclude_1d": False}], ids=["default", "decay_1d"])
+def test_raw_token_and_position_embeddings_are_not_decayed_and_tables_are(options: dict[str, bool]) -> None:
+    assert decisions(RawEmbeddings(), **options) == {
+        **RAW_TOKENS,
+        **RAW_POSITIONS,
+        "prompt_tokens": ("decay", "ndim=3 weight"),
+        "text.position_embeddings.weight": ("decay", "embedding"),
+        "text.word_embeddings.weight": ("decay", "embedding"),
     }
+
+
+def test_exclude_embeddings_takes_the_tables_out_and_leaves_the_tokens_as_they_are() -> None:
+    table = ("no_decay", "embedding (exclude_embeddings=True)")
     assert decisions(RawEmbeddings(), exclude_embeddings=True) == {
-        **dict.fromkeys(tokens, ("no_decay", "token embedding (exclude_embeddings=True)")),
-        **dict.fromkeys(positions, ("no_decay", "position embedding (exclude_embeddings=True)")),
-        "head_token": ("decay", "ndim=3 weight"),
+        **RAW_TOKENS,
+        **RAW_POSITIONS,
+        "prompt_tokens": ("decay", "ndim=3 weight"),
+        "text.position_embeddings.weight": table,
+        "text.word_embeddings.weight": table,
     }
-    # A no_weight_decay() declaration still comes first (rule 3).
+    # A no_weight_decay() declaration still comes first (rule 3), and an override before it (rule 2).
     assert decisions(ViTLike())["cls_token"] == ("no_decay", "no_weight_decay() of the root module")
+    overridden = decisions(RawEmbeddings(), overrides=[{"pattern": "cls_token", "name": "tokens"}])["cls_token"]
+    assert overridden == ("tokens", "override 'tokens' (cls_token)")
+
+
+# --- rule 7: vectors once size-1 dimensions are dropped -----------------------------------------------------------
+
+
+class GRN(nn.Module):
+    """ConvNeXt-V2's global response normalization as transformers writes it (``ConvNextV2GRN``): ``(1, 1, 1, C)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, 1, 1, channels))
+        self.bias = nn.Parameter(torch.zeros(1, 1, 1, channels))
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """An NFNet weight-standardised convolution (timm's ``ScaledStdConv2d``): a per-channel ``gain``, ``(C, 1, 1, 1)``.
+
+    Its shape is timm's (``timm/layers/std_conv.py``); DeepMind's NFNet recipe keeps every ``gain`` out of decay.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3)
+        self.gain = nn.Parameter(torch.ones(out_channels, 1, 1, 1))
+
+
+class PerChannel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.grn = GRN(8)
+        self.conv = ScaledStdConv2d(3, 8)
+        self.depthwise = nn.Conv2d(8, 8, 1, groups=8, bias=False)  # (C, 1, 1, 1): a convolution's kernel
+        self.score = nn.Linear(8, 1, bias=False)  # (1, C): a linear layer's weight
+        self.narrow = nn.Conv2d(8, 1, 1, bias=False)  # (1, C, 1, 1)
+        self.one = nn.Embedding(1, 8)  # (1, C): an embedding table of one row
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+        self.temperature = nn.Parameter(torch.ones(1, 1))
+        self.matrix = nn.Parameter(torch.ones(1, 8, 8))
+
+
+def test_per_channel_tensors_are_vectors_but_layer_weights_are_not() -> None:
+    layer_weights = {
+        "conv.weight": ("decay", "ndim=4 weight"),
+        "depthwise.weight": ("decay", "ndim=4 weight"),
+        "score.weight": ("decay", "ndim=2 weight"),
+        "narrow.weight": ("decay", "ndim=4 weight"),
+        "one.weight": ("decay", "embedding"),
+        "matrix": ("decay", "ndim=3 weight"),
+    }
+    assert decisions(PerChannel()) == {
+        "grn.weight": ("no_decay", "per-channel (1, 1, 1, C) parameter"),
+        "grn.bias": ("no_decay", "bias"),
+        "conv.gain": ("no_decay", "per-channel (C, 1, 1, 1) parameter"),
+        "conv.bias": ("no_decay", "bias"),
+        "scale": ("no_decay", "per-channel (1, C, 1, 1) parameter"),
+        "temperature": ("no_decay", "per-channel (1, 1) parameter"),
+        **layer_weights,
+    }
+    assert decisions(PerChannel(), exclude_1d=False) == {
+        "grn.weight": ("decay", "per-channel (1, 1, 1, C) parameter (exclude_1d=False)"),
+        "grn.bias": ("no_decay", "bias"),
+        "conv.gain": ("decay", "per-channel (C, 1, 1, 1) parameter (exclude_1d=False)"),
+        "conv.bias": ("no_decay", "bias"),
+        "scale": ("decay", "per-channel (1, C, 1, 1) parameter (exclude_1d=False)"),
+        "temperature": ("decay", "per-channel (1, 1) parameter (exclude_1d=False)"),
+        **layer_weights,
+    }
+    from lit_decay import rules
+
+    placements, _ = rules.place_parameters(PerChannel())
+    assert {p.name: p.rule for p in placements}["grn.weight"] == rules.RULE_1D
+
+
+def test_a_norm_by_class_name_with_a_per_channel_scale_is_no_check_case() -> None:
+    class ChannelNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(1, 8, 1, 1))
+
+    report = lit_decay.explain(nn.ModuleDict({"norm": ChannelNorm()}))
+    assert report.rows[0].reason == "normalization layer ChannelNorm"
+    assert report.norm_by_name == ()
+
+
+def test_a_parametrized_linear_weight_stays_a_weight() -> None:
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(nn.Linear(8, 1))
+    parametrizations.weight_norm(model[0])  # original0 is the norm, (1, 1); original1 the direction, (1, 8)
+    assert decisions(model) == {
+        "0.bias": ("no_decay", "bias"),
+        "0.parametrizations.weight.original0": ("decay", "ndim=2 weight (parametrized 0.weight)"),
+        "0.parametrizations.weight.original1": ("decay", "ndim=2 weight (parametrized 0.weight)"),
+    }
 
 
 # --- the reach of the name heuristics, made visible ------------------------------------------------------------------
@@ -823,7 +935,7 @@ def test_unmatched_no_weight_decay_names_warn_with_the_nearest_names() -> None:
         "out of decay for it (a typo?); nearest parameter names: pos_embed",
     ]
     assert caught[0].filename == __file__  # points at the caller's line
-    assert found["pos_embed"] == ("decay", "position embedding")
+    assert found["pos_embed"] == ("no_decay", "position embedding (pos_embed)")  # rule 6 catches it anyway
 
 
 def test_no_weight_decay_names_that_match_do_not_warn() -> None:
@@ -833,6 +945,68 @@ def test_no_weight_decay_names_that_match_do_not_warn() -> None:
         warnings.simplefilter("error")
         lit_decay.explain(model)
         lit_decay.explain(ViTLike())
+
+
+class TimmViT(nn.Module):
+    """timm's ``VisionTransformer.no_weight_decay()`` returns ``{'pos_embed', 'cls_token', 'reg_token',
+    'dist_token'}`` whether or not the model has them (``timm/models/vision_transformer.py``); DeiT without
+    distillation and ViT without registers have neither of the last two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 4))
+        self.blocks = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        self.head = nn.Linear(4, 2)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "reg_token", "dist_token"}
+
+
+def test_timm_superset_names_are_listed_not_warned() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = lit_decay.explain(TimmViT())
+    assert report.unmatched_no_weight_decay == ("dist_token", "reg_token")
+    assert report.to_dict()["unmatched_no_weight_decay"] == ["dist_token", "reg_token"]
+    note = (
+        "no_weight_decay() names matching no parameter (nothing is kept out of decay for them): dist_token, reg_token"
+    )
+    assert note in report.summary().splitlines()
+    assert note in str(report).splitlines()
+    assert note in report.to_markdown().splitlines()
+    assert decisions(TimmViT())["cls_token"] == ("no_decay", "no_weight_decay() of the root module")
+    assert lit_decay.explain(ViTLike()).unmatched_no_weight_decay == ()
+    assert "no_weight_decay() names" not in str(lit_decay.explain(ViTLike()))
+
+
+def test_a_typo_is_still_named_beside_absent_timm_tokens() -> None:
+    class Typo(TimmViT):
+        def no_weight_decay(self) -> set[str]:
+            return {"pos_embd", "cls_token", "reg_token", "dist_token"}
+
+    with pytest.warns(UserWarning) as caught:
+        report = lit_decay.explain(Typo())
+    assert [str(w.message) for w in caught] == [
+        "no_weight_decay() of the root module (Typo) returned 'pos_embd', matching no parameter, so nothing is kept "
+        "out of decay for it (a typo?); nearest parameter names: pos_embed"
+    ]
+    assert report.unmatched_no_weight_decay == ("dist_token", "pos_embd", "reg_token")
+
+
+@pytest.mark.parametrize(
+    ("entry", "typo"),
+    [("pos_embd", True), ("cls_tokn", True), ("head.bais", True), ("dist_token", False), ("reg_token", False)],
+)
+def test_what_counts_as_a_typo(entry: str, typo: bool) -> None:
+    class Declares(TimmViT):
+        def no_weight_decay(self) -> set[str]:
+            return {entry}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lit_decay.explain(Declares())
+    assert len([w for w in caught if "no_weight_decay()" in str(w.message)]) == int(typo)
 
 
 # --- parametrized tensors (torch.nn.utils.parametrize) ---------------------------------------------------------------
