@@ -12,37 +12,30 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lit_decay.configure import report_of
-from lit_decay.diagnostics import peak_lr, timescale_warning
 from lit_decay.modes import DECAY_MODES, group_names, rule_of
 from lit_decay.rules import RULE_BIAS, RULE_NORMALIZATION, Placement, clean_name, place_parameters
 
 AUDIT = "WeightDecayMonitor audit"
 
 
-def audit_messages(
-    module: nn.Module,
-    optimizers: Sequence[Optimizer],
-    run_steps: float | None = None,
-    *,
-    scheduled: bool = False,
-) -> list[str]:
-    """Warnings about how ``optimizers`` decay ``module``'s parameters; an empty list when nothing looks wrong.
+def audit_messages(module: nn.Module, optimizers: Sequence[Optimizer]) -> list[str]:
+    """Warnings about defects in how ``optimizers`` decay ``module``'s parameters; an empty list when there is none.
 
     - trainable parameters that are in no optimizer;
     - a hand-built optimizer (not ``configure_adam``'s) that decays normalization or bias parameters;
-    - groups asking for an L1 mode without lit_decay's L1 penalty attached, so that nothing applies it;
-    - decoupled groups whose decay timescale τ = 1/(lr·wd), at the peak lr, exceeds the run of ``run_steps``
-      optimizer steps (Wang & Aitchison, 2024). Skipped when the run's length is unknown (None) or when a
-      weight-decay schedule rewrites the coefficients during the run (``scheduled=True``).
+    - groups asking for a mode only ``lit_decay.Adam`` applies (the L1 modes) in another optimizer, which reads
+      their strength as its own decay.
+
+    Information (a decay timescale longer than the run) is no defect: it goes to the grouping summary and the
+    TensorBoard text (``lit_decay.diagnostics.timescale_advice``), as LearningRateMonitor stays quiet.
 
     Examples:
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
         >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-        >>> for message in audit_messages(model, [optimizer], run_steps=1_000):
+        >>> for message in audit_messages(model, [optimizer]):
         ...     print(message[:90])
         WeightDecayMonitor audit: optimizer 0 (AdamW) applies weight decay to 3 normalization or b
-        WeightDecayMonitor audit: optimizer 0 (AdamW) group 'pg1' has decay timescale τ = 1/(lr·wd
     """
     messages = _missing_parameters(module, optimizers)
     try:
@@ -60,9 +53,6 @@ def audit_messages(
         if report_of(optimizer) is None and placements is not None:
             messages.extend(_decayed_norms_and_biases(label, optimizer, placements))
         messages.extend(_unapplied_modes(label, optimizer, group_labels))
-    if run_steps is not None and not scheduled:
-        for label, optimizer, group_labels in zip(labels, optimizers, names):
-            messages.extend(_long_timescales(label, optimizer, group_labels, run_steps))
     return messages
 
 
@@ -122,14 +112,3 @@ def _unapplied_modes(label: str, optimizer: Optimizer, names: Sequence[str]) -> 
         f"{type(optimizer).__name__} reads their weight_decay as its own decay instead. Build the optimizer with "
         "lit_decay.configure_adam(...) or lit_decay.Adam(param_groups)."
     ]
-
-
-def _long_timescales(label: str, optimizer: Optimizer, names: Sequence[str], run_steps: float) -> list[str]:
-    messages = []
-    for name, group in zip(names, optimizer.param_groups):
-        rule = rule_of(optimizer, group)
-        if rule.mode.timescale and rule.active:
-            message = timescale_warning(f"{label} group {name!r}", peak_lr(group), rule.strength, run_steps)
-            if message is not None:
-                messages.append(message)
-    return messages

@@ -6,6 +6,7 @@ It groups the module's parameters (``lit_decay.grouping``), refuses what Adam or
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lit_decay._checks import check_betas, check_bool, check_non_negative
+from lit_decay.diagnostics import timescale_findings
 from lit_decay.grouping import GroupingOptions, GroupingReport, plan
 from lit_decay.modes import DecayMode
 from lit_decay.optim import Adam, describe_implementation
@@ -180,10 +182,26 @@ def configure_adam(
         kernel += f" ({amp_note})"
     optimizer.grouping_source = (module, options)
     optimizer.grouping_report = grouping.report().with_implementation(kernel)
-    if verbose:
-        optimizer._summary = f"lit_decay: {optimizer.grouping_report.summary()}"
-    if scheduler is None:
-        return optimizer
+    built: Any = optimizer
     if isinstance(scheduler, Mapping):
-        return {"optimizer": optimizer, "lr_scheduler": {**scheduler, "scheduler": scheduler["scheduler"](optimizer)}}
-    return {"optimizer": optimizer, "lr_scheduler": scheduler(optimizer)}
+        built = {"optimizer": optimizer, "lr_scheduler": {**scheduler, "scheduler": scheduler["scheduler"](optimizer)}}
+    elif scheduler is not None:
+        built = {"optimizer": optimizer, "lr_scheduler": scheduler(optimizer)}
+    if verbose:  # after the scheduler: a warmup's first lr of 0 is no peak
+        findings = timescale_findings(optimizer, [str(g["name"]) for g in optimizer.param_groups], _run_length(module))
+        optimizer._summary = "\n".join([f"lit_decay: {optimizer.grouping_report.summary()}", *findings])
+    return built
+
+
+def _run_length(module: nn.Module) -> float | None:
+    """The run's optimizer steps, where the module is attached to a Trainer that knows them (Lightning documents
+    ``trainer.estimated_stepping_batches`` for use in ``configure_optimizers``); None when a
+    ``WeightDecayScheduler`` will rewrite the coefficients, which makes the ones at fit start moot."""
+    trainer = getattr(module, "_trainer", None)
+    if any(type(c).__name__ == "WeightDecayScheduler" for c in getattr(trainer, "callbacks", ())):
+        return None
+    try:
+        steps = float(trainer.estimated_stepping_batches)  # type: ignore[union-attr]
+    except Exception:  # not attached, no dataloader length yet, an iterable dataset
+        return None
+    return steps if math.isfinite(steps) and steps > 0 else None

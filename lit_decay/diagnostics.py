@@ -16,10 +16,11 @@ Two published results, as plain functions of a group's lr, decay and momentum:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.optim import Optimizer
 
 
 def equilibrium_update_ratio(
@@ -94,26 +95,48 @@ def timescale_cells(lr: float, weight_decay: float, run_steps: float | None) -> 
     return f"{tau:,.0f}", share
 
 
-def timescale_warning(label: str, lr: float, weight_decay: float, run_steps: float) -> str | None:
-    """The audit's warning when a decoupled group's τ = 1/(η·λ) exceeds the run (else None).
+def timescale_advice(lr: float, weight_decay: float, run_steps: float) -> str | None:
+    """What to change when a decoupled group's τ = 1/(lr·wd) is longer than the run, in one sentence (else None).
+
+    Information, not a warning: a smoke test's τ is always longer than its few steps. Wang & Aitchison (2024) find
+    the best τ a fixed fraction of the run; ``WeightDecayScheduler(timescale_fraction=...)`` sets it that way.
 
     Examples:
-        >>> print(timescale_warning("group 'decay'", 3e-3, 0.05, 440))  # doctest: +ELLIPSIS
-        WeightDecayMonitor audit: group 'decay' has decay timescale τ = 1/(lr·wd) = 6,667 steps ... at most 6% ...
-        >>> timescale_warning("group 'decay'", 3e-3, 3.0, 440) is None
+        >>> print(timescale_advice(3e-3, 0.05, 440))  # doctest: +ELLIPSIS
+        τ = 1/(lr·wd) = 6,667 steps is 15× the run of 440 steps: decay can remove at most 6% of the weight norm; ...
+        >>> timescale_advice(3e-3, 3.0, 440) is None
         True
     """
     tau = decay_timescale(lr, weight_decay)
     if math.isinf(tau) or tau <= run_steps:
         return None
-    removed = removable_fraction(run_steps, tau)
     return (
-        f"WeightDecayMonitor audit: {label} has decay timescale τ = 1/(lr·wd) = {tau:,.0f} steps "
-        f"(lr={lr:g}, weight_decay={weight_decay:g}), longer than the whole run of {run_steps:,.0f} optimizer steps: "
-        f"decay will remove at most {removed:.0%} of the weight norm. For decay to act, make τ a fraction of the run "
-        f"(Wang & Aitchison, 2024): raise weight_decay to about {10.0 / (lr * run_steps):.3g} (τ = run/10), or set "
-        f"the timescale directly with lit_decay.WeightDecayScheduler(timescale_steps={max(1, round(run_steps / 10))})."
+        f"τ = 1/(lr·wd) = {tau:,.0f} steps is {tau / run_steps:.2g}× the run of {run_steps:,.0f} steps: decay can "
+        f"remove at most {removable_fraction(run_steps, tau):.0%} of the weight norm; "
+        "WeightDecayScheduler(timescale_fraction=0.1) would make it act."
     )
+
+
+def timescale_findings(optimizer: Optimizer, names: Sequence[str], run_steps: float | None) -> list[str]:
+    """``timescale_advice`` for each decayed group with a timescale (decoupled) of ``optimizer``, at its peak lr,
+    as lines ``group 'decay': ...``; none when the run's length is not known.
+
+    Examples:
+        >>> opt = torch.optim.AdamW([torch.zeros(3, requires_grad=True)], lr=1e-3, weight_decay=0.01)
+        >>> timescale_findings(opt, ["pg1"], 1_000)[0][:40]
+        "group 'pg1': τ = 1/(lr·wd) = 100,000 ste"
+    """
+    from lit_decay.modes import rule_of  # the modes import torch's optimizers; the formulas above do not need them
+
+    if not run_steps or not math.isfinite(run_steps):
+        return []
+    findings = []
+    for name, group in zip(names, optimizer.param_groups):
+        rule = rule_of(optimizer, group)
+        advice = timescale_advice(peak_lr(group), rule.strength, run_steps) if rule.mode.timescale else None
+        if advice is not None:
+            findings.append(f"group {name!r}: {advice}")
+    return findings
 
 
 class DecayProgress:

@@ -225,10 +225,9 @@ class WeightDecayMonitor(Callback):
         return (stepped + 1) % self.log_every_n_steps == 0 or bool(trainer.should_stop)
 
     def _audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizers: Sequence[Optimizer]) -> None:
-        """Warn what ``lit_decay.audit.audit_messages`` finds; a scheduler's coefficients make the timescales moot."""
-        scheduled = any(isinstance(c, WeightDecayScheduler) for c in getattr(trainer, "callbacks", ()))
+        """Warn the defects ``lit_decay.audit.audit_messages`` finds."""
         try:
-            messages = audit_messages(pl_module, optimizers, _run_length(trainer), scheduled=scheduled)
+            messages = audit_messages(pl_module, optimizers)
         except Exception as error:  # the audit only comments on a run: it must never be what stops it
             messages = [f"WeightDecayMonitor audit could not run ({type(error).__name__}: {error}); skipped."]
         for message in messages:
@@ -243,7 +242,10 @@ class WeightDecayMonitor(Callback):
             return
         groups = [name for names in self._statistics.names for name in names]
         layout = custom_scalars_layout(self.prefix, [m for m in METRICS if m in self.metrics], groups)
-        text = grouping_markdown(optimizers, self._statistics.names, run_steps=_run_length(trainer))
+        # A WeightDecayScheduler rewrites the coefficients: those at fit start say nothing of the run.
+        scheduled = any(isinstance(c, WeightDecayScheduler) for c in getattr(trainer, "callbacks", ()))
+        run_steps = None if scheduled else _run_length(trainer)
+        text = grouping_markdown(optimizers, self._statistics.names, run_steps=run_steps)
         for logger in loggers:
             logger.experiment.add_custom_scalars(layout)
             logger.experiment.add_text(extra_tag(self.prefix, GROUPING), text, global_step=trainer.global_step)

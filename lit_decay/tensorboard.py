@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from lit_decay._tensors import is_dtensor, local
 from lit_decay.configure import report_of
-from lit_decay.diagnostics import peak_lr, timescale_cells
+from lit_decay.diagnostics import peak_lr, timescale_cells, timescale_findings
 from lit_decay.grouping import Table
 from lit_decay.modes import rule_of
 from lit_decay.optim import describe_implementation
@@ -58,7 +58,9 @@ def grouping_markdown(
         report = report_of(optimizer)
         header = f"**optimizer {index}: {type(optimizer).__name__}**"
         if report is not None:
-            parts.append(f"{header}\n\n{report.to_markdown()}\n\n{_timescale_table(optimizer, group_names, run_steps)}")
+            findings = "".join(f"\n\n{line}" for line in timescale_findings(optimizer, group_names, run_steps))
+            timescales = _timescale_table(optimizer, group_names, run_steps)
+            parts.append(f"{header}\n\n{report.to_markdown()}\n\n{timescales}{findings}")
             continue
         rows = []
         for name, group in zip(group_names, optimizer.param_groups):
@@ -77,7 +79,9 @@ def grouping_markdown(
             )
         columns = ("group", "mode", "coefficient", "lr", "tensors", "elements", "τ (steps)", "τ / run")
         table = Table(columns, tuple(rows))
-        parts.append("\n".join([f"{header} ({describe_implementation(optimizer)})", "", *table.markdown_lines()]))
+        findings = [line for finding in timescale_findings(optimizer, group_names, run_steps) for line in ("", finding)]
+        lines = [f"{header} ({describe_implementation(optimizer)})", "", *table.markdown_lines(), *findings]
+        parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
 

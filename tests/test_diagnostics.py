@@ -15,8 +15,8 @@ from lit_decay.diagnostics import (
     equilibrium_update_ratio,
     peak_lr,
     removable_fraction,
+    timescale_advice,
     timescale_cells,
-    timescale_warning,
 )
 
 
@@ -92,21 +92,14 @@ def test_timescale_against_the_run() -> None:
     assert timescale_cells(1e-2, 1.0, None) == ("100", "–")
 
 
-def test_timescale_warning_names_lr_wd_run_and_the_way_out() -> None:
-    message = timescale_warning("optimizer 0 (Adam) group 'decay'", 3e-3, 0.05, 440)
-    assert message is not None
-    for part in (
-        "group 'decay'",
-        "6,667 steps",
-        "lr=0.003",
-        "weight_decay=0.05",
-        "440 optimizer steps",
-        "at most 6% of the weight norm",
-        "WeightDecayScheduler(timescale_steps=44)",
-    ):
-        assert part in message
-    assert timescale_warning("g", 3e-3, 0.05, 10_000) is None  # τ = 6,667 < run
-    assert timescale_warning("g", 3e-3, 0.0, 440) is None
+def test_timescale_advice_says_how_far_and_the_way_out() -> None:
+    advice = timescale_advice(3e-3, 0.05, 440)
+    assert advice is not None
+    for part in ("6,667 steps", "15× the run of 440 steps", "at most 6% of the weight norm",
+                 "WeightDecayScheduler(timescale_fraction=0.1)"):  # fmt: skip
+        assert part in advice
+    assert timescale_advice(3e-3, 0.05, 10_000) is None  # τ = 6,667 < run
+    assert timescale_advice(3e-3, 0.0, 440) is None
 
 
 def test_peak_lr_never_a_warmups_zero() -> None:

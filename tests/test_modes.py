@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import lightning as L
 import pytest
@@ -173,7 +174,11 @@ SHRINK_AFTER = DecayMode(
 
 
 class RecipeAdam(lit_decay.Adam):
-    modes = {**lit_decay.Adam.modes, "elastic": ELASTIC, "shrink_after": SHRINK_AFTER}
+    modes: ClassVar[Mapping[str, DecayMode]] = {
+        **lit_decay.Adam.modes,
+        "elastic": ELASTIC,
+        "shrink_after": SHRINK_AFTER,
+    }
 
 
 def reference_step(weights: dict[str, torch.Tensor], state: dict[str, Any], grads: dict[str, torch.Tensor], *,

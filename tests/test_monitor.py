@@ -4,6 +4,7 @@ metrics.csv, checked against weights, gradients and optimizer state recorded at 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 import warnings
@@ -87,9 +88,10 @@ class Recorder(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
         for optimizer in trainer.optimizers:
-            lit_decay.penalties.observe_proximal_step(optimizer, self._copy_before_shrink)
+            if isinstance(optimizer, lit_decay.Adam):
+                optimizer.register_update_observer(self._copy_before_shrink)
 
-    def _copy_before_shrink(self, optimizer: Any, group: dict[str, Any], threshold: Any) -> None:
+    def _copy_before_shrink(self, optimizer: Any, group: dict[str, Any]) -> None:
         # decoupled_l1's effective decay is defined on the weights the proximal step acts on (docs/modes.md).
         self._before_shrink[id(group)] = [p.detach().double().clone() for p in group["params"]]
 
@@ -265,7 +267,7 @@ def test_update_ratio_from_consecutive_steps(main_run: dict[str, Any]) -> None:
         for name, now, previous in zip(main_run["groups"], recorded[step][0], recorded[step - 1][0]):
             delta = norm([a - b for a, b in zip(now["weights"], previous["weights"])])
             assert logged[f"decay/update_ratio/{name}"][step] == pytest.approx(
-                delta / norm(now["weights"]), rel=1e-4
+                delta / norm(previous["weights"]), rel=1e-4
             ), name
 
 
@@ -310,13 +312,13 @@ def test_per_parameter_tags(main_run: dict[str, Any]) -> None:
         for group, names in GROUP_PARAMS.items()
         for name in names
         for metric in PER_PARAMETER
-    } | {"decay/equilibrium/first/net.0.weight"}  # equilibrium: a decoupled group's per-tensor property
+    }
     for group_index, (group, names) in enumerate(GROUP_PARAMS.items()):
         for i, name in enumerate(names):
             w = recorded[3][0][group_index]["weights"][i]
             assert logged[f"decay/weight_norm/{group}/{name}"][3] == pytest.approx(norm([w]), rel=1e-6)
-    # the first group holds one tensor: its per-tensor equilibrium is the group's
-    assert logged["decay/equilibrium/first/net.0.weight"] == logged["decay/equilibrium/first"]
+    # the first group holds one tensor: its per-tensor update ratio is the group's
+    assert logged["decay/update_ratio/first/net.0.weight"] == logged["decay/update_ratio/first"]
 
 
 def test_histograms(main_run: dict[str, Any]) -> None:
@@ -479,13 +481,9 @@ def test_effective_decay_uses_the_lr_of_the_step(tmp_path: Path) -> None:
 # ---- audit --------------------------------------------------------------------------------------------------------
 
 
-def audit_messages(record: list[warnings.WarningMessage], timescales: bool = False) -> list[str]:
-    """The audit's warnings; those about the decay timescale only with ``timescales`` (short runs all get one)."""
-    return [
-        str(w.message)
-        for w in record
-        if "WeightDecayMonitor audit" in str(w.message) and ("decay timescale" in str(w.message)) == timescales
-    ]
+def audit_messages(record: list[warnings.WarningMessage]) -> list[str]:
+    """The audit's warnings."""
+    return [str(w.message) for w in record if "WeightDecayMonitor audit" in str(w.message)]
 
 
 def test_audit_user_built_adamw_decaying_norms_and_biases(tmp_path: Path) -> None:
@@ -500,13 +498,13 @@ def test_audit_user_built_adamw_decaying_norms_and_biases(tmp_path: Path) -> Non
     assert "net.2.weight" not in message
 
 
-def test_audit_hand_built_l1_groups_without_the_penalty(tmp_path: Path) -> None:
+def test_audit_hand_built_l1_groups_in_torchs_adam(tmp_path: Path) -> None:
     module = Net(lambda m: torch.optim.Adam(lit_decay.param_groups(m, weight_decay=0.1, mode="l1"), lr=0.01))
-    with pytest.warns(UserWarning, match="no L1 term") as record:
+    with pytest.warns(UserWarning, match="only lit_decay.Adam applies") as record:
         fit(tmp_path, WeightDecayMonitor(), module=module, loggers="csv", max_steps=1)
     (message,) = audit_messages(record.list)
-    assert "decay (l1)" in message
-    assert "no decay" in message and "configure_adam" in message
+    assert "decay (l1, applied as l2)" in message
+    assert "reads their weight_decay as its own decay" in message and "configure_adam" in message
 
 
 def test_audit_silent_for_well_grouped_optimizers(tmp_path: Path) -> None:
@@ -686,12 +684,12 @@ model:
     decay_names = ["net.0.weight", "net.2.weight", "net.3.weight"]
     assert {t for t in logged if t.count("/") == 2} == {
         f"decay/{m}/{g}"
-        for m in ("weight_norm", "grad_norm", "update_ratio", "effective_decay")
+        for m in ("weight_norm", "grad_norm", "update_ratio", "effective_decay", "weight_decay")
         for g in GROUPS
         if g in ("decay", "no_decay")
     } | {"decay/decay_timescale/decay", "decay/equilibrium/decay", "decay/decay_progress/decay"}
     assert {t for t in logged if t.count("/") == 3} == {
-        f"decay/{m}/decay/{n}" for m in (*PER_PARAMETER, "equilibrium") for n in decay_names
+        f"decay/{m}/decay/{n}" for m in PER_PARAMETER for n in decay_names
     } | {f"decay/{m}/no_decay/{n}" for m in PER_PARAMETER for n in names if n not in decay_names}
     for tag in logged:
         assert sorted(logged[tag]) == [0, 1, 2], tag
@@ -789,29 +787,32 @@ def test_decay_progress_is_restored_on_resume(tmp_path: Path) -> None:
     assert progress == pytest.approx({5: 6 * LR * 0.1, 7: 8 * LR * 0.1}, rel=1e-6)
 
 
-def test_audit_warns_when_the_decay_timescale_exceeds_the_run(tmp_path: Path) -> None:
+def test_a_timescale_longer_than_the_run_is_advice_in_the_summary_not_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     def warmup(module: L.LightningModule) -> Any:
-        # the lr starts at 0 in a warmup: the audit must use the peak, 0.01
+        # the lr starts at 0 in a warmup: the advice must use the peak, 0.01
         schedule = {
             "scheduler": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda k: k / 6),
             "interval": "step",
         }
         return lit_decay.configure_adam(module, lr=0.01, weight_decay=0.1, mode="decoupled", scheduler=schedule)
 
-    with warnings.catch_warnings(record=True) as record:
+    with warnings.catch_warnings(record=True) as record, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
-        fit(tmp_path, WeightDecayMonitor(), module=Net(warmup), loggers="csv", max_steps=6)
-    (message,) = audit_messages(record, timescales=True)
-    assert "optimizer 0 (Adam) group 'decay'" in message
-    assert "τ = 1/(lr·wd) = 1,000 steps" in message and "lr=0.01, weight_decay=0.1" in message
-    assert "run of 6 optimizer steps" in message and "at most 1% of the weight norm" in message
-    assert "WeightDecayScheduler(timescale_steps=" in message
+        _, trainer, _ = fit(tmp_path, WeightDecayMonitor(), module=Net(warmup), loggers="tb", max_steps=6)
+    assert not [w for w in record if "lit_decay" in str(w.filename) or "WeightDecayMonitor" in str(w.message)]
+    advice = "group 'decay': τ = 1/(lr·wd) = 1,000 steps is 1.7e+02× the run of 6 steps"
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lit_decay:")]
+    assert len(summary) == 1 and advice in summary[0] and "timescale_fraction=0.1" in summary[0]
+    text = [v for v in raw_values(trainer.logger.log_dir) if v.tag.startswith("decay/grouping")]
+    assert advice in text[0].tensor.string_val[0].decode()
     # τ shorter than the run: nothing to say
+    caplog.clear()
     short = lambda m: lit_decay.configure_adam(m, lr=0.05, weight_decay=5.0, mode="decoupled")  # noqa: E731
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
+    with caplog.at_level(logging.INFO):
         fit(tmp_path, WeightDecayMonitor(), module=Net(short), loggers="csv", max_steps=6)
-    assert audit_messages(record, timescales=True) == []
+    assert not [r for r in caplog.records if "τ = 1/(lr·wd)" in r.getMessage() and "× the run" in r.getMessage()]
 
 
 # ---- the x-axis: the step values of the user's own metrics ---------------------------------------------------------
@@ -931,7 +932,7 @@ def test_group_name_with_a_slash(tmp_path: Path) -> None:
     assert matched == {"decay/weight_norm/decay", "decay/weight_norm/no_decay", "decay/weight_norm/enc/dec"}
 
 
-def test_audit_leaves_timescales_to_a_weight_decay_scheduler(tmp_path: Path) -> None:
+def test_no_timescale_advice_under_a_weight_decay_scheduler(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # the scheduler rewrites wd = 1/(lr·τ) before every step: the coefficient at fit start says nothing
     make = lambda m: lit_decay.configure_adam(m, lr=0.01, weight_decay=0.1, mode="decoupled")  # noqa: E731
     trainer = L.Trainer(
@@ -942,10 +943,12 @@ def test_audit_leaves_timescales_to_a_weight_decay_scheduler(tmp_path: Path) -> 
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    with warnings.catch_warnings(record=True) as record:
+    with warnings.catch_warnings(record=True) as record, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
         trainer.fit(Net(make))
-    assert audit_messages(record, timescales=True) == []
+    assert audit_messages(record) == []
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lit_decay:")]
+    assert len(summary) == 1 and "× the run" not in summary[0]
 
 
 # ---- steps a GradScaler skipped -----------------------------------------------------------------------------------

@@ -637,7 +637,7 @@ def test_closure_runs_once_and_its_loss_is_returned(mode: str, as_keyword: bool)
 def test_parameter_without_gradient_is_untouched(mode: str) -> None:
     model = Net()
     optimizer = lit_decay.configure_adam(model, lr=LR, weight_decay=10.0, mode=mode, verbose=False)
-    x, y = batches(1, torch.float32)[0]
+    _, y = batches(1, torch.float32)[0]
     F.mse_loss(model.head(torch.randn(8, 16)), y).backward()  # the body gets no gradient
     before = model.body[0].weight.detach().clone()
     optimizer.step()

@@ -15,14 +15,15 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 import lit_decay
-from lit_decay.modes import group_rule
+from lit_decay.modes import rule_of
 from lit_decay.schedule import ScheduleSettings, batches_in_run, schedule_factor, timescale_coefficient
 
 BATCHES_PER_EPOCH = 8
 
 
 class Recorder(L.Callback):
-    """Records, at every batch end, each group's coefficient and torch weight_decay (what the kernel used)."""
+    """Records, at every batch end, each group's strength: its "weight_decay", whatever its mode (recorded twice, as a
+    pair, so that the tests read as before the key became the one home of a group's strength)."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, tuple[float, float]]] = []
@@ -30,10 +31,7 @@ class Recorder(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         groups = trainer.optimizers[0].param_groups
         self.seen.append(
-            {
-                g.get("name", f"pg{i + 1}"): (float(g.get("decay_coefficient", g["weight_decay"])), g["weight_decay"])
-                for i, g in enumerate(groups)
-            }
+            {g.get("name", f"pg{i + 1}"): (float(g["weight_decay"]), g["weight_decay"]) for i, g in enumerate(groups)}
         )
 
 
@@ -100,13 +98,12 @@ def test_cosine_ramp_through_fit_matches_hand_computed(tmp_path: Path) -> None:
     assert all(seen["no_decay"] == (0.0, 0.0) for seen in recorder.seen)
 
 
-def test_callable_schedule_with_l1_writes_only_the_coefficient(tmp_path: Path) -> None:
+def test_callable_schedule_with_l1_writes_the_groups_strength(tmp_path: Path) -> None:
     recorder = fit(
         tmp_path, lit_decay.WeightDecayScheduler(lambda step: 1.0 / (1 + step)), Net(mode="l1"), max_epochs=1
     )
     decay = [seen["decay"] for seen in recorder.seen]
     assert [c for c, _ in decay] == pytest.approx([0.04 / (1 + s) for s in range(BATCHES_PER_EPOCH)])
-    assert all(w == 0.0 for _, w in decay)  # torch applies no L1 term: the hook reads decay_coefficient
 
 
 def test_schedule_is_what_the_monitor_reports(tmp_path: Path) -> None:
@@ -302,7 +299,7 @@ def test_two_optimizers_in_manual_optimization_schedule_per_batch(tmp_path: Path
     total = BATCHES_PER_EPOCH
     expected = [0.04 * schedule_factor("linear", s, total, end_factor=0.0) for s in range(total)]
     assert [seen["decay"][0] for seen in recorder.seen] == pytest.approx(expected)
-    assert trainer.optimizers[1].param_groups[0]["decay_coefficient"] == pytest.approx(expected[-1])
+    assert trainer.optimizers[1].param_groups[0]["weight_decay"] == pytest.approx(expected[-1])
 
 
 @pytest.mark.parametrize(
@@ -364,7 +361,7 @@ def test_settings_normalize_and_answer_without_lightning() -> None:
 def test_settings_select_and_check_groups() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
     optimizer = lit_decay.configure_adam(model, weight_decay=0.1, mode="l2")
-    decay, no_decay = (group_rule(optimizer, g) for g in optimizer.param_groups)
+    decay, no_decay = (rule_of(optimizer, g) for g in optimizer.param_groups)
     assert ScheduleSettings().selects("decay", decay) and not ScheduleSettings().selects("no_decay", no_decay)
     assert ScheduleSettings(groups=["no_decay"]).selects("no_decay", no_decay)
     ScheduleSettings().check_groups([optimizer])
