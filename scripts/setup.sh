@@ -33,13 +33,24 @@ installed() {
 }
 
 if installed; then
-  .venv/bin/python -c "import lit_decay, torch; print(f'lit_decay {lit_decay.__version__} with torch {torch.__version__} in .venv (already set up)')"
+  # Versions from the installed metadata: importing torch would cost seconds on every run of the scripts.
+  .venv/bin/python -c "from importlib.metadata import version as v
+print(f\"lit_decay {v('lit-decay')} with torch {v('torch')} in .venv (already set up)\")"
   exit 0
 fi
 
 # Keep pip's exit status (a failed install must fail the set-up) while dropping its noise about absent mirrors.
 pip_install() { pip install "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
+# Measured on a fresh clone of a 2-core machine with the wheels at hand (README.md): examples 63 s, dev 63 + 49 s.
+if [ "$extras" = examples ]; then
+  expected="about 1 minute (~320 MB of wheels)"
+elif [ -f "$stamp" ]; then
+  expected="about 1 minute (the test, lint and docs tools: ~90 MB of wheels)"
+else
+  expected="about 2 minutes (~410 MB of wheels)"
+fi
+echo "== setup: installing into .venv: $expected, longer where the wheels must be downloaded over a slow link"
 if [ ! -x .venv/bin/python ]; then
   step "creating .venv with $("$python" --version 2>&1)"
   "$python" -m venv .venv
