@@ -32,10 +32,10 @@ installed() {
   [ "$(cat "$stamp")" = dev ] || [ "$extras" = examples ]
 }
 
-if installed; then
-  # Versions from the installed metadata: importing torch would cost seconds on every run of the scripts.
-  .venv/bin/python -c "from importlib.metadata import version as v
-print(f\"lit_decay {v('lit-decay')} with torch {v('torch')} in .venv (already set up)\")"
+# Versions from the installed metadata: importing torch would cost seconds on every run of the scripts. Where they
+# are missing (a package removed by hand), the install below runs again.
+if installed && .venv/bin/python -c "from importlib.metadata import version as v
+print(f\"lit_decay {v('lit-decay')} with torch {v('torch')} in .venv (already set up)\")" 2>/dev/null; then
   exit 0
 fi
 
