@@ -15,10 +15,12 @@ What it shows:
 The text (examples/data/kjv_genesis_exodus.txt, public domain) is read as characters; the last 10 % is held out for
 validation. Training batches are random blocks of ``--block-size`` characters.
 
-Run it from the repository root (about a minute and a half on a 2-core CPU; ``--fast`` is a few-second smoke test)::
+Run it from the repository root with the environment ``bash scripts/setup.sh`` made (``.venv/bin/python``, or
+``python`` after ``source .venv/bin/activate``). About a minute and a half on a 2-core CPU; ``--fast`` is a
+few-second smoke test. The logs go to ``--logdir`` (default ``runs``, git-ignored)::
 
-    python examples/char_gpt.py
-    tensorboard --logdir runs
+    .venv/bin/python examples/char_gpt.py
+    .venv/bin/tensorboard --logdir runs
 """
 
 from __future__ import annotations

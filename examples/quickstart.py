@@ -18,10 +18,12 @@ decayed weights are to rotational equilibrium (docs/monitoring.md).
 The data is scikit-learn's 8×8 handwritten digits (bundled with scikit-learn, no download): 80 % for training, 20 %
 for validation. The model is ``examples.models.MLP`` (Linear → BatchNorm1d → ReLU → Linear).
 
-Run it from the repository root (well under a minute on a 2-core CPU; ``--fast`` is a few-second smoke test)::
+Run it from the repository root with the environment ``bash scripts/setup.sh`` made (``.venv/bin/python``, or
+``python`` after ``source .venv/bin/activate``; ``bash scripts/demo.sh`` does both steps). Well under a minute on a
+2-core CPU; ``--fast`` is a few-second smoke test. The logs go to ``--logdir`` (default ``runs``, git-ignored)::
 
-    python examples/quickstart.py
-    tensorboard --logdir runs
+    .venv/bin/python examples/quickstart.py
+    .venv/bin/tensorboard --logdir runs
 """
 
 from __future__ import annotations

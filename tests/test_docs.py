@@ -1,8 +1,9 @@
 """The README and the docs pages are executed, so what they show cannot drift from what the package does.
 
-- Every ```python block of a page runs, in page order, in one namespace per page, with a temporary folder as the
-  working directory. A block right after ``<!-- skip-test -->`` is not run (kept for the few that need what the
-  suite does not have).
+- Every ```python block runs on its own, as a reader who pastes it alone into a fresh interpreter would run it: a new
+  namespace and a new temporary working directory per block, so a block imports what it uses and makes its own data.
+  Each block is one test, named by page and line (``pytest tests/test_docs.py -k faq.md`` runs one page's blocks).
+  A block right after ``<!-- skip-test -->`` is not run (kept for the few that need what the suite does not have).
 - A ```text block right after ``<!-- output -->`` must equal what the python block before it printed.
 - A ```console block starting ``$ lit-decay ...`` must equal what that command prints (run in-process).
 - The site's navigation lists every page, links between files resolve, the API page covers every public name.
@@ -84,8 +85,35 @@ def _normalized(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.strip("\n").splitlines())
 
 
-def _runnable_pages() -> list[Path]:
-    return [page for page in PAGES if any(b.language == "python" and b.marker != SKIP_MARKER for b in blocks_of(page))]
+@dataclass(frozen=True)
+class Case:
+    """One python block to run, and the output the page shows for it (None when it shows none)."""
+
+    where: str  # page:line, the test's id
+    block: Block
+    expected: str | None
+
+
+def python_cases(pages: list[Path] = PAGES) -> list[Case]:
+    cases = []
+    for page in pages:
+        blocks = blocks_of(page)
+        for block, after in zip(blocks, [*blocks[1:], None]):
+            if block.language != "python" or block.marker == SKIP_MARKER:
+                continue
+            expected = after.code if after is not None and after.marker == OUTPUT_MARKER else None
+            label = page.relative_to(ROOT).as_posix() if page.is_relative_to(ROOT) else page.name
+            cases.append(Case(f"{label}:{block.line}", block, expected))
+    return cases
+
+
+def run_block(case: Case) -> str:
+    """Run one block in a namespace of its own; what it printed. The caller picks the working directory."""
+    namespace: dict[str, object] = {"__name__": "__docs__"}
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        exec(compile(case.block.code, case.where, "exec"), namespace)
+    return stdout.getvalue()
 
 
 def test_parse_blocks_reads_markers_indentation_and_languages() -> None:
@@ -104,32 +132,27 @@ def test_parse_blocks_reads_markers_indentation_and_languages() -> None:
     assert blocks[3].code == "```python\n"
 
 
-@pytest.mark.parametrize("page", _runnable_pages(), ids=lambda page: page.relative_to(ROOT).as_posix())
-def test_python_blocks_run_and_print_what_the_page_shows(
-    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("case", python_cases(), ids=lambda case: case.where)
+def test_python_block_runs_on_its_own_and_prints_what_the_page_shows(
+    case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {"__name__": "__docs__"}
-    blocks = blocks_of(page)
-    printed: str | None = None
-    checked_outputs = 0
-    for block in blocks:
-        where = f"{page.relative_to(ROOT)}:{block.line}"
-        if block.language == "python":
-            if block.marker == SKIP_MARKER:
-                printed = None
-                continue
-            stdout = io.StringIO()
-            with contextlib.redirect_stdout(stdout):
-                exec(compile(block.code, where, "exec"), namespace)
-            printed = stdout.getvalue()
-        elif block.marker == OUTPUT_MARKER:
-            assert printed is not None, f"{where}: an output block must follow a python block that is run"
-            assert _normalized(printed) == _normalized(block.code), f"{where}: the page shows other output"
-            checked_outputs += 1
-            printed = None
-    expected = sum(1 for b in blocks if b.marker == OUTPUT_MARKER)
-    assert checked_outputs == expected
+    printed = run_block(case)
+    if case.expected is not None:
+        assert _normalized(printed) == _normalized(case.expected), f"{case.where}: the page shows other output"
+
+
+def test_blocks_run_apart_so_a_name_from_an_earlier_block_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("```python\nx = 1\nprint(x)\n```\n<!-- output -->\n```text\n1\n```\n\n```python\nprint(x)\n```\n")
+    first, second = python_cases([page])
+    monkeypatch.chdir(tmp_path)
+    assert (first.expected, second.expected) == ("1\n", None)
+    assert run_block(first) == "1\n"
+    with pytest.raises(NameError, match="'x' is not defined"):
+        run_block(second)
 
 
 def _console_commands() -> list[tuple[str, Block]]:
@@ -167,6 +190,7 @@ def test_markers_are_used_where_they_mean_something() -> None:
             if block.marker == OUTPUT_MARKER:
                 assert block.language == "text", f"{where}: expected output goes in a ```text block"
                 assert before is not None and before.language == "python", f"{where}: no python block before"
+                assert before.marker != SKIP_MARKER, f"{where}: an output block must follow a python block that is run"
     assert len(skipped) <= MAX_SKIPPED, f"too many skipped blocks: {skipped}"
     assert not [where for where in skipped if where.startswith("README")]
 
@@ -213,6 +237,7 @@ def _nav_files(entries: object) -> list[str]:
 NAV_PAGES = {
     "index.md",
     "quickstart.md",
+    "lightning_cli.md",
     "modes.md",
     "modes_comparison.md",
     "grouping.md",

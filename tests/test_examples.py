@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
@@ -23,8 +24,28 @@ DECAY_TAGS = {
 } | {"decay/decay_timescale/decay"}
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def tree_state() -> dict[str, int]:
+    """The modification time of every tracked file, and every untracked file git does not ignore (as -1).
+
+    Equal before and after a run means the run rewrote no tracked file (even with the same content) and left nothing
+    that ``git status`` would show: its outputs all went to the folders it was given or to ignored ones.
+    """
+    tracked = {path: (ROOT / path).stat().st_mtime_ns for path in _git("ls-files", "-z").split("\0") if path}
+    untracked = dict.fromkeys(_git("ls-files", "-z", "--others", "--exclude-standard").split("\0"), -1)
+    untracked.pop("", None)
+    return tracked | untracked
+
+
 def run_example(name: str, *args: str) -> str:
-    """Run ``examples/<name>.py --fast ARGS`` from the repository root; its stdout and stderr together."""
+    """Run ``examples/<name>.py --fast ARGS`` from the repository root; its stdout and stderr together.
+
+    It is also checked to leave the work tree as it found it.
+    """
+    before = tree_state()
     # subprocess.run kills the child when the timeout expires.
     proc = subprocess.run(
         [sys.executable, f"examples/{name}.py", "--fast", *args],
@@ -35,6 +56,9 @@ def run_example(name: str, *args: str) -> str:
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"examples/{name}.py --fast failed:\n{output[-4000:]}"
+    after = tree_state()
+    changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+    assert not changed, f"examples/{name}.py wrote into the work tree: {changed}"
     return output
 
 
@@ -120,11 +144,17 @@ def test_compare_modes_writes_one_run_per_mode_and_a_report_from_the_runs(tmp_pa
     assert max(first_norms) - min(first_norms) < 0.05 * min(first_norms)
     assert logged["none"]["decay/weight_norm/decay"][0][1] == max(first_norms)
 
+    # Everything it writes is in the two folders it was given.
+    assert sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()) == [
+        "img/modes_comparison.png",
+        "modes_comparison.md",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "runs"]
     report = (out_dir / "modes_comparison.md").read_text(encoding="utf-8")
     image = out_dir / "img" / "modes_comparison.png"
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 10_000
     assert "](img/modes_comparison.png)" in report
-    assert "python examples/compare_modes.py --fast --logdir" in report
+    assert f".venv/bin/python examples/compare_modes.py --fast --logdir {tmp_path / 'runs'} --out-dir" in report
     assert "## What the runs show" in report and f"torch {__import__('torch').__version__}" in report
     # The table's figures are the runs' own: its val acc column is the last val/acc each run logged.
     rows = {line.split("|")[1].strip(): line.split("|") for line in report.splitlines() if line.startswith("| ")}
@@ -175,6 +205,22 @@ def test_quickstart_decay_timescale_audit(tmp_path: Path, argv: list[str], warns
         assert messages == []
         tau = 1 / (args.lr * args.weight_decay)
         assert tau < trainer.estimated_stepping_batches / 2
+
+
+@pytest.mark.parametrize("name", ["quickstart", "char_gpt", "compare_modes"])
+def test_examples_write_only_to_ignored_folders_by_default_and_say_how_to_run_them(name: str) -> None:
+    module = importlib.import_module(f"examples.{name}")
+    args = module.parse_args([])
+    outputs = [args.logdir, *([args.out_dir] if hasattr(args, "out_dir") else [])]
+    assert outputs == ["runs", *(["runs/compare_modes"] if name == "compare_modes" else [])]
+    for folder in outputs:
+        # check-ignore exits 0 when git ignores the path: what the example writes there never shows as a change.
+        probe = subprocess.run(["git", "check-ignore", "-q", f"{folder}/x"], cwd=ROOT, check=False)
+        assert probe.returncode == 0, f"{folder}/ is not git-ignored"
+    # The documented command uses the environment that scripts/setup.sh made, where lightning is installed.
+    doc = module.__doc__
+    assert f".venv/bin/python examples/{name}.py" in doc
+    assert not re.search(rf"^\s+python examples/{name}\.py", doc, flags=re.M)
 
 
 def test_examples_import_without_running() -> None:
