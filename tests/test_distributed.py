@@ -299,22 +299,24 @@ def expected_figures(config: dict[str, Any], saved: dict[str, Any]) -> dict[str,
     raw = {n: g.double() for n, g in last_step_gradients(config, saved["before_last"]).items()}
     figures: dict[str, float] = {}
     for group in groups_of(config):
-        name, mode, wd = group["name"], group["decay_mode"], group["decay_coefficient"]
+        name, mode, wd = group["name"], group["decay_mode"], group["weight_decay"]
         lr = group.get("lr", config["adam"]["lr"])
         names = [n for n, _ in group["params"]]
         # What Adam was given: the l1 term is added to the gradient, with the sign of the weights before the step.
         grads = {n: raw[n] + wd * torch.sign(before[n]) if mode == "l1" else raw[n] for n in names}
 
-        def sums(selected: list[str], grads: dict[str, torch.Tensor] = grads) -> tuple[float, float, float]:
+        def sums(selected: list[str], grads: dict[str, torch.Tensor] = grads) -> tuple[float, float, float, float]:
             w2 = sum(float(final[n].square().sum()) for n in selected)
             g2 = sum(float(grads[n].square().sum()) for n in selected)
             d2 = sum(float((final[n] - before[n]).square().sum()) for n in selected)
-            return w2, g2, d2
+            b2 = sum(float(before[n].square().sum()) for n in selected)
+            return w2, g2, d2, b2
 
-        w2, g2, d2 = sums(names)
+        w2, g2, d2, b2 = sums(names)
         figures[f"weight_norm/{name}"] = math.sqrt(w2)
         figures[f"grad_norm/{name}"] = math.sqrt(g2)
-        figures[f"update_ratio/{name}"] = math.sqrt(d2) / math.sqrt(w2)
+        figures[f"weight_decay/{name}"] = wd
+        figures[f"update_ratio/{name}"] = math.sqrt(d2) / math.sqrt(b2)  # against the weights before the step
         # rotational equilibrium (Kosson, Messmer & Jaggi, 2024) and Σ lr·wd over the steps, for decoupled groups
         equilibrium = math.sqrt(2 * lr * wd * (1 - BETA1) / (1 + BETA1)) if mode == "decoupled" and wd else None
         if equilibrium:
@@ -323,12 +325,10 @@ def expected_figures(config: dict[str, Any], saved: dict[str, Any]) -> dict[str,
             figures[f"decay_progress/{name}"] = int(config["steps"]) * lr * wd
         if config.get("per_parameter"):
             for n in names:
-                pw2, pg2, pd2 = sums([n])
+                pw2, pg2, pd2, pb2 = sums([n])
                 figures[f"weight_norm/{name}/{n}"] = math.sqrt(pw2)
                 figures[f"grad_norm/{name}/{n}"] = math.sqrt(pg2)
-                figures[f"update_ratio/{name}/{n}"] = math.sqrt(pd2) / math.sqrt(pw2)
-                if equilibrium:
-                    figures[f"equilibrium/{name}/{n}"] = figures[f"update_ratio/{name}/{n}"] / equilibrium
+                figures[f"update_ratio/{name}/{n}"] = math.sqrt(pd2) / math.sqrt(pb2)
 
         def denominator(n: str) -> torch.Tensor:
             state = saved["state"][n]

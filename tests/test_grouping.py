@@ -30,8 +30,6 @@ def layout(groups: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
 
 # --- group dicts --------------------------------------------------------------------------------------------------
 
-TORCH_WEIGHT_DECAY = {"l2": 0.1, "decoupled": 0.1, "l1": 0.0, "decoupled_l1": 0.0, "none": 0.0}
-
 
 @pytest.mark.parametrize("mode", MODES)
 def test_group_keys_and_values_for_each_mode(mode: str) -> None:
@@ -42,13 +40,13 @@ def test_group_keys_and_values_for_each_mode(mode: str) -> None:
         ("no_decay", ["0.bias", "1.weight", "1.bias", "2.bias"]),
     ]
     decay, no_decay = groups
-    assert set(decay) == {"name", "params", "decay_mode", "decay_coefficient", "weight_decay", "decoupled_weight_decay"}
+    assert set(decay) == {"name", "params", "decay_mode", "weight_decay", "decoupled_weight_decay"}
     assert set(no_decay) == set(decay)
     assert decay["decay_mode"] == mode
-    assert decay["decay_coefficient"] == 0.1
-    assert decay["weight_decay"] == TORCH_WEIGHT_DECAY[mode]
+    # The group's strength in every mode (one home), 0 where the mode decays nothing.
+    assert decay["weight_decay"] == (0.0 if mode == "none" else 0.1)
     assert decay["decoupled_weight_decay"] is (mode == "decoupled")
-    assert (no_decay["decay_mode"], no_decay["decay_coefficient"]) == ("none", 0.0)
+    assert no_decay["decay_mode"] == "none"
     assert (no_decay["weight_decay"], no_decay["decoupled_weight_decay"]) == (0.0, False)
     assert decay["params"][0][1] is model[0].weight
     assert MODES == ("l2", "decoupled", "l1", "decoupled_l1", "none")
@@ -61,7 +59,6 @@ def test_default_mode_is_decoupled() -> None:
 
 def test_integer_weight_decay_becomes_float() -> None:
     (decay, _) = lit_decay.param_groups(small_model(), weight_decay=1)
-    assert type(decay["decay_coefficient"]) is float
     assert type(decay["weight_decay"]) is float
 
 
@@ -90,7 +87,6 @@ def test_override_groups_follow_the_built_in_ones() -> None:
     assert {k: v for k, v in head.items() if k != "params"} == {
         "name": "head",
         "decay_mode": "l2",
-        "decay_coefficient": 0.0,
         "weight_decay": 0.0,
         "decoupled_weight_decay": False,
         "lr_scale": 10.0,
@@ -100,8 +96,7 @@ def test_override_groups_follow_the_built_in_ones() -> None:
     assert {k: v for k, v in gain.items() if k != "params"} == {
         "name": "gain",
         "decay_mode": "l1",
-        "decay_coefficient": 0.1,
-        "weight_decay": 0.0,
+        "weight_decay": 0.1,
         "decoupled_weight_decay": False,
     }
     assert "lr" not in groups[0] and "lr" not in groups[1]
@@ -109,7 +104,7 @@ def test_override_groups_follow_the_built_in_ones() -> None:
 
 def test_override_inherits_mode() -> None:
     groups = lit_decay.param_groups(small_model(), weight_decay=0.2, mode="l2", overrides=[{"pattern": "2.*"}])
-    assert (groups[-1]["decay_mode"], groups[-1]["weight_decay"], groups[-1]["decay_coefficient"]) == ("l2", 0.2, 0.2)
+    assert (groups[-1]["decay_mode"], groups[-1]["weight_decay"]) == ("l2", 0.2)
 
 
 def test_lr_scale_without_lr_warns_at_the_caller() -> None:
@@ -139,7 +134,7 @@ def test_two_overrides_with_one_name_and_settings_merge() -> None:
         ("no_decay", ["0.bias", "1.weight", "1.bias", "2.bias"]),
         ("special", ["0.weight", "2.weight"]),
     ]
-    assert groups[1]["decay_coefficient"] == 0.3
+    assert groups[1]["weight_decay"] == 0.3
 
 
 def test_adam_accepts_groups_and_keeps_names() -> None:
@@ -380,7 +375,7 @@ def test_override_settings_reach_the_group_and_the_report() -> None:
     groups = grouping.groups()
     report = grouping.report()
     for group, summary in zip(groups, report.groups, strict=True):
-        assert (group["name"], group["decay_mode"], group["decay_coefficient"], group.get("lr_scale")) == (
+        assert (group["name"], group["decay_mode"], group["weight_decay"], group.get("lr_scale")) == (
             summary.name,
             summary.mode,
             summary.coefficient,
