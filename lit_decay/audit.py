@@ -12,8 +12,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lit_decay.configure import report_of
-from lit_decay.modes import DECAY_MODES, group_names, rule_of
+from lit_decay.modes import DECAY_MODES, rule_of
 from lit_decay.rules import RULE_BIAS, RULE_NORMALIZATION, Placement, clean_name, place_parameters
+from lit_decay.tags import group_names
 
 AUDIT = "WeightDecayMonitor audit"
 

@@ -23,7 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 
 from lit_decay._checks import check_bool, check_non_negative, is_real_number
-from lit_decay.modes import Rule, group_names, rule_of
+from lit_decay.modes import Rule, rule_of
+from lit_decay.tags import group_names
 
 SHAPES = ("constant", "linear", "cosine")
 

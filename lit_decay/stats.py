@@ -30,8 +30,8 @@ import torch
 from torch.optim import Optimizer
 
 from lit_decay._tensors import is_dtensor, local
-from lit_decay.modes import After, Penalty, Rule, group_names, rule_of
-from lit_decay.tags import tag
+from lit_decay.modes import After, Penalty, Rule, rule_of
+from lit_decay.tags import group_names, tag
 
 METRICS: tuple[str, ...] = (
     "weight_norm",

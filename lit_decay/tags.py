@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from torch.optim import Optimizer
+
 SEPARATOR = "/"
 # Tags the monitor writes beside the metrics (TensorBoard only): weight histograms and the grouping table.
 HISTOGRAM = "histogram"
@@ -143,3 +145,35 @@ class TagIndex:
                 owner = self._group_tags[group_key]
                 return Tag(owner.metric, owner.group, key[len(group_key) + len(SEPARATOR) :])
         return None
+
+
+def group_names(optimizers: Sequence[Optimizer]) -> list[list[str]]:
+    """Tag names of every group: its ``"name"`` key, else ``pg1``, ``pg2``... as Lightning's LearningRateMonitor
+    names them; a name seen before gets the first free ``-1``, ``-2``... (never one that another group is named),
+    so several optimizers never share a tag.
+
+    Examples:
+        >>> import torch
+        >>> a = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "name": "decay"}], lr=0.1)
+        >>> b = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> group_names([a, b, a])
+        [['decay'], ['pg1'], ['decay-1']]
+    """
+    bases = [
+        [str(group.get("name", f"pg{index + 1}")) for index, group in enumerate(optimizer.param_groups)]
+        for optimizer in optimizers
+    ]
+    reserved = {base for current in bases for base in current}
+    used: set[str] = set()
+    names: list[list[str]] = []
+    for current in bases:
+        tagged = []
+        for base in current:
+            name, suffix = base, 0
+            while name in used or (suffix and name in reserved):
+                suffix += 1
+                name = f"{base}-{suffix}"
+            used.add(name)
+            tagged.append(name)
+        names.append(tagged)
+    return names

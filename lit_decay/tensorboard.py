@@ -79,8 +79,8 @@ def grouping_markdown(
             )
         columns = ("group", "mode", "coefficient", "lr", "tensors", "elements", "τ (steps)", "τ / run")
         table = Table(columns, tuple(rows))
-        findings = [line for finding in timescale_findings(optimizer, group_names, run_steps) for line in ("", finding)]
-        lines = [f"{header} ({describe_implementation(optimizer)})", "", *table.markdown_lines(), *findings]
+        notes = [line for finding in timescale_findings(optimizer, group_names, run_steps) for line in ("", finding)]
+        lines = [f"{header} ({describe_implementation(optimizer)})", "", *table.markdown_lines(), *notes]
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 

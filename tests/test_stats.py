@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lit_decay
 import lit_decay.stats
-from lit_decay.modes import group_names, rule_of
+from lit_decay.modes import rule_of
 from lit_decay.stats import METRICS, StepStatistics, group_stats
+from lit_decay.tags import group_names
 
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal"})
 
