@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lit_decay.modes import MODES
+import torch
+
+from lit_decay.modes import MODES, DecayMode
 
 
 def check_mode(mode: Any, *, what: str = "mode") -> str:
@@ -70,3 +72,32 @@ def check_bool(name: str, value: Any) -> bool:
     if not _is_boolean(value):
         raise TypeError(f"{name} must be True or False; got {value!r} of type {type(value).__name__}")
     return bool(value)
+
+
+def check_group(group: Mapping[str, Any], defaults: Mapping[str, Any], mode: DecayMode) -> None:
+    """Raise naming the bad value if a group's name, lr, weight_decay or eps is invalid, or if a decoupled group's
+    lr·wd ≥ 1 (each step would flip the sign of its weights).
+
+    Examples:
+        >>> from lit_decay.modes import DECAY_MODES
+        >>> check_group({"name": "head", "lr": 0.5, "weight_decay": 4.0}, {}, DECAY_MODES["decoupled"])
+        Traceback (most recent call last):
+        ...
+        ValueError: group 'head': lr·weight_decay = 0.5 × 4 = 2 ≥ 1 in decoupled mode multiplies the weights by ...
+    """
+    name = group.get("name")
+    if name is not None and (not isinstance(name, str) or "/" in name or not name):
+        raise ValueError(f"group name {name!r} is not valid: a non-empty string without '/' (it is a tag segment)")
+    label = f"group {name!r}" if name is not None else "param group"
+    values = {key: group.get(key, defaults.get(key)) for key in ("lr", "weight_decay", "eps")}
+    for key, value in values.items():
+        if value is None or isinstance(value, torch.Tensor):  # a tensor lr (capturable) is torch's to check
+            continue
+        if not is_real_number(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{label}: {key} must be a finite number >= 0; got {value!r}")
+    lr, wd = values["lr"], values["weight_decay"]
+    if mode.torch_term == "decoupled" and is_real_number(lr) and is_real_number(wd) and lr * wd >= 1:
+        raise ValueError(
+            f"{label}: lr·weight_decay = {lr:g} × {wd:g} = {lr * wd:g} ≥ 1 in {mode.name} mode multiplies the weights "
+            f"by 1 − lr·wd = {1 - lr * wd:g} each step (their sign flips); lower lr or weight_decay so that lr·wd < 1"
+        )

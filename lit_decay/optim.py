@@ -8,7 +8,6 @@ behaviour, not a hook: copies (``copy.deepcopy``, pickling) keep it, and ``state
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -20,7 +19,7 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam
 from torch.utils.hooks import RemovableHandle
 
-from lit_decay._checks import check_betas, check_bool, check_non_negative, is_real_number
+from lit_decay._checks import check_betas, check_bool, check_group, check_non_negative
 from lit_decay._tensors import local
 from lit_decay.grouping import GroupingOptions, GroupingReport, plan
 from lit_decay.modes import DECAY_MODES, DecayMode
@@ -33,36 +32,20 @@ UpdateObserver = Callable[["Adam", dict[str, Any]], None]
 def _supported(kind: str) -> frozenset[str]:
     from torch.optim import optimizer
 
-    getter = (
-        optimizer._get_fused_kernels_supported_devices
-        if kind == "fused"
-        else optimizer._get_foreach_kernels_supported_devices
-    )
-    return frozenset(getter())
+    if kind == "fused":
+        return frozenset(optimizer._get_fused_kernels_supported_devices())
+    return frozenset(optimizer._get_foreach_kernels_supported_devices())
 
 
-def _tensors(params: Iterable[Any]) -> list[tuple[str, torch.Tensor]]:
-    """Every ``(name, tensor)`` of params in any form torch takes (tensors, named pairs, group dicts)."""
+def _named(params: Iterable[Any]) -> list[tuple[str, torch.Tensor]]:
+    """Every ``(name, tensor)`` of params in any form torch takes (tensors, named pairs, groups of either)."""
     found: list[tuple[str, torch.Tensor]] = []
     for entry in params:
         if isinstance(entry, Mapping):
-            members = entry["params"]
-            found += _tensors([members] if isinstance(members, torch.Tensor) else members)
-        elif isinstance(entry, tuple):
-            found.append((str(entry[0]), entry[1]))
+            found += _named([entry["params"]] if isinstance(entry["params"], torch.Tensor) else entry["params"])
         else:
-            found.append((f"params[{len(found)}]", entry))
+            found.append((str(entry[0]), entry[1]) if isinstance(entry, tuple) else (f"params[{len(found)}]", entry))
     return found
-
-
-def _materialize(params: Iterable[Any]) -> list[Any]:
-    """``params`` as a list whose groups hold lists, so that reading them here leaves them for torch."""
-    made = []
-    for entry in params:
-        if isinstance(entry, Mapping) and not isinstance(entry["params"], torch.Tensor):
-            entry = {**entry, "params": list(entry["params"])}
-        made.append(entry)
-    return made
 
 
 def choose_implementation(named: Iterable[tuple[str, torch.Tensor]], fused: bool | None) -> dict[str, bool]:
@@ -151,9 +134,10 @@ class Adam(torch.optim.Adam):
         mode: str = "decoupled",
         fused: bool | None = None,
     ) -> None:
-        params = _materialize(params)
+        # Lists, so that reading the parameters here leaves them for torch (a group may hold a generator).
+        params = [{**g, "params": _listed(g["params"])} if isinstance(g, Mapping) else g for g in params]
         self._mode = self._check_mode(mode, "mode")
-        implementation = choose_implementation(_tensors(params), fused)
+        implementation = choose_implementation(_named(params), fused)
         super().__init__(
             params,
             lr=check_non_negative("lr", lr),
@@ -315,6 +299,10 @@ class Adam(torch.optim.Adam):
         return loss
 
 
+def _listed(params: Any) -> Any:
+    return params if isinstance(params, torch.Tensor) else list(params)
+
+
 def _wide(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A scaler's float32 scalar in the arithmetic dtype of ``dtype`` parameters (float64 for float64, where the
     device has it), so a float64 parameter's term is not rounded to float32."""
@@ -344,31 +332,3 @@ def _show(summary: str) -> None:
     from lightning.pytorch.utilities import rank_zero_info  # here: `import lit_decay` does not import Lightning
 
     rank_zero_info(summary)
-
-
-def check_group(group: Mapping[str, Any], defaults: Mapping[str, Any], mode: DecayMode) -> None:
-    """Raise naming the bad value if a group's name, lr, weight_decay or eps is invalid, or if a decoupled group's
-    lr·wd ≥ 1 (each step would flip the sign of its weights).
-
-    Examples:
-        >>> check_group({"name": "head", "lr": 0.5, "weight_decay": 4.0}, {}, DECAY_MODES["decoupled"])
-        Traceback (most recent call last):
-        ...
-        ValueError: group 'head': lr·weight_decay = 0.5 × 4 = 2 ≥ 1 in decoupled mode multiplies the weights by ...
-    """
-    name = group.get("name")
-    if name is not None and (not isinstance(name, str) or "/" in name or not name):
-        raise ValueError(f"group name {name!r} is not valid: a non-empty string without '/' (it is a tag segment)")
-    label = f"group {name!r}" if name is not None else "param group"
-    values = {key: group.get(key, defaults.get(key)) for key in ("lr", "weight_decay", "eps")}
-    for key, value in values.items():
-        if value is None or isinstance(value, torch.Tensor):  # a tensor lr (capturable) is torch's to check
-            continue
-        if not is_real_number(value) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{label}: {key} must be a finite number >= 0; got {value!r}")
-    lr, wd = values["lr"], values["weight_decay"]
-    if mode.torch_term == "decoupled" and is_real_number(lr) and is_real_number(wd) and lr * wd >= 1:
-        raise ValueError(
-            f"{label}: lr·weight_decay = {lr:g} × {wd:g} = {lr * wd:g} ≥ 1 in {mode.name} mode multiplies the weights "
-            f"by 1 − lr·wd = {1 - lr * wd:g} each step (their sign flips); lower lr or weight_decay so that lr·wd < 1"
-        )

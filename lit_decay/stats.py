@@ -23,7 +23,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, overload
 
 import torch
@@ -188,19 +188,7 @@ class _Group:
     equilibrium: float | None
     has_update: bool
     has_penalty: bool
-
-
-@dataclass
-class _Pending:
-    """Rows of sums of one logging step, on device, and the groups they belong to."""
-
-    rows: list[torch.Tensor] = field(default_factory=list)
-    groups: list[_Group] = field(default_factory=list)
-    sharded: dict[tuple[Any, ...], list[int]] = field(default_factory=dict)  # rows of DTensor shards, by mesh groups
-
-    def add(self, row: torch.Tensor) -> int:
-        self.rows.append(row)
-        return len(self.rows) - 1
+    skipped: bool = False  # a grad scaler skipped the step: nothing changed
 
 
 def _shard_groups(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -250,7 +238,11 @@ class StepStatistics:
         self._snapshots: dict[int, list[torch.Tensor]] = {}
         self._expecting: dict[int, Any] = {}  # optimizers stepped between before_step and after_step, by id
         self._measured: set[int] = set()  # groups measured during the current step
-        self._pending = _Pending()
+        # The logging step's rows of sums, on device, the groups they belong to, and the rows of DTensor shards by
+        # the process groups their partial sums add up over.
+        self._rows: list[torch.Tensor] = []
+        self._groups: list[_Group] = []
+        self._sharded: dict[tuple[Any, ...], list[int]] = {}
         self._kernel = _Kernel()
         self._handles: list[Any] = []
         self._armed = False
@@ -359,16 +351,16 @@ class StepStatistics:
             before = None if snapshots is None else snapshots[i]
             inputs = (_flat(params[i].detach()), _flat(params[i].grad), _flat(m), _flat(v), _flat(before))
             row = self._kernel(params[i].device, *inputs, scalars[k], rule.mode.penalty, rule.mode.after)
-            rows[i] = self._pending.add(row)
+            rows[i] = self._add(row)
         for i, param in enumerate(params):
             if i not in rows:  # not stepped: no gradient, no update and no penalty this step
                 weights = _flat(param.detach())
                 row = tensor_sums(weights, None, None, None, weights, scalars.new_zeros(len(SCALARS)))
-                rows[i] = self._pending.add(row)
+                rows[i] = self._add(row)
             if is_dtensor(param):
-                self._pending.sharded.setdefault(_shard_groups(param), []).append(rows[i])
+                self._sharded.setdefault(_shard_groups(param), []).append(rows[i])
         lr = group["lr"]
-        self._pending.groups.append(
+        self._groups.append(
             _Group(
                 name=name,
                 rule=rule,
@@ -416,8 +408,12 @@ class StepStatistics:
         if isinstance(lr, torch.Tensor) or found_inf is not None:
             head = torch.zeros(len(SUMS), dtype=wide, device=device)
             head[0], head[1] = _scalar(lr, device, wide), 0.0 if found_inf is None else found_inf.to(wide)
-            header = self._pending.add(head)
+            header = self._add(head)
         return scalars, header
+
+    def _add(self, row: torch.Tensor) -> int:
+        self._rows.append(row)
+        return len(self._rows) - 1
 
     def _param_names(self, group: Mapping[str, Any]) -> list[str]:
         names = group.get("param_names")
@@ -432,41 +428,42 @@ class StepStatistics:
         ``skipped`` then names the groups whose step a grad scaler skipped: they made no update.
         """
         self._armed = False
-        pending, self._pending = self._pending, _Pending()
+        rows, groups, sharded = self._rows, self._groups, self._sharded
+        self._rows, self._groups, self._sharded = [], [], {}
         self._snapshots.clear()
         self._measured.clear()
         self.skipped = frozenset()
-        if not pending.groups:
+        if not groups:
             return {}
-        device = pending.rows[0].device
+        device = rows[0].device
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        table = torch.stack([row.to(device, dtype, non_blocking=True) for row in pending.rows])
-        for process_groups, rows in pending.sharded.items():
+        table = torch.stack([row.to(device, dtype, non_blocking=True) for row in rows])
+        for process_groups, shard_rows in sharded.items():
             import torch.distributed as dist
 
-            index = torch.tensor(rows, device=device)
+            index = torch.tensor(shard_rows, device=device)
             part = table.index_select(0, index)
             for process_group in process_groups:
                 dist.all_reduce(part, group=process_group)
             table = table.index_copy(0, index, part)
-        return self._figures(pending, to_host(table))
+        return self._figures(groups, to_host(table))
 
-    def _figures(self, pending: _Pending, table: list[list[float]]) -> dict[str, float]:
+    def _figures(self, groups: list[_Group], table: list[list[float]]) -> dict[str, float]:
         figures: dict[str, float] = {}
         skipped = set()
-        for group in pending.groups:
+        for group in groups:
             header = table[group.header] if group.header is not None else None
-            lr = group.lr if group.lr is not None else header[0]  # type: ignore[index]
-            step = _Step(group, lr, skipped=header is not None and header[1] > 0)
-            if step.skipped:
+            if header is not None:  # a tensor lr or a grad scaler's verdict, read on the host with the sums
+                group = replace(group, lr=header[0] if group.lr is None else group.lr, skipped=header[1] > 0)
+            if group.skipped:
                 skipped.add(group.name)
             rows = [dict(zip(SUMS, table[r])) for r in group.rows]
             total = {name: sum(row[name] for row in rows) for name in SUMS}
-            measured = figures_of(total, step, sum(group.numels))
+            measured = figures_of(total, group, sum(group.numels))
             figures.update({tag(None, m, group.name): v for m, v in measured.items() if m in self.metrics})
             if self.per_parameter:
                 for row, numel, param_name in zip(rows, group.numels, group.param_names):
-                    single = figures_of(row, step, numel)
+                    single = figures_of(row, group, numel)
                     for metric in PER_PARAMETER_METRICS:
                         if metric in self.metrics and metric in single:
                             figures[tag(None, metric, group.name, param_name)] = single[metric]
@@ -499,37 +496,24 @@ def _rebuilds_update(optimizer: Optimizer, group: Mapping[str, Any]) -> bool:
     return all(p.dtype in exact for p in group["params"])
 
 
-@dataclass(frozen=True)
-class _Step:
-    """What a group's step was, for turning its sums into figures."""
-
-    group: _Group
-    lr: float
-    skipped: bool  # a grad scaler skipped it: nothing changed
-
-
-def figures_of(sums: Mapping[str, float], step: _Step, numel: int) -> dict[str, float]:
+def figures_of(sums: Mapping[str, float], group: _Group, numel: int) -> dict[str, float]:
     """The figures of one group (or one tensor) from its ``SUMS``; a figure the sums cannot tell is left out."""
-    group, rule = step.group, step.group.rule
-    decay = step.lr * rule.strength
+    rule = group.rule
+    decay = (group.lr or 0.0) * rule.strength
     figures = {"weight_norm": math.sqrt(sums["w2"]), "grad_norm": math.sqrt(sums["g2"]), "weight_decay": rule.strength}
     if group.has_update:
         change, before = math.sqrt(sums["d2"]), math.sqrt(sums["w2_before"])
-        if step.skipped or change == 0.0:
+        if group.skipped or change == 0.0:
             figures["update_ratio"] = 0.0
         elif before > 0.0:  # weights that start from zero have no relative update
             figures["update_ratio"] = change / before
         if "update_ratio" in figures and group.equilibrium is not None and decay > 0:
             # Rotational equilibrium: the update ratio over √(c·lr·wd), its value at equilibrium (Kosson et al., 2024).
             figures["equilibrium"] = figures["update_ratio"] / math.sqrt(group.equilibrium * decay)
-    effective: float | None = 0.0
-    if rule.active and not step.skipped:
-        uses_sums = rule.mode.penalty is not None
-        effective = (
-            None
-            if uses_sums and not group.has_penalty
-            else rule.mode.effective_decay(sums["penalty"], sums["w2_acted"], decay)
-        )
+    effective: float | None = 0.0  # a skipped step applied no penalty either
+    if rule.active and not group.skipped:
+        known = group.has_penalty or rule.mode.penalty is None
+        effective = rule.mode.effective_decay(sums["penalty"], sums["w2_acted"], decay) if known else None
     if effective is not None:
         figures["effective_decay"] = effective
         if effective > 0:
