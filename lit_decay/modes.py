@@ -1,15 +1,8 @@
 """The decay modes, each one entry: where its penalty sits around torch's Adam step, and how its effect is measured.
 
-A mode is *where* a decay transform sits (optax's view). Each ``DecayMode`` says, in one place:
-
-- ``torch_term``: the part torch's Adam arithmetic applies itself from the group's ``"weight_decay"`` (``"l2"``:
-  ``g ← g + wd·p`` inside the kernel, ``"decoupled"``: AdamW's ``p ← p·(1 − lr·wd)``, or ``"none"``);
-- ``before``: what it adds to the gradients before torch's step (after the closure and any clipping ran);
-- ``after``: what it does to the weights after torch's step (a proximal step);
-- ``penalty`` and ``effective_decay``: the elementwise terms whose sum its figure needs, and the formula that turns
-  that sum into the effective decay d = −⟨Δw_reg, w⟩/‖w‖² (the fraction of the weight norm removed per step);
-- ``sparsity``, ``timescale`` and ``equilibrium``: which of the monitor's figures describe it.
-
+A mode is *where* a decay transform sits (optax's view): the part torch's arithmetic applies from the group's
+``"weight_decay"``, what it adds to the gradients before torch's step, what it does to the weights after it, and the
+sums and formula of its effective decay d = −⟨Δw_reg, w⟩/‖w‖² (the fraction of the weight norm removed per step).
 ``lit_decay.Adam`` applies the entry of each group's ``"decay_mode"``; the statistics, the monitor, the schedules and
 the audit ask the entry and never branch on a mode's name. ``rule_of`` reads the entry a group is decayed by in any
 optimizer: for torch's own optimizers, what torch's keys mean (Adam's ``weight_decay`` is ``l2``, AdamW's
@@ -34,7 +27,9 @@ Penalty = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class DecayMode:
-    """One decay mode. ``before(params, grads, strength, foreach)`` and ``after(params, threshold, foreach)`` act in
+    """One decay mode. ``torch_term`` is the part torch's Adam arithmetic applies itself (``"l2"``: g ← g + wd·p
+    inside the kernel, ``"decoupled"``: AdamW's p ← p·(1 − lr·wd), or ``"none"``).
+    ``before(params, grads, strength, foreach)`` and ``after(params, threshold, foreach)`` act in
     place on a group's stepped tensors, the first with the group's strength (in the gradients' units: times a
     GradScaler's scale where the fused kernel unscales), the second with lr·strength (0 on a step the scaler
     skipped). ``foreach`` asks for torch's multi-tensor ops (where they are real kernels) rather than a per-tensor
@@ -121,9 +116,8 @@ def soft_threshold(params: TensorList, threshold: Scalar, foreach: bool) -> None
             torch.ops.aten.softshrink.out(param, threshold, out=param)  # one pass, in place
 
 
-def _adamw_equilibrium(group: Mapping[str, Any]) -> float:
-    beta1 = float(group["betas"][0])
-    return 2.0 * (1.0 - beta1) / (1.0 + beta1)
+def _adamw_equilibrium(group: Mapping[str, Any]) -> float:  # Kosson, Messmer & Jaggi (2024): 2(1−β₁)/(1+β₁)
+    return 2.0 * (1.0 - float(group["betas"][0])) / (1.0 + float(group["betas"][0]))
 
 
 def _sgd_equilibrium(group: Mapping[str, Any]) -> float | None:
@@ -132,15 +126,15 @@ def _sgd_equilibrium(group: Mapping[str, Any]) -> float | None:
     return 2.0 / (1.0 + float(group.get("momentum", 0.0) or 0.0))
 
 
-def _scaled_by_decay(penalty_sum: float, w2: float, decay: float) -> float:
+def _scaled_by_decay(penalty_sum: float, w2: float, decay: float) -> float:  # a penalty through Adam's moments
     return 0.0 if w2 == 0.0 else decay * penalty_sum / w2
 
 
-def _ratio(penalty_sum: float, w2: float, decay: float) -> float:
+def _ratio(penalty_sum: float, w2: float, decay: float) -> float:  # a penalty that is the removed part itself
     return 0.0 if w2 == 0.0 else penalty_sum / w2
 
 
-def _lr_times_wd(penalty_sum: float, w2: float, decay: float) -> float:
+def _lr_times_wd(penalty_sum: float, w2: float, decay: float) -> float:  # a shrink by lr·wd of every weight
     return decay
 
 

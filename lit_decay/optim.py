@@ -252,51 +252,51 @@ class Adam(torch.optim.Adam):
         if self._summary is not None:
             _show(self._summary)
             self._summary = None
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for group in self.param_groups:
-            mode = self.modes[group["decay_mode"]]
-            tensors: tuple[list[torch.Tensor], ...] = ([], [], [], [], [], [])
-            has_complex = self._init_group(group, *tensors)
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = tensors
-            strength = group["weight_decay"]
-            foreach = bool(params) and params[0].device.type in _supported("foreach")
-            if mode.before is not None and params and strength:
-                scaled: float | torch.Tensor = strength
-                if grad_scale is not None:  # the fused kernel unscales the gradients itself: the term must be scaled
-                    scaled = _wide(grad_scale, params[0].dtype) * strength
-                mode.before(_local(params), _local(grads), scaled, foreach)
-            beta1, beta2 = group["betas"]
-            adam(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                steps,
-                amsgrad=group["amsgrad"],
-                has_complex=has_complex,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=strength if mode.torch_term != "none" else 0.0,
-                eps=group["eps"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                capturable=group["capturable"],
-                differentiable=group["differentiable"],
-                fused=group["fused"],
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                decoupled_weight_decay=mode.torch_term == "decoupled",
-            )
-            for observer in list(self._update_observers.values()):
-                observer(self, group)
-            if mode.after is not None and params and strength:
-                threshold: float | torch.Tensor = group["lr"] * strength
-                if found_inf is not None:  # a skipped step changes nothing; decided on the device, without a sync
-                    threshold = (1.0 - _wide(found_inf, params[0].dtype)) * threshold
-                mode.after(_local(params), threshold, foreach)
+            self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        mode = self.modes[group["decay_mode"]]
+        # Collected as torch.optim.Adam.step collects them: with a gradient, their moments and step counts.
+        lists: list[list[torch.Tensor]] = [[] for _ in range(6)]
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
+        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        strength = group["weight_decay"]
+        acts = bool(params) and bool(strength)
+        foreach = acts and params[0].device.type in _supported("foreach")
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if mode.before is not None and acts:
+            # The fused kernel unscales the gradients itself: the term is added in their (scaled) units.
+            scaled = strength if grad_scale is None else _wide(grad_scale, params[0].dtype) * strength
+            mode.before(_local(params), _local(grads), scaled, foreach)
+        adam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            has_complex=has_complex,
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            weight_decay=strength if mode.torch_term != "none" else 0.0,
+            decoupled_weight_decay=mode.torch_term == "decoupled",
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            **{key: group[key] for key in _PASSED_AS_THEY_ARE},
+        )
+        for observer in list(self._update_observers.values()):
+            observer(self, group)
+        if mode.after is not None and acts:
+            threshold = group["lr"] * strength
+            if found_inf is not None:  # a skipped step changes nothing; decided on the device, without a sync
+                threshold = (1.0 - _wide(found_inf, params[0].dtype)) * threshold
+            mode.after(_local(params), threshold, foreach)
+
+
+# The group keys torch.optim.Adam.step hands torch.optim.adam.adam as they are.
+_PASSED_AS_THEY_ARE = ("amsgrad", "lr", "eps", "maximize", "foreach", "capturable", "differentiable", "fused")
 
 
 def _listed(params: Any) -> Any:

@@ -12,9 +12,8 @@ taken from a snapshot where they cannot be (other optimizers, weights below floa
 right after torch's arithmetic and before its mode's ``after`` transform, which the sums apply to a copy: the one
 moment where every figure is known. Sums leave the device once per logging step.
 
-On a CPU the function runs compiled (``torch.compile``, one pass and no temporaries: 0.9-1.3× of an Adam step at
-50M parameters where eager ops take 26-33×, see docs/performance.md); elsewhere eagerly, until measured there.
-``LIT_DECAY_COMPILE=0`` turns compiling off, ``LIT_DECAY_COMPILE=1`` turns it on wherever torch.compile runs.
+On a CPU it runs compiled (one pass, no temporaries; docs/performance.md), elsewhere eagerly until measured there:
+``LIT_DECAY_COMPILE=0`` turns compiling off, ``=1`` on wherever torch.compile runs.
 """
 
 from __future__ import annotations
@@ -48,10 +47,9 @@ PER_PARAMETER_METRICS: tuple[str, ...] = ("weight_norm", "grad_norm", "update_ra
 #: Each row of sums, by name: Σw² after the whole step, Σg² (unscaled), Σ(Δw)², Σw² before the step, the mode's
 #: Σpenalty, Σw² of the weights the penalty acted on, and the count of weights not exactly zero.
 SUMS: tuple[str, ...] = ("w2", "g2", "d2", "w2_before", "penalty", "w2_acted", "nonzeros")
-# A tensor's step scalars, one row: Adam's step size lr/(1−β₁ᵗ) and 1/√(1−β₂ᵗ), eps, AdamW's factor lr·wd (0 on a
-# skipped step), keep (0 on a step a grad scaler skipped), the gradient's unscale factor, lr·wd, and the threshold of
-# the mode's after transform (0 where it does not act). Computed per group beforehand: inside the elementwise pass,
-# inductor would recompute a power per element.
+# A tensor's step scalars: Adam's lr/(1−β₁ᵗ) and 1/√(1−β₂ᵗ), eps, AdamW's lr·wd, keep (0 on a step a grad scaler
+# skipped), the gradient's unscale factor, lr·wd, and the mode's after-step threshold. Computed per group beforehand:
+# inside the elementwise pass, inductor would recompute a power per element.
 SCALARS: tuple[str, ...] = (
     "step_size", "inv_sqrt_bias2", "eps", "adamw", "keep", "grad_factor", "decay", "threshold"
 )  # fmt: skip
