@@ -88,9 +88,9 @@ def tensor_sums(
     ``w`` holds those weights, ``g`` the gradient as the optimizer holds it, ``m``/``v`` Adam's moments (``v`` the
     maximum with amsgrad), ``before`` the weights before the step (None: rebuilt from Adam's state as
     w_before = (w + u)/(1 − lr·wd), with AdamW's lr·wd and Adam's update u = lr/(1−β₁ᵗ)·m/(√v̂ + eps)), ``scalars``
-    the ``SCALARS``; ``penalty`` and ``after`` are the mode's (``lit_decay.modes.DecayMode``), passed apart so that
-    modes with neither (``decoupled``, ``none``) share one compiled graph. Float64 tensors are summed in float64, the
-    rest in float32.
+    the ``SCALARS``; ``penalty`` and ``after`` are the mode's, passed apart so that modes with neither (``decoupled``,
+    ``none``) share one graph. Many flat arguments on purpose: what torch.compile specialises on (a container would
+    add guards on its fields). Float64 tensors are summed in float64, the rest in float32.
 
     Examples:
         >>> w, g = torch.tensor([3.0, 4.0]), torch.tensor([1.0, 0.0])

@@ -6,7 +6,9 @@
 # REPORT.md defaults to gpu_report.md; when $OUT is set, the report is also copied to "$OUT/gpu_report.md".
 # Sections: the machine (nvidia-smi, torch), the CUDA tests (pytest -m cuda tests/test_cuda.py), then the many-tensor
 # benchmarks on the gpt2-small and 1b shape sets: bench_optimizer.py (optimizer step table) and bench_monitor.py
-# (logging-step tables). Every command runs under its own `timeout`, so the whole stays under 8 minutes on one GPU.
+# (logging-step tables, the statistics both eager and compiled: their first logging step, compile included, and
+# their steady state, which decide whether lit_decay compiles anything on a GPU). Every command runs under its own
+# `timeout`, so the whole stays under 8 minutes on one GPU.
 # --cpu-dry-run (or LIT_DECAY_GPU_CHECK_DRY_RUN=1) runs the same pipeline on CPU with smoke sizes (the CUDA tests
 # then skip): for machines without a GPU, and what tests/test_benchmarks.py runs.
 # Python: $PYTHON if set, else .venv/bin/python, else python3, the first whose torch sees CUDA (any that imports
@@ -182,8 +184,8 @@ fi
 run_step "CUDA tests" "$limit_tests" text "$py" -m pytest -m cuda tests/test_cuda.py -q -rA -p no:cacheprovider
 run_step "Optimizer step, many tensors" "$limit_bench" markdown \
   "$py" benchmarks/bench_optimizer.py "${device[@]}" --shapes "$shapes" --parts step "${timing[@]}"
-run_step "Monitor logging step, many tensors" "$limit_bench" markdown \
-  "$py" benchmarks/bench_monitor.py "${device[@]}" --shapes "$shapes" "${timing[@]}"
+run_step "Monitor logging step, many tensors, eager and compiled statistics" "$limit_bench" markdown \
+  "$py" benchmarks/bench_monitor.py "${device[@]}" --shapes "$shapes" --forms eager,compiled "${timing[@]}"
 
 say "## Summary" "" "| step | result | seconds |" "| --- | --- | --- |" "${summary_rows[@]}" ""
 if [ "$failures" = 0 ]; then
