@@ -82,12 +82,20 @@ def add_sign(params: TensorList, grads: TensorList, strength: Scalar, foreach: b
         else:
             torch._foreach_add_(grads, signs, alpha=strength)
         return
-    # One tensor at a time on a CPU: a temporary the size of the whole group costs more in page faults than the pass.
+    # 2**20 elements at a time: a temporary the size of a large tensor is page-faulted in anew at every step (at 50M
+    # parameters on a 2-core CPU: 1.81× a fused Adam step whole, 1.57× in pieces of 2**20, 1.59× of 2**18).
     for param, grad in zip(params, grads):
-        if isinstance(strength, torch.Tensor):
-            grad.addcmul_(torch.sign(param), strength.to(grad.device))
-        else:
-            grad.add_(torch.sign(param), alpha=strength)
+        for p, g in _pieces(param, grad):
+            if isinstance(strength, torch.Tensor):
+                g.addcmul_(torch.sign(p), strength.to(g.device))
+            else:
+                g.add_(torch.sign(p), alpha=strength)
+
+
+def _pieces(*tensors: torch.Tensor, size: int = 1 << 20) -> Any:
+    if tensors[0].numel() <= size or not all(t.is_contiguous() for t in tensors):
+        return [tensors]
+    return zip(*(t.view(-1).split(size) for t in tensors))
 
 
 def soft_threshold(params: TensorList, threshold: Scalar, foreach: bool) -> None:

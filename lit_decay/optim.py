@@ -8,6 +8,7 @@ behaviour, not a hook: copies (``copy.deepcopy``, pickling) keep it, and ``state
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -319,13 +320,8 @@ def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _common_prefix(names: list[str]) -> str:
     """The dotted module path all ``names`` share (``"backbone"`` for ``backbone.0.weight``, ``backbone.1.bias``)."""
-    parts = [name.split(".")[:-1] for name in names]
-    shared = []
-    for segments in zip(*parts):
-        if len(set(segments)) != 1:
-            break
-        shared.append(segments[0])
-    return ".".join(shared)
+    columns = zip(*(name.split(".")[:-1] for name in names))
+    return ".".join(c[0] for c in itertools.takewhile(lambda segments: len(set(segments)) == 1, columns))
 
 
 def _show(summary: str) -> None:

@@ -23,7 +23,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, overload
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -160,11 +160,7 @@ class _Kernel:
             return tensor_sums(*args)
 
 
-@overload
-def _flat(tensor: torch.Tensor) -> torch.Tensor: ...
-@overload
-def _flat(tensor: torch.Tensor | None) -> torch.Tensor | None: ...
-def _flat(tensor: torch.Tensor | None) -> torch.Tensor | None:
+def _flat(tensor: torch.Tensor | None) -> Any:  # a tensor, or None for None
     # One graph for every rank, and complex tensors as the real pairs Adam steps them as.
     if tensor is None:
         return None

@@ -68,6 +68,21 @@ def test_add_sign_by_hand(dtype: torch.dtype, as_tensor: bool, foreach: bool) ->
     assert torch.equal(p1, before[0]) and torch.equal(p2, before[1])  # the weights are read, never written
 
 
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "0-d tensor"])
+def test_add_sign_on_large_tensors_in_pieces_and_non_contiguous(as_tensor: bool) -> None:
+    """On a CPU the term is added 2**20 elements at a time: every piece, the last short one included, and a
+    non-contiguous tensor (taken whole) get exactly what one pass over the whole tensor gives."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.randn((1 << 20) + 77, generator=generator)
+    p[::1000] = 0.0
+    t = torch.randn(1100, 1000, generator=generator).t()  # large and non-contiguous
+    grads = [torch.randn(p.shape, generator=generator), torch.randn(t.shape, generator=generator)]
+    expected = [g + 0.25 * torch.sign(w) for g, w in zip(grads, (p, t))]
+    add_sign([p, t], grads, torch.tensor(0.25) if as_tensor else 0.25, foreach=False)
+    for got, want in zip(grads, expected):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
 def test_add_sign_with_a_scale_tensor(foreach: bool) -> None:
     # The GradScaler form: a 0-d scale times the strength, applied to already scaled gradients.
