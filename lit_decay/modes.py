@@ -67,35 +67,41 @@ class DecayMode:
 
 
 def add_sign(params: TensorList, grads: TensorList, strength: Scalar, foreach: bool) -> None:
-    """``g ← g + strength·sign(p)`` in place (torch.sign's conventions: no term for ±0 and NaN weights).
+    """``g ← g + strength·sign(p)`` in place (torch.sign's conventions: no term for ±0 and NaN weights), with torch's
+    multi-tensor ops: the whole group at once where they are real kernels (``foreach``), else in batches.
 
     Examples:
         >>> p, g = torch.tensor([2.0, -1.0, 0.0]), torch.zeros(3)
         >>> add_sign([p], [g], 0.1, foreach=False); g
         tensor([ 0.1000, -0.1000,  0.0000])
     """
-    if foreach:
-        signs = torch._foreach_sign(params)
+    for ps, gs in [(params, grads)] if foreach else _batches(params, grads):
+        signs = torch._foreach_sign(ps)
         if isinstance(strength, torch.Tensor):
-            torch._foreach_mul_(signs, strength)
-            torch._foreach_add_(grads, signs)
+            torch._foreach_mul_(signs, strength.to(ps[0].device))
+            torch._foreach_add_(gs, signs)
         else:
-            torch._foreach_add_(grads, signs, alpha=strength)
-        return
-    # 2**20 elements at a time: a temporary the size of a large tensor is page-faulted in anew at every step (at 50M
-    # parameters on a 2-core CPU: 1.81× a fused Adam step whole, 1.57× in pieces of 2**20, 1.59× of 2**18).
-    for param, grad in zip(params, grads):
-        for p, g in _pieces(param, grad):
-            if isinstance(strength, torch.Tensor):
-                g.addcmul_(torch.sign(p), strength.to(g.device))
-            else:
-                g.add_(torch.sign(p), alpha=strength)
+            torch._foreach_add_(gs, signs, alpha=strength)
 
 
-def _pieces(*tensors: torch.Tensor, size: int = 1 << 20) -> Any:
-    if tensors[0].numel() <= size or not all(t.is_contiguous() for t in tensors):
-        return [tensors]
-    return zip(*(t.view(-1).split(size) for t in tensors))
+def _batches(*lists: TensorList, size: int = 1 << 20) -> list[tuple[TensorList, ...]]:
+    """Aligned lists cut into batches of about ``size`` elements, a large contiguous tensor into flat pieces of that
+    size: on a CPU, a temporary the size of a large tensor or group is page-faulted in anew at every step (the l1
+    term at 50M parameters, 2 cores: 1.81× a fused Adam step whole, 1.57× by 2**20 elements, 1.59× by 2**18)."""
+    pieces: list[tuple[torch.Tensor, ...]] = []
+    for tensors in zip(*lists):
+        if tensors[0].numel() <= size or not all(t.is_contiguous() for t in tensors):
+            pieces.append(tensors)
+        else:
+            pieces += zip(*(t.view(-1).split(size) for t in tensors))
+    batches, filled = [[]], 0  # type: ignore[var-annotated]
+    for piece in pieces:
+        if filled + piece[0].numel() > size and batches[-1]:
+            batches.append([])
+            filled = 0
+        batches[-1].append(piece)
+        filled += piece[0].numel()
+    return [tuple(list(column) for column in zip(*batch)) for batch in batches if batch]
 
 
 def soft_threshold(params: TensorList, threshold: Scalar, foreach: bool) -> None:
