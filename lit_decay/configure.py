@@ -31,6 +31,7 @@ def check_parameters(module: nn.Module, groups: Iterable[Mapping[str, Any]], mod
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 4))
         >>> model.phase = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+        >>> from lit_decay.modes import DECAY_MODES
         >>> check_parameters(model, [{"decay_mode": "l1", "params": [("phase", model.phase)]}], DECAY_MODES)
         Traceback (most recent call last):
         ...

@@ -94,14 +94,15 @@ def _batches(*lists: TensorList, size: int = 1 << 20) -> list[tuple[TensorList, 
             pieces.append(tensors)
         else:
             pieces += zip(*(t.view(-1).split(size) for t in tensors))
-    batches, filled = [[]], 0  # type: ignore[var-annotated]
+    batches: list[list[tuple[torch.Tensor, ...]]] = []
+    filled = 0
     for piece in pieces:
-        if filled + piece[0].numel() > size and batches[-1]:
+        if not batches or filled + piece[0].numel() > size:
             batches.append([])
             filled = 0
         batches[-1].append(piece)
         filled += piece[0].numel()
-    return [tuple(list(column) for column in zip(*batch)) for batch in batches if batch]
+    return [tuple(list(column) for column in zip(*batch)) for batch in batches]
 
 
 def soft_threshold(params: TensorList, threshold: Scalar, foreach: bool) -> None:

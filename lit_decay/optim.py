@@ -138,7 +138,6 @@ class Adam(torch.optim.Adam):
         # Lists, so that reading the parameters here leaves them for torch (a group may hold a generator).
         params = [{**g, "params": _listed(g["params"])} if isinstance(g, Mapping) else g for g in params]
         self._mode = self._check_mode(mode, "mode")
-        implementation = choose_implementation(_named(params), fused)
         super().__init__(
             params,
             lr=check_non_negative("lr", lr),
@@ -147,7 +146,7 @@ class Adam(torch.optim.Adam):
             weight_decay=check_non_negative("weight_decay", weight_decay),
             amsgrad=check_bool("amsgrad", amsgrad),
             decoupled_weight_decay=self.modes[mode].torch_term == "decoupled",
-            **implementation,
+            **choose_implementation(_named(params), fused),
         )
         self.defaults["decay_mode"] = mode
         self._init_owned_state()
@@ -170,8 +169,6 @@ class Adam(torch.optim.Adam):
             valid = ", ".join(repr(m) for m in self.modes)
             raise ValueError(f"{what}={mode!r} is not a decay mode; valid modes are {valid}")
         return mode
-
-    # ---- groups ------------------------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, checking the group's decay settings first; a group of plain tensors added to
@@ -233,8 +230,6 @@ class Adam(torch.optim.Adam):
             )
         return split
 
-    # ---- the step --------------------------------------------------------------------------------------------------
-
     def register_update_observer(self, observer: UpdateObserver) -> RemovableHandle:
         """Call ``observer(optimizer, group)`` for each group at every step, right after torch's Adam arithmetic and
         before the group's mode applies its ``after`` transform (the monitor measures there)."""
@@ -251,7 +246,9 @@ class Adam(torch.optim.Adam):
             with torch.enable_grad():
                 loss = closure()
         if self._summary is not None:
-            _show(self._summary)
+            from lightning.pytorch.utilities import rank_zero_info  # here: `import lit_decay` imports no Lightning
+
+            rank_zero_info(self._summary)
             self._summary = None
         for group in self.param_groups:
             self._step_group(group)
@@ -322,9 +319,3 @@ def _common_prefix(names: list[str]) -> str:
     """The dotted module path all ``names`` share (``"backbone"`` for ``backbone.0.weight``, ``backbone.1.bias``)."""
     columns = zip(*(name.split(".")[:-1] for name in names))
     return ".".join(c[0] for c in itertools.takewhile(lambda segments: len(set(segments)) == 1, columns))
-
-
-def _show(summary: str) -> None:
-    from lightning.pytorch.utilities import rank_zero_info  # here: `import lit_decay` does not import Lightning
-
-    rank_zero_info(summary)

@@ -62,9 +62,7 @@ def check_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
         >>> check_metrics(["sparsity", "weight_norm"])
         ('weight_norm', 'sparsity')
     """
-    if metrics is None:
-        return METRICS
-    chosen = [metrics] if isinstance(metrics, str) else list(metrics)
+    chosen = list(METRICS if metrics is None else [metrics] if isinstance(metrics, str) else metrics)
     unknown = [m for m in chosen if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(map(repr, unknown))}; valid metrics are {', '.join(METRICS)}")
@@ -127,22 +125,20 @@ def tensor_sums(
     return torch.stack([sums.get(name, zero) for name in SUMS])
 
 
-def _compile_setting() -> str:
-    return os.environ.get("LIT_DECAY_COMPILE", "auto").strip().lower()
-
-
 @dataclass
 class _Kernel:
-    """``tensor_sums`` as this device runs it: compiled on a CPU (measured there), eager elsewhere unless
-    ``LIT_DECAY_COMPILE=1``; a compile that fails warns once and runs eager from then on."""
+    """``tensor_sums`` as this device runs it: compiled on a CPU for tensors of 2**16 elements or more (smaller ones
+    cost less eagerly than a compile of seconds at the first logging step), eager elsewhere unless
+    ``LIT_DECAY_COMPILE=1`` (every tensor, wherever torch.compile runs); a compile that fails warns once and runs
+    eager from then on."""
 
     compiled: Callable[..., torch.Tensor] | None = None
     failed: bool = False
 
-    def __call__(self, device: torch.device, *args: Any) -> torch.Tensor:
-        setting = _compile_setting()
-        wanted = setting in ("1", "on", "true", "yes") and device.type in ("cpu", "cuda", "xpu")
-        wanted = wanted or (setting == "auto" and device.type == "cpu")
+    def __call__(self, *args: Any) -> torch.Tensor:
+        setting, weights = os.environ.get("LIT_DECAY_COMPILE", "auto").strip().lower(), args[0]
+        wanted = setting in ("1", "on", "true", "yes") and weights.device.type in ("cpu", "cuda", "xpu")
+        wanted = wanted or (setting == "auto" and weights.device.type == "cpu" and weights.numel() >= 1 << 16)
         if not wanted or self.failed or torch.compiler.is_compiling():
             return tensor_sums(*args)
         try:
@@ -161,11 +157,16 @@ class _Kernel:
 
 
 def _flat(tensor: torch.Tensor | None) -> Any:  # a tensor, or None for None
-    # One graph for every rank, and complex tensors as the real pairs Adam steps them as.
+    """The tensor flat over the same memory (complex as the real pairs Adam steps), and no view: dynamo guards a
+    view's base sizes, which would compile a graph per base shape, where flat tensors share one."""
     if tensor is None:
         return None
     tensor = local(tensor)
-    return (torch.view_as_real(tensor) if tensor.is_complex() else tensor).reshape(-1)
+    tensor = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+    if not tensor.is_contiguous():
+        return tensor.reshape(-1)  # a copy, no view
+    flat = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return flat.set_(tensor.untyped_storage(), tensor.storage_offset(), (tensor.numel(),), (1,))
 
 
 @dataclass
@@ -344,7 +345,7 @@ class StepStatistics:
             m = state.get("exp_avg") if from_state else None
             before = None if snapshots is None else snapshots[i]
             inputs = (_flat(params[i].detach()), _flat(params[i].grad), _flat(m), _flat(v), _flat(before))
-            row = self._kernel(params[i].device, *inputs, scalars[k], rule.mode.penalty, rule.mode.after)
+            row = self._kernel(*inputs, scalars[k], rule.mode.penalty, rule.mode.after)
             rows[i] = self._add(row)
         for i, param in enumerate(params):
             if i not in rows:  # not stepped: no gradient, no update and no penalty this step
