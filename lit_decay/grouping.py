@@ -8,6 +8,7 @@ as a ``GroupingReport`` a human can read. ``lit_decay.configure_adam`` and ``lit
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -629,3 +630,20 @@ def explain(
     """
     options = GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr, layer_decay)
     return plan(module, options).report()
+
+
+def show(summary: str) -> None:
+    """Show a grouping summary on rank zero: through Lightning's logger where Lightning is in use (its channel for
+    the model summary), else printed, so that a plain PyTorch loop does not import Lightning at its first step.
+
+    Examples:
+        >>> show("lit_decay: Sequential: 2 trainable tensors (6 elements), 0 frozen (0 elements)")  # doctest: +SKIP
+    """
+    if "lightning.pytorch" in sys.modules:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(summary)
+        return
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        print(summary)

@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lit_decay._checks import check_betas, check_bool, check_group, check_non_negative
 from lit_decay._tensors import local
-from lit_decay.grouping import GroupingOptions, GroupingReport, plan
+from lit_decay.grouping import GroupingOptions, GroupingReport, plan, show
 from lit_decay.modes import DECAY_MODES, DecayMode
 
 #: Called as ``observer(optimizer, group)`` right after torch's Adam arithmetic of a group and before its mode's
@@ -246,9 +246,7 @@ class Adam(torch.optim.Adam):
             with torch.enable_grad():
                 loss = closure()
         if self._summary is not None:
-            from lightning.pytorch.utilities import rank_zero_info  # here: `import lit_decay` imports no Lightning
-
-            rank_zero_info(self._summary)
+            show(self._summary)
             self._summary = None
         for group in self.param_groups:
             self._step_group(group)
