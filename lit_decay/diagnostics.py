@@ -321,7 +321,9 @@ class DecayRecord:
     def from_state(cls, state: Mapping[str, Mapping[str, Any]]) -> DecayRecord:
         """A record that continues from ``state_dict()``."""
         record = cls()
-        record._groups = {str(name): {**entry, "equilibrium": list(entry["equilibrium"])} for name, entry in state.items()}
+        record._groups = {
+            str(name): {**entry, "equilibrium": list(entry["equilibrium"])} for name, entry in state.items()
+        }
         return record
 
 
@@ -334,8 +336,18 @@ def _finite(value: Any) -> float | None:
 
 
 def _times(value: float) -> str:
-    """A ratio as a reader says it: "12", "170", "1.5", "0.083"."""
+    """A ratio as a reader says it: "12", "170", "27,000", "1.5", "0.083".
+
+    Examples:
+        >>> [_times(v) for v in (12.4, 170.0, 27_041.0, 1.5, 0.0833)]
+        ['12', '170', '27,041', '1.5', '0.083']
+    """
     return f"{value:,.0f}" if value >= 10 else f"{value:.2g}"
+
+
+def _percent(value: float) -> str:
+    """A fraction as a percentage, with two digits where it is below 1%: "8%", "0.31%"."""
+    return f"{value:.0%}" if value >= 0.01 else f"{value * 100:.2g}%"
 
 
 def decay_report(
@@ -377,8 +389,8 @@ def decay_report(
         ...                       progress={"decay": 1 / 12}, last_rates={"decay": 1 / 1200})
         >>> report["decay"]["acted"], report["decay"]["timescale_over_run"]
         (False, 12.0)
-        >>> print(report["decay"]["advice"])
-        τ is 12× the run: decay removed 8% of the weight norm; WeightDecayScheduler(timescale_fraction=0.1) would make it act.
+        >>> print(report["decay"]["advice"])  # doctest: +ELLIPSIS
+        τ is 12× the run: decay removed 8% of the weight norm; WeightDecayScheduler(timescale_fraction=0.1) would ...
     """
     progress = progress or {}
     last_rates = last_rates or {}
@@ -433,7 +445,7 @@ def _advice(fields: Mapping[str, Any]) -> str | None:
             return f"decay applied no e-fold (lr·wd was 0 at every step); {suggestion} would make it act."
         removed = 1.0 - math.exp(-progress)
         return (
-            f"τ is {_times(1.0 / progress)}× the run: decay removed {removed:.0%} of the weight norm; "
+            f"τ is {_times(1.0 / progress)}× the run: decay removed {_percent(removed)} of the weight norm; "
             f"{suggestion} would make it act."
         )
     if fields["acted"] is False and over_run is not None:
@@ -483,7 +495,7 @@ def report_table(report: Mapping[str, Mapping[str, Any]]) -> Table:
                 name,
                 entry["mode"],
                 _cell(entry["decay_progress"], ".3g"),
-                _cell(entry["timescale_over_run"], ".2g"),
+                "–" if entry["timescale_over_run"] is None else _times(entry["timescale_over_run"]),
                 norms,
                 equilibrium,
                 _cell(entry["sparsity_last"], ".1%"),

@@ -303,10 +303,10 @@ def check_warmup(warmup_steps: int, total_steps: float | None) -> None:
     yet, nothing to check).
 
     Examples:
-        >>> check_warmup(10, 5)
+        >>> check_warmup(10, 5)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: warmup_steps=10 is longer than the run of 5 optimizer steps: the schedule would never reach its start_factor
+        ValueError: warmup_steps=10 is longer than the run of 5 optimizer steps: the schedule would never reach ...
     """
     if total_steps is not None and warmup_steps > total_steps:
         raise ValueError(
@@ -320,10 +320,10 @@ def check_timescale(timescale: float, given: str) -> float:
     what ``given`` it: lr·wd = 1/τ ≥ 1 would flip the weights' sign at every step.
 
     Examples:
-        >>> check_timescale(0.5, "timescale_fraction=0.1 of a run of 5 steps")
+        >>> check_timescale(0.5, "timescale_fraction=0.1 of a run of 5 steps")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: timescale_fraction=0.1 of a run of 5 steps is a decay timescale of 0.5 optimizer steps: lr·wd = 1/τ = 2 ≥ 1 would flip the weights' sign at every step; τ must be more than 1 step
+        ValueError: timescale_fraction=0.1 of a run of 5 steps is a decay timescale of 0.5 optimizer steps: ...
     """
     if timescale <= 1.0:
         raise ValueError(
