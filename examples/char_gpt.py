@@ -13,9 +13,9 @@ What it shows:
   end of training, and a sample of generated text.
 - ``--timescale-fraction F`` adds ``lit_decay.WeightDecayScheduler(timescale_fraction=F)``: the decay timescale
   τ = 1/(lr·wd) held at F times the run (Wang & Aitchison, 2024), wd recomputed from the cosine schedule's lr before
-  every step. With the defaults (wd = 0.1) τ is longer than the run and the report says decay did not act; with
-  ``--timescale-fraction 0.1`` it applies ten e-folds and the decay group's norm levels off
-  (docs/choosing_weight_decay.md).
+  every step (``--no-hold-timescale``: wd computed once, from the starting lr). With the defaults (wd = 0.1) τ is
+  longer than the run and the report says decay did not act; with a fraction it acts, and the decay group's norm
+  levels off (docs/choosing_weight_decay.md).
 
 The text (examples/data/kjv_genesis_exodus.txt, public domain) is read as characters; the last 10 % is held out for
 validation. Training batches are random blocks of ``--block-size`` characters.
@@ -167,6 +167,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="set wd from the decay timescale, held at this fraction of the run (WeightDecayScheduler); "
         "--weight-decay is then only the value before the first step",
     )
+    parser.add_argument(
+        "--no-hold-timescale",
+        action="store_true",
+        help="with --timescale-fraction: compute wd once, from the starting lr, so that τ lengthens as the lr falls",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--logdir", default="runs", help="TensorBoard root folder (default: %(default)s)")
@@ -225,7 +230,10 @@ def prepare(args: argparse.Namespace) -> Run:
     monitor = lit_decay.WeightDecayMonitor()
     callbacks: list[L.Callback] = [monitor, LearningRateMonitor("step")]
     if args.timescale_fraction is not None:
-        callbacks.append(lit_decay.WeightDecayScheduler(timescale_fraction=args.timescale_fraction))
+        hold = not args.no_hold_timescale
+        callbacks.append(
+            lit_decay.WeightDecayScheduler(timescale_fraction=args.timescale_fraction, hold_timescale=hold)
+        )
     trainer = L.Trainer(
         max_epochs=1,  # one pass over steps × batch_size random blocks
         max_steps=args.steps,

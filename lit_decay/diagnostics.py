@@ -377,8 +377,9 @@ def decay_report(
     - ``sparsity_last`` (L1 groups);
     - ``acted``: decoupled groups, ``decay_progress`` ≥ 1 (``ACTED_EFOLDS``); other modes, τ ≤ T at the last logging
       step;
-    - ``advice``: one sentence when decay did not act (what to change), or when it acted but a measured
-      ``equilibrium`` did not hold near 1 (why, and how to see it); else None.
+    - ``advice``: one sentence when decay did not act (what to change), or when it acted, τ at the end fits in the
+      last quarter of the run (so equilibrium had time to settle) and a measured ``equilibrium`` did not hold near 1
+      (why, and how to see it); else None.
 
     Examples:
         >>> from lit_decay.modes import DECAY_MODES
@@ -454,7 +455,9 @@ def _advice(fields: Mapping[str, Any]) -> str | None:
             f"penalty removed little of the weight norm; about {_times(over_run / SUGGESTED_FRACTION)}× its "
             f"weight_decay would bring τ to a tenth of the run (or use mode='decoupled' with {suggestion})."
         )
-    if fields["acted"] and fields["equilibrium_held"] is False:
+    # Equilibrium is approached over about τ steps: only a τ that fits in the last quarter says it should hold there.
+    settles = over_run is not None and over_run <= 0.25
+    if fields["acted"] and fields["equilibrium_held"] is False and settles:
         return (
             f"equilibrium averaged {fields['equilibrium_mean_last_quarter']:.2f} over the last quarter of the run, not "
             "1: only weights followed by a normalization settle at 1, and a group that also holds others (a head, "

@@ -8,9 +8,9 @@ or any callable of the step.
 A timescale τ fixes how many steps decoupled decay takes to shrink the weights by e: lr·wd = 1/τ, so wd = 1/(lr·τ).
 Given in epochs, τ_steps = τ_epochs · (optimizer steps per epoch) = τ_epochs · N/B for N samples in batches of B;
 given as a fraction f of the run, τ_steps = f · T for a run of T optimizer steps, which is what Wang & Aitchison
-(2024) find transfers across model and data sizes. ``hold_timescale=True`` (implied by a fraction) recomputes wd
-from the current lr at every step, which keeps τ fixed while an lr scheduler moves lr: the decay coefficient is then
-proportional to 1/lr.
+(2024) find transfers across model and data sizes. ``hold_timescale=True`` (the default with a fraction) recomputes
+wd from the current lr at every step, which keeps τ fixed while an lr scheduler moves lr: the decay coefficient is
+then proportional to 1/lr. Otherwise wd is computed once, from the lr the run starts from, and τ follows the lr.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class ScheduleSettings:
     timescale_steps: float | None = None
     timescale_epochs: float | None = None
     steps_per_epoch: float | None = None
-    hold_timescale: bool = False
+    hold_timescale: bool | None = None  # None: hold a fraction of the run, not steps or epochs
     timescale_fraction: float | None = None
 
     def __post_init__(self) -> None:
@@ -186,7 +186,8 @@ class ScheduleSettings:
         if per_epoch is not None and epochs is None:
             raise ValueError(f"steps_per_epoch={per_epoch!r} is only used with timescale_epochs, which is not set")
         normalize("steps_per_epoch", None if per_epoch is None else _positive("steps_per_epoch", per_epoch))
-        normalize("hold_timescale", check_bool("hold_timescale", self.hold_timescale))
+        hold = self.timescale_fraction is not None if self.hold_timescale is None else self.hold_timescale
+        normalize("hold_timescale", check_bool("hold_timescale", hold))
         if self.hold_timescale and not self.uses_timescale:
             raise ValueError(
                 "hold_timescale=True needs a timescale: set timescale_fraction, timescale_steps or timescale_epochs"
@@ -201,9 +202,10 @@ class ScheduleSettings:
 
     @property
     def holds_timescale(self) -> bool:
-        """Whether wd = 1/(lr·τ) is recomputed from the current lr at every step: ``hold_timescale=True``, or a
-        ``timescale_fraction`` (τ a fixed fraction of the run means a fixed τ, whatever lr does)."""
-        return self.hold_timescale or self.timescale_fraction is not None
+        """Whether wd = 1/(lr·τ) is recomputed from the current lr at every step: ``hold_timescale``, which defaults
+        to True with a ``timescale_fraction`` (τ a fixed fraction of the run, whatever lr does) and to False with
+        ``timescale_steps`` or ``timescale_epochs``."""
+        return bool(self.hold_timescale)
 
     @property
     def needs_run_length(self) -> bool:
@@ -364,9 +366,11 @@ class WeightDecayScheduler(Callback):
         steps_per_epoch: optimizer steps per epoch for ``timescale_epochs`` (e.g. dataset_size / batch_size); None
             takes it from the Trainer.
         hold_timescale: recompute wd = 1/(lr·τ) from the current lr at every step (decay ∝ 1/lr), instead of once
-            from the lr at the start.
+            from the lr at the start (then τ lengthens as the lr falls). None: True with ``timescale_fraction``,
+            False with ``timescale_steps`` or ``timescale_epochs``.
         timescale_fraction: give decay as τ = f·T, a fraction f > 0 of the run's T optimizer steps (``total_steps``,
-            else the Trainer's ``estimated_stepping_batches``); implies ``hold_timescale``. Decoupled groups only.
+            else the Trainer's ``estimated_stepping_batches``), held through the lr schedule unless
+            ``hold_timescale=False``. Decoupled groups only.
 
     Example::
 
@@ -405,7 +409,7 @@ class WeightDecayScheduler(Callback):
         timescale_steps: float | None = None,
         timescale_epochs: float | None = None,
         steps_per_epoch: float | None = None,
-        hold_timescale: bool = False,
+        hold_timescale: bool | None = None,
         timescale_fraction: float | None = None,
     ) -> None:
         self.settings = ScheduleSettings(
@@ -435,7 +439,7 @@ class WeightDecayScheduler(Callback):
         fraction: float | None = None,
         steps_per_epoch: float | None = None,
         groups: Sequence[str] | None = None,
-        hold: bool = False,
+        hold: bool | None = None,
     ) -> WeightDecayScheduler:
         """Decay given as its timescale τ = 1/(lr·wd), in optimizer steps, in epochs or as a fraction of the run (give
         one): each decoupled group gets wd = 1/(lr·τ). The same as ``WeightDecayScheduler(timescale_steps=..., ...)``,
@@ -444,8 +448,9 @@ class WeightDecayScheduler(Callback):
         Examples:
             >>> WeightDecayScheduler.from_timescale(epochs=5.0).timescale_epochs
             5.0
-            >>> WeightDecayScheduler.from_timescale(fraction=0.1).timescale_fraction
-            0.1
+            >>> held = WeightDecayScheduler.from_timescale(fraction=0.1)
+            >>> held.timescale_fraction, held.hold_timescale
+            (0.1, True)
         """
         return cls(
             timescale_steps=steps,

@@ -205,11 +205,16 @@ def test_report_says_why_equilibrium_did_not_hold_in_a_mixed_group() -> None:
     record = DecayRecord()
     for step in range(8):
         record.add(step, "decay", {"equilibrium": 0.5}, 0.5)
-    got = entry(decay_report(record, {"decay": DECAY_MODES["decoupled"]}, run_steps=8, progress={"decay": 2.6}))
-    assert got["acted"] is True and got["equilibrium_held"] is False
+    modes = {"decay": DECAY_MODES["decoupled"]}
+    got = entry(decay_report(record, modes, run_steps=8, progress={"decay": 2.6}, last_rates={"decay": 0.5}))
+    assert got["acted"] is True and got["equilibrium_held"] is False and got["timescale_over_run"] == 0.25
     assert got["advice"].startswith("equilibrium averaged 0.50 over the last quarter of the run, not 1:")
     assert "followed by a normalization" in got["advice"] and "override" in got["advice"]
-    assert got["timescale_over_run"] is None  # neither the last step's rate nor an effective decay was known
+    # τ at the end longer than the last quarter (an lr annealed towards 0): no time to settle, nothing to explain
+    slow = entry(decay_report(record, modes, run_steps=8, progress={"decay": 2.6}, last_rates={"decay": 0.1}))
+    assert slow["equilibrium_held"] is False and slow["advice"] is None
+    unknown = entry(decay_report(record, modes, run_steps=8, progress={"decay": 2.6}))
+    assert unknown["timescale_over_run"] is None and unknown["advice"] is None
 
 
 @pytest.mark.parametrize(("progress", "removed"), [(1 / 12, "8%"), (0.003, "0.3%"), (0.0, None)])

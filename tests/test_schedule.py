@@ -487,3 +487,17 @@ def test_from_timescale_is_the_timescale_form() -> None:
         lit_decay.WeightDecayScheduler.from_timescale(steps=10.0, epochs=1.0)
     with pytest.raises(ValueError, match="timescale"):
         lit_decay.WeightDecayScheduler.from_timescale(steps=-1.0)
+
+
+def test_a_timescale_fraction_computed_once_from_the_starting_lr(tmp_path: Path) -> None:
+    """hold_timescale=False: wd = 1/(lr₀·f·T) once, from the lr the run starts from; τ then follows the lr."""
+
+    def halve_every_step(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {"scheduler": torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.5), "interval": "step"}
+
+    scheduler = lit_decay.WeightDecayScheduler(timescale_fraction=0.5, hold_timescale=False)
+    assert not scheduler.hold_timescale and lit_decay.WeightDecayScheduler(timescale_fraction=0.5).hold_timescale
+    assert scheduler.state_key != lit_decay.WeightDecayScheduler(timescale_fraction=0.5).state_key
+    recorder = fit(tmp_path, scheduler, Net(scheduler=halve_every_step), max_epochs=1)
+    tau = 0.5 * BATCHES_PER_EPOCH
+    assert all(seen["decay"][0] == pytest.approx(1.0 / (0.01 * tau)) for seen in recorder.seen)
