@@ -1,4 +1,5 @@
-"""Is the decay doing anything? Rotational equilibrium, decay progress and the decay timescale against the run.
+"""Is the decay doing anything? Rotational equilibrium, decay progress, the decay timescale against the run, and the
+report of what the decay did in a run (``DecayRecord``, ``decay_report``), as plain functions without Lightning.
 
 Two published results, as plain functions of a group's lr, decay and momentum:
 
