@@ -9,8 +9,13 @@ What it shows:
 - ``configure_adam(..., mode="decoupled", scheduler=...)``: AdamW's rule on torch's fused Adam kernel, with a cosine
   learning-rate schedule. Decoupled decay shrinks the weights by lr·wd per step, so TensorBoard's
   ``decay/effective_decay/decay`` follows the schedule down, and ``decay/decay_timescale/decay`` (1 / that) goes up.
-- ``WeightDecayMonitor`` logging per-group figures next to the training and validation loss, and at the end a sample
-  of generated text.
+- ``WeightDecayMonitor`` logging per-group figures next to the training and validation loss, its decay report at the
+  end of training, and a sample of generated text.
+- ``--timescale-fraction F`` adds ``lit_decay.WeightDecayScheduler(timescale_fraction=F)``: the decay timescale
+  τ = 1/(lr·wd) held at F times the run (Wang & Aitchison, 2024), wd recomputed from the cosine schedule's lr before
+  every step (``--no-hold-timescale``: wd computed once, from the starting lr). With the defaults (wd = 0.1) τ is
+  longer than the run and the report says decay did not act; with a fraction it acts, and the decay group's norm
+  levels off (docs/choosing_weight_decay.md).
 
 The text (examples/data/kjv_genesis_exodus.txt, public domain) is read as characters; the last 10 % is held out for
 validation. Training batches are random blocks of ``--block-size`` characters.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -146,7 +152,7 @@ class CharGPT(L.LightningModule):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1500; 20 with --fast)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--n-layer", type=int, default=2)
@@ -154,18 +160,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--exclude-embeddings", action="store_true", help="keep embedding tables out of decay")
+    parser.add_argument(
+        "--timescale-fraction",
+        type=float,
+        default=None,
+        help="set wd from the decay timescale, held at this fraction of the run (WeightDecayScheduler); "
+        "--weight-decay is then only the value before the first step",
+    )
+    parser.add_argument(
+        "--no-hold-timescale",
+        action="store_true",
+        help="with --timescale-fraction: compute wd once, from the starting lr, so that τ lengthens as the lr falls",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     parser.add_argument("--logdir", default="runs", help="TensorBoard root folder (default: %(default)s)")
-    parser.add_argument("--fast", action="store_true", help="a few-second smoke run (20 steps of a smaller model)")
+    parser.add_argument(
+        "--fast", action="store_true", help="a few-second smoke run (a smaller model, 20 steps unless --steps)"
+    )
     args = parser.parse_args(argv)
     if args.fast:
-        args.steps, args.batch_size, args.block_size, args.n_layer, args.n_embd = 20, 8, 32, 1, 32
+        args.batch_size, args.block_size, args.n_layer, args.n_embd = 8, 32, 1, 32
+    if args.steps is None:
+        args.steps = 20 if args.fast else 1500
     return args
 
 
-def main(argv: list[str] | None = None) -> str:
-    args = parse_args(argv)
+@dataclass
+class Run:
+    """Everything one run of the example is made of, ready for ``fit``: usable from a notebook or the docs."""
+
+    model: CharGPT
+    trainer: L.Trainer
+    monitor: lit_decay.WeightDecayMonitor
+    train_loader: DataLoader
+    val_loader: DataLoader
+    vocab: CharVocab
+    characters: int
+    train_characters: int
+
+    def fit(self) -> None:
+        self.trainer.fit(self.model, train_dataloaders=self.train_loader, val_dataloaders=self.val_loader)
+
+
+def prepare(args: argparse.Namespace) -> Run:
+    """The data, the model and the Trainer of ``args`` (from ``parse_args``), seeded; nothing is trained yet."""
     quiet_lightning()
     # A model this small runs fastest on one CPU thread: more only add synchronisation, a lot on a busy machine.
     torch.set_num_threads(args.threads)
@@ -177,7 +216,6 @@ def main(argv: list[str] | None = None) -> str:
     split = int(0.9 * len(data))
     train_blocks = RandomBlocks(data[:split], args.block_size, args.steps * args.batch_size, seed=args.seed)
     val_blocks = RandomBlocks(data[split:], args.block_size, 8 * args.batch_size, seed=args.seed + 1)
-    print(f"{len(text):,} characters, vocabulary of {len(vocab)}, {split:,} for training")
 
     model = CharGPT(
         vocab_size=len(vocab),
@@ -189,29 +227,48 @@ def main(argv: list[str] | None = None) -> str:
         exclude_embeddings=args.exclude_embeddings,
         total_steps=args.steps,
     )
-    # Every grouping decision, before anything trains.
-    print(lit_decay.explain(model, weight_decay=args.weight_decay, exclude_embeddings=args.exclude_embeddings))
-    print()
-
+    monitor = lit_decay.WeightDecayMonitor()
+    callbacks: list[L.Callback] = [monitor, LearningRateMonitor("step")]
+    if args.timescale_fraction is not None:
+        hold = not args.no_hold_timescale
+        callbacks.append(
+            lit_decay.WeightDecayScheduler(timescale_fraction=args.timescale_fraction, hold_timescale=hold)
+        )
     trainer = L.Trainer(
         max_epochs=1,  # one pass over steps × batch_size random blocks
         max_steps=args.steps,
         accelerator="auto",
         devices=1,
         logger=TensorBoardLogger(args.logdir, name="char_gpt", default_hp_metric=False),
-        callbacks=[lit_decay.WeightDecayMonitor(), LearningRateMonitor("step")],
+        callbacks=callbacks,
         log_every_n_steps=10 if not args.fast else 5,
         val_check_interval=min(100, args.steps),
         enable_checkpointing=False,
         enable_progress_bar=not args.fast,
         enable_model_summary=False,
     )
-    trainer.fit(
-        model,
-        train_dataloaders=DataLoader(train_blocks, batch_size=args.batch_size, shuffle=False, num_workers=0),
-        val_dataloaders=DataLoader(val_blocks, batch_size=args.batch_size, num_workers=0),
+    return Run(
+        model=model,
+        trainer=trainer,
+        monitor=monitor,
+        train_loader=DataLoader(train_blocks, batch_size=args.batch_size, shuffle=False, num_workers=0),
+        val_loader=DataLoader(val_blocks, batch_size=args.batch_size, num_workers=0),
+        vocab=vocab,
+        characters=len(text),
+        train_characters=split,
     )
 
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    run = prepare(args)
+    print(f"{run.characters:,} characters, vocabulary of {len(run.vocab)}, {run.train_characters:,} for training")
+    # Every grouping decision, before anything trains.
+    print(lit_decay.explain(run.model, weight_decay=args.weight_decay, exclude_embeddings=args.exclude_embeddings))
+    print()
+    run.fit()
+
+    trainer, model, vocab = run.trainer, run.model, run.vocab
     print(f"\nFinal validation loss: {float(trainer.callback_metrics['val/loss']):.3f} nats per character")
     prompt = "And God said"
     sample = vocab.decode(model.generate(vocab.encode(prompt).to(model.device), length=300, seed=args.seed))

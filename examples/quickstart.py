@@ -10,7 +10,7 @@ What it shows, in the three steps a Lightning user takes:
 
 The decay is set so that it acts within the run: τ = 1/(lr·wd) = 1/(3e-3 × 2) ≈ 170 optimizer steps, under half of
 the 440 steps of 20 epochs, for 1.4 points of validation accuracy (0.964 against 0.978 with wd = 0.05, whose
-τ ≈ 6,700 steps would leave the decay barely begun; the monitor's audit warns about such a setting).
+τ ≈ 6,700 steps would leave the decay barely begun; the grouping summary and the decay report say so).
 ``decay/decay_progress/decay`` ends at 440/167 ≈ 2.6 e-folds, and ``decay/equilibrium/decay`` shows how close the
 decayed weights are to rotational equilibrium (docs/monitoring.md).
 3. ``tensorboard --logdir runs`` shows them next to the training loss and the validation accuracy.

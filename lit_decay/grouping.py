@@ -253,7 +253,7 @@ class GroupingReport:
         lr_table = self.lr_table()
         if lr_table is not None:
             lines += [self._lr_title(), *_indented(lr_table.text_lines())]
-        return "\n".join(lines + self._notes())
+        return "\n".join(lines + self.notes())
 
     def __str__(self) -> str:
         parts = [self.summary(), "", *self.parameter_table().text_lines()]
@@ -269,7 +269,7 @@ class GroupingReport:
         lr_table = self.lr_table()
         if lr_table is not None:
             lines += ["", self._lr_title(), "", *lr_table.markdown_lines()]
-        for note in self._notes():
+        for note in self.notes():
             lines += ["", note]
         lines += ["", *self.parameter_table(with_frozen=True).markdown_lines()]
         return "\n".join(lines)
@@ -281,7 +281,7 @@ class GroupingReport:
     def _lr_title(self) -> str:
         return f"Learning rates at base lr={self.lr:g}:"
 
-    def _notes(self) -> list[str]:
+    def notes(self) -> list[str]:
         """The lines under the group tables: the Adam implementation, and the tensors worth a second look."""
         notes = []
         if self.implementation:

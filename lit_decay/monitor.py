@@ -1,7 +1,8 @@
 """``WeightDecayMonitor``: the Lightning callback that logs what weight decay is doing, per param group.
 
 A thin adapter: it decides which steps log, hooks ``lit_decay.stats.StepStatistics`` around each optimizer's
-step, and hands the figures to the Trainer's loggers (plus TensorBoard extras from ``lit_decay.tensorboard``).
+step, and hands the figures to the Trainer's loggers (plus TensorBoard extras from ``lit_decay.tensorboard``). At the
+end of training it turns what it logged into the decay report (``lit_decay.diagnostics.decay_report``).
 """
 
 from __future__ import annotations
@@ -13,19 +14,31 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
+from lit_decay._checks import check_bool
 from lit_decay._tensors import is_dtensor
 from lit_decay.audit import audit_messages
-from lit_decay.diagnostics import DecayProgress
-from lit_decay.modes import rule_of
+from lit_decay.diagnostics import DecayProgress, DecayRecord, decay_report, report_markdown, report_text
+from lit_decay.modes import group_names, rule_of
 from lit_decay.rules import clean_name
 from lit_decay.schedule import WeightDecayScheduler
 from lit_decay.stats import METRICS, StepStatistics, check_metrics
-from lit_decay.tags import GROUPING, HISTOGRAM, TagIndex, check_prefix, extra_tag, prefixed, tag
-from lit_decay.tensorboard import custom_scalars_layout, group_values, grouping_markdown
+from lit_decay.tags import (
+    GROUPING,
+    HISTOGRAM,
+    PARAMETERS,
+    REPORT,
+    SEPARATOR,
+    TagIndex,
+    check_prefix,
+    extra_tag,
+    prefixed,
+    tag,
+)
+from lit_decay.tensorboard import custom_scalars_layout, group_values, grouping_markdown, parameter_pages
 
 # Counted at every optimizer step from host floats (lit_decay.diagnostics.DecayProgress), not measured on logging steps.
 COUNTED_METRICS = frozenset({"decay_progress"})
@@ -39,20 +52,25 @@ class WeightDecayMonitor(Callback):
     Tags are ``{prefix}/{metric}/{group}`` (group: the param group's ``"name"``, else ``pg1``, ``pg2``...), logged on
     the batches and at the step values on which Lightning logs the user's own ``self.log`` metrics, from figures taken
     right after the optimizer step. A step that does not log costs nothing; one that does moves its figures to the
-    host once. With a ``TensorBoardLogger`` it also writes a custom-scalars layout (one chart per metric, all groups in
-    it) and the grouping table as text.
+    host once. With a ``TensorBoardLogger`` it also writes the grouping as text and, at the first logging step, a
+    custom-scalars layout with one chart for each metric the run logs (all groups in it).
+
+    At the end of training (``on_train_end``) it makes the decay report from the figures it logged and its host-side
+    counts: per decayed group, the e-folds applied, τ/run, the weight norm first → last, the last ``equilibrium`` and
+    whether it held near 1, the last ``sparsity``, and one sentence of advice where decay did not act
+    (``lit_decay.diagnostics.decay_report``). It is kept as ``report`` (JSON-safe, keyed by group), shown once on rank
+    zero as the grouping summary is, and written to TensorBoard's text under ``{prefix}/report``.
 
     Args:
         log_every_n_steps: log every this many optimizer steps; None follows ``Trainer(log_every_n_steps=...)``.
         metrics: which of ``weight_norm``, ``grad_norm``, ``update_ratio``, ``effective_decay``,
-            ``decay_timescale``, ``sparsity``, ``equilibrium``, ``decay_progress`` to log; None for all.
+            ``decay_timescale``, ``sparsity``, ``equilibrium``, ``weight_decay``, ``decay_progress`` to log; None for
+            all. The report's fields need the figures they are made of (``weight_norm``, ``equilibrium``, ...).
         prefix: the first part of every tag.
-        per_parameter: also log ``{prefix}/{metric}/{group}/{param}`` for weight_norm, grad_norm, update_ratio and
-            equilibrium.
+        per_parameter: also log ``{prefix}/{metric}/{group}/{param}`` for weight_norm, grad_norm and update_ratio.
         histograms: with a TensorBoard logger, also write per-group weight histograms (an extra transfer).
-        audit: at fit start, warn when a hand-built optimizer decays norm or bias parameters, asks for an L1 mode
-            nobody applies, or misses trainable parameters, and when a decoupled group's decay timescale
-            τ = 1/(lr·wd) is longer than the whole run.
+        audit: at fit start, warn about defects: a hand-built optimizer that decays norm or bias parameters, asks for
+            an L1 mode nobody applies, or misses trainable parameters.
         on_nonfinite: ``"warn"`` once per group, ``"raise"`` to stop training, or ``"ignore"``.
 
     Example::
@@ -90,16 +108,20 @@ class WeightDecayMonitor(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.metrics = check_metrics(metrics)
         self.prefix = prefix
-        self.per_parameter = bool(per_parameter)
-        self.histograms = bool(histograms)
-        self.audit = bool(audit)
+        self.per_parameter = check_bool("per_parameter", per_parameter)
+        self.histograms = check_bool("histograms", histograms)
+        self.audit = check_bool("audit", audit)
         self.on_nonfinite = on_nonfinite
+        #: The decay report of the last fit (``lit_decay.diagnostics.decay_report``), None until training ends.
+        self.report: dict[str, dict[str, Any]] | None = None
         self._warned_nonfinite: set[str] = set()
         self._statistics: StepStatistics | None = None
         self._logging = False  # the current batch logs
         self._progress = DecayProgress()
-        self._progress_restored = False
+        self._record = DecayRecord()
+        self._restored = False  # the counts above came from a checkpoint: continue them
         self._progress_handles: list[Any] = []
+        self._charted: set[str] = set()  # metrics the TensorBoard layout has a chart for
 
     @property
     def state_key(self) -> str:
@@ -134,16 +156,18 @@ class WeightDecayMonitor(Callback):
             optimizers, metrics=self.metrics, per_parameter=self.per_parameter, parameter_names=names
         )
         self._statistics.attach()
-        if not self._progress_restored:
-            self._progress = DecayProgress()
-        self._progress_restored = False
-        if "decay_progress" in self.metrics:
-            for optimizer in optimizers:
-                self._progress_handles.append(optimizer.register_step_post_hook(self._count_progress))
+        if not self._restored:
+            self._progress, self._record = DecayProgress(), DecayRecord()
+        self._restored = False
+        self.report = None
+        self._charted = set()
+        # Counted whatever is logged: the report needs each decoupled group's decay_progress.
+        for optimizer in optimizers:
+            self._progress_handles.append(optimizer.register_step_post_hook(self._count_progress))
         if self.audit:
             self._audit(trainer, pl_module, optimizers)
         if trainer.is_global_zero:
-            self._write_tensorboard_extras(trainer, optimizers)
+            self._write_grouping(trainer, optimizers, names)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -169,28 +193,60 @@ class WeightDecayMonitor(Callback):
         tagged = {prefixed(self.prefix, key): value for key, value in figures.items()}
         for logger in trainer.loggers:
             logger.log_metrics(tagged, step=step)
+        logged = self._note(figures, step)
+        if trainer.is_global_zero:
+            self._write_layout(trainer, logged)
         if self.histograms:
             self._write_histograms(trainer, step)
         self._check_finite(figures, step)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here rather than at on_fit_end: training is over, and the loggers and the optimizers are still set up.
+        if self._statistics is None:
+            return
+        optimizers = self._statistics.optimizers
+        modes = {
+            name: rule_of(optimizer, group).mode
+            for optimizer, names in zip(optimizers, group_names(optimizers))
+            for name, group in zip(names, optimizer.param_groups)
+        }
+        self.report = decay_report(
+            self._record,
+            modes,
+            run_steps=int(trainer.fit_loop.epoch_loop._batches_that_stepped),
+            progress=self._progress.figures(),
+            last_rates=self._progress.last_rates(),
+        )
+        if not self.report or not trainer.is_global_zero:
+            return
+        rank_zero_info(report_text(self.report))
+        for logger in self._tensorboard_loggers(trainer):
+            text = report_markdown(self.report)
+            logger.experiment.add_text(extra_tag(self.prefix, REPORT), text, global_step=trainer.global_step)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning skips the callbacks' teardown when fit raises: without this the hooks stay on the optimizers.
         self._release()
-        self._progress_restored = False
+        self._restored = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._release()
-        self._progress_restored = False
+        self._restored = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"warned_nonfinite": sorted(self._warned_nonfinite), "decay_progress": self._progress.state_dict()}
+        return {
+            "warned_nonfinite": sorted(self._warned_nonfinite),
+            "decay_progress": self._progress.state_dict(),
+            "decay_record": self._record.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._warned_nonfinite = set(state_dict.get("warned_nonfinite", ()))
         # Lightning restores callbacks before or after on_fit_start (depending on the strategy): either way the
-        # restored sums are what the counting continues from.
+        # restored sums and records are what a resumed run continues from, so its report covers the whole run.
         self._progress = DecayProgress.from_state(state_dict.get("decay_progress", {}))
-        self._progress_restored = True
+        self._record = DecayRecord.from_state(state_dict.get("decay_record", {}))
+        self._restored = True
 
     # ---- helpers ---------------------------------------------------------------------------------------------------
 
@@ -204,7 +260,8 @@ class WeightDecayMonitor(Callback):
         self._progress_handles.clear()
 
     def _count_progress(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        """Every optimizer step: add each decoupled group's lr·wd to its decay progress (host floats only)."""
+        """Every optimizer step: add each decoupled group's lr·wd to its decay progress (host floats only; a tensor
+        lr is summed on its device)."""
         if self._statistics is None:
             return
         for index, known in enumerate(self._statistics.optimizers):
@@ -233,22 +290,56 @@ class WeightDecayMonitor(Callback):
         for message in messages:
             rank_zero_warn(message)
 
+    def _note(self, figures: dict[str, float], step: int) -> set[str]:
+        """Keep what the report needs of this logging step's figures; return the metrics logged for whole groups."""
+        logged: set[str] = set()
+        if self._statistics is None:
+            return logged
+        optimizers = self._statistics.optimizers
+        for optimizer, names in zip(optimizers, group_names(optimizers)):
+            for name, group in zip(names, optimizer.param_groups):
+                own = {m: figures[key] for m in self.metrics if (key := tag(None, m, name)) in figures}
+                logged.update(own)
+                self._record.add(step, name, own, rule_of(optimizer, group).strength)
+        return logged
+
     def _tensorboard_loggers(self, trainer: pl.Trainer) -> list[TensorBoardLogger]:
         return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
-    def _write_tensorboard_extras(self, trainer: pl.Trainer, optimizers: Sequence[Optimizer]) -> None:
+    def _write_grouping(self, trainer: pl.Trainer, optimizers: Sequence[Optimizer], names: dict[int, str]) -> None:
+        """The grouping summary and the per-tensor table's pages, as TensorBoard text at fit start."""
         loggers = self._tensorboard_loggers(trainer)
         if not loggers or self._statistics is None:
             return
-        groups = [name for names in self._statistics.names for name in names]
-        layout = custom_scalars_layout(self.prefix, [m for m in METRICS if m in self.metrics], groups)
         # A WeightDecayScheduler rewrites the coefficients: those at fit start say nothing of the run.
         scheduled = any(isinstance(c, WeightDecayScheduler) for c in getattr(trainer, "callbacks", ()))
         run_steps = None if scheduled else _run_length(trainer)
-        text = grouping_markdown(optimizers, self._statistics.names, run_steps=run_steps)
+        texts = {
+            extra_tag(self.prefix, GROUPING): grouping_markdown(
+                optimizers, self._statistics.names, run_steps=run_steps, scheduled=scheduled
+            )
+        }
+        for page, text in enumerate(parameter_pages(optimizers, self._statistics.names, names), start=1):
+            texts[extra_tag(self.prefix, PARAMETERS, str(page))] = text
+        for logger in loggers:
+            for key, text in texts.items():
+                logger.experiment.add_text(key, text, global_step=trainer.global_step)
+
+    def _write_layout(self, trainer: pl.Trainer, logged: set[str]) -> None:
+        """Chart what this run logs, once it logs it: a run that logs nothing writes no layout, and a metric the run
+        never logs (``sparsity`` without an L1 group) gets no empty chart. Written again only if a later step logs a
+        metric without a chart (one a schedule's warm-up kept at 0, say); TensorBoard shows a run's latest layout."""
+        loggers = self._tensorboard_loggers(trainer)
+        if not loggers or self._statistics is None or logged <= self._charted:
+            return
+        self._charted |= logged
+        groups = [name for names in group_names(self._statistics.optimizers) for name in names]
+        # One-segment names get a pattern that holds whatever the groups are, so charts of runs with other groups
+        # merge into one per metric; a name with "/" needs the exact list.
+        exact = groups if any(SEPARATOR in group for group in groups) else None
+        layout = custom_scalars_layout(self.prefix, [m for m in METRICS if m in self._charted], exact)
         for logger in loggers:
             logger.experiment.add_custom_scalars(layout)
-            logger.experiment.add_text(extra_tag(self.prefix, GROUPING), text, global_step=trainer.global_step)
 
     def _write_histograms(self, trainer: pl.Trainer, step: int) -> None:
         if self._statistics is None:

@@ -6,9 +6,11 @@ A schedule is a factor of each group's base coefficient as a function of the opt
 or any callable of the step.
 
 A timescale τ fixes how many steps decoupled decay takes to shrink the weights by e: lr·wd = 1/τ, so wd = 1/(lr·τ).
-Given in epochs, τ_steps = τ_epochs · (optimizer steps per epoch) = τ_epochs · N/B for N samples in batches of B
-(Wang & Aitchison, 2024). ``hold_timescale=True`` recomputes wd from the current lr at every step, which keeps τ fixed
-while an lr scheduler moves lr: the decay coefficient is then proportional to 1/lr.
+Given in epochs, τ_steps = τ_epochs · (optimizer steps per epoch) = τ_epochs · N/B for N samples in batches of B;
+given as a fraction f of the run, τ_steps = f · T for a run of T optimizer steps, which is what Wang & Aitchison
+(2024) find transfers across model and data sizes. ``hold_timescale=True`` (the default with a fraction) recomputes
+wd from the current lr at every step, which keeps τ fixed while an lr scheduler moves lr: the decay coefficient is
+then proportional to 1/lr. Otherwise wd is computed once, from the lr the run starts from, and τ follows the lr.
 """
 
 from __future__ import annotations
@@ -126,10 +128,12 @@ class ScheduleSettings:
         [1.0, 0.5, 0.0]
         >>> ScheduleSettings(timescale_epochs=2.0, steps_per_epoch=50).timescale()
         100.0
+        >>> ScheduleSettings(timescale_fraction=0.1).timescale(total_steps=2_000)
+        200.0
         >>> ScheduleSettings(hold_timescale=True)
         Traceback (most recent call last):
         ...
-        ValueError: hold_timescale=True needs a timescale: set timescale_steps or timescale_epochs
+        ValueError: hold_timescale=True needs a timescale: set timescale_fraction, timescale_steps or timescale_epochs
     """
 
     schedule: Schedule = "constant"
@@ -141,7 +145,8 @@ class ScheduleSettings:
     timescale_steps: float | None = None
     timescale_epochs: float | None = None
     steps_per_epoch: float | None = None
-    hold_timescale: bool = False
+    hold_timescale: bool | None = None  # None: hold a fraction of the run, not steps or epochs
+    timescale_fraction: float | None = None
 
     def __post_init__(self) -> None:
         # Frozen: the checked, normalized values (floats from numpy's numbers, a tuple of groups) replace the given.
@@ -159,32 +164,58 @@ class ScheduleSettings:
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
         ):
             raise ValueError(f"total_steps must be a positive int or None (from the Trainer); got {total_steps!r}")
+        check_warmup(warmup_steps, total_steps)
         groups: Any = self.groups
         normalize("groups", None if groups is None else (groups,) if isinstance(groups, str) else tuple(groups))
-        steps, epochs, per_epoch = self.timescale_steps, self.timescale_epochs, self.steps_per_epoch
-        if steps is not None and epochs is not None:
+        if self.groups == ():
             raise ValueError(
-                f"give the decay timescale once: timescale_steps={steps!r} and "
-                f"timescale_epochs={epochs!r} were both set"
+                f"groups={groups!r} names no param group, so the schedule would cover nothing; name the groups to "
+                "schedule (e.g. groups=['decay']), or leave groups=None for every decayed group"
             )
+        steps, epochs, per_epoch = self.timescale_steps, self.timescale_epochs, self.steps_per_epoch
+        fraction = self.timescale_fraction
+        named = (("timescale_fraction", fraction), ("timescale_steps", steps), ("timescale_epochs", epochs))
+        given = [f"{name}={value!r}" for name, value in named if value is not None]
+        if len(given) > 1:
+            both = "both" if len(given) == 2 else "all"
+            raise ValueError(f"give the decay timescale once: {' and '.join(given)} were {both} set")
         normalize("timescale_steps", None if steps is None else _positive("timescale_steps", steps))
         normalize("timescale_epochs", None if epochs is None else _positive("timescale_epochs", epochs))
+        normalize("timescale_fraction", None if fraction is None else _positive("timescale_fraction", fraction))
+        if self.timescale_steps is not None:
+            check_timescale(self.timescale_steps, f"timescale_steps={steps!r}")
         if per_epoch is not None and epochs is None:
             raise ValueError(f"steps_per_epoch={per_epoch!r} is only used with timescale_epochs, which is not set")
         normalize("steps_per_epoch", None if per_epoch is None else _positive("steps_per_epoch", per_epoch))
-        normalize("hold_timescale", check_bool("hold_timescale", self.hold_timescale))
+        hold = self.timescale_fraction is not None if self.hold_timescale is None else self.hold_timescale
+        normalize("hold_timescale", check_bool("hold_timescale", hold))
         if self.hold_timescale and not self.uses_timescale:
-            raise ValueError("hold_timescale=True needs a timescale: set timescale_steps or timescale_epochs")
+            raise ValueError(
+                "hold_timescale=True needs a timescale: set timescale_fraction, timescale_steps or timescale_epochs"
+            )
+        if self.timescale_fraction is not None and self.total_steps is not None:
+            check_timescale(self.timescale_fraction * self.total_steps, self._fraction_label(self.total_steps))
 
     @property
     def uses_timescale(self) -> bool:
         """Whether decay is given as a timescale τ (wd = 1/(lr·τ)) rather than by the groups' coefficients."""
-        return self.timescale_steps is not None or self.timescale_epochs is not None
+        return any(t is not None for t in (self.timescale_steps, self.timescale_epochs, self.timescale_fraction))
+
+    @property
+    def holds_timescale(self) -> bool:
+        """Whether wd = 1/(lr·τ) is recomputed from the current lr at every step: ``hold_timescale``, which defaults
+        to True with a ``timescale_fraction`` (τ a fixed fraction of the run, whatever lr does) and to False with
+        ``timescale_steps`` or ``timescale_epochs``."""
+        return bool(self.hold_timescale)
 
     @property
     def needs_run_length(self) -> bool:
-        """Whether the factor depends on the run's length: the ``"linear"`` and ``"cosine"`` shapes."""
-        return not callable(self.schedule) and self.schedule != "constant"
+        """Whether the settings depend on the run's length: the ``"linear"`` and ``"cosine"`` shapes, and
+        ``timescale_fraction``."""
+        return (not callable(self.schedule) and self.schedule != "constant") or self.timescale_fraction is not None
+
+    def _fraction_label(self, total_steps: float) -> str:
+        return f"timescale_fraction={self.timescale_fraction!r} of a run of {total_steps:,.0f} steps"
 
     def factor(self, step: int, total_steps: int | None = None) -> float:
         """The factor at optimizer step ``step`` (0-based) of a run of ``total_steps`` (default: ``total_steps``
@@ -211,13 +242,25 @@ class ScheduleSettings:
             warmup_steps=self.warmup_steps,
         )
 
-    def timescale(self, steps_per_epoch: float | None = None) -> float | None:
+    def timescale(self, steps_per_epoch: float | None = None, total_steps: float | None = None) -> float | None:
         """τ in optimizer steps (None without a timescale); ``timescale_epochs`` is multiplied by the given
-        ``steps_per_epoch`` or, when given, the one set at construction (None when neither is known)."""
+        ``steps_per_epoch`` or, when given, the one set at construction, and ``timescale_fraction`` by the given
+        ``total_steps`` or the one set at construction (None when neither is known).
+
+        Raises ``ValueError`` when τ would be 1 step or less: lr·wd = 1/τ ≥ 1 flips the weights' sign every step.
+        """
+        if self.timescale_fraction is not None:
+            total = self.total_steps or total_steps
+            if total is None:
+                return None
+            return check_timescale(self.timescale_fraction * total, self._fraction_label(total))
         if self.timescale_epochs is None:
             return self.timescale_steps
         per_epoch = self.steps_per_epoch or steps_per_epoch
-        return None if per_epoch is None else self.timescale_epochs * per_epoch
+        if per_epoch is None:
+            return None
+        label = f"timescale_epochs={self.timescale_epochs!r} of {per_epoch:,.4g} steps each"
+        return check_timescale(self.timescale_epochs * per_epoch, label)
 
     def selects(self, name: str, rule: Rule) -> bool:
         """Whether a group named ``name`` with decay ``rule`` is scheduled: the ones named in ``groups``, else every
@@ -227,8 +270,8 @@ class ScheduleSettings:
         return _timescale_kind(rule) if self.uses_timescale else rule.active
 
     def check_groups(self, optimizers: Sequence[Optimizer]) -> None:
-        """Raise ``ValueError`` if ``groups`` names a group the optimizers do not have, or if a timescale would be
-        given to a scheduled group whose decay is not decoupled."""
+        """Raise ``ValueError`` if ``groups`` names a group the optimizers do not have, if the schedule covers no
+        group at all, or if a timescale would be given to a scheduled group whose decay is not decoupled."""
         all_names = group_names(list(optimizers))
         known = [n for names in all_names for n in names]
         unknown = [g for g in self.groups or () if g not in known]
@@ -237,17 +280,60 @@ class ScheduleSettings:
                 f"WeightDecayScheduler groups {unknown!r} are not param groups of the optimizers; "
                 f"valid group names are {known!r}"
             )
-        if not self.uses_timescale:
-            return
-        for optimizer, names in zip(optimizers, all_names):
-            for name, group in zip(names, optimizer.param_groups):
-                rule = rule_of(optimizer, group)
-                scheduled = name in self.groups if self.groups is not None else rule.active
-                if scheduled and not _timescale_kind(rule):
-                    raise ValueError(
-                        f"a decay timescale τ = 1/(lr·wd) describes decoupled decay, but group {name!r} has mode "
-                        f"{rule.mode.name!r}; use mode='decoupled' or leave this group out with groups="
-                    )
+        rules = [
+            (name, rule_of(optimizer, group))
+            for optimizer, names in zip(optimizers, all_names)
+            for name, group in zip(names, optimizer.param_groups)
+        ]
+        for name, rule in rules:
+            scheduled = name in self.groups if self.groups is not None else rule.active
+            if self.uses_timescale and scheduled and not _timescale_kind(rule):
+                raise ValueError(
+                    f"a decay timescale τ = 1/(lr·wd) describes decoupled decay, but group {name!r} has mode "
+                    f"{rule.mode.name!r}; use mode='decoupled' or leave this group out with groups="
+                )
+        if not any(self.selects(name, rule) for name, rule in rules):
+            listed = ", ".join(f"{name} ({rule.mode.name}, weight_decay={rule.strength:g})" for name, rule in rules)
+            wanted = "'decoupled' groups" if self.uses_timescale else "groups with a decay mode and weight_decay > 0"
+            raise ValueError(
+                f"the WeightDecayScheduler covers no param group: it schedules {wanted} (or those named in groups=), "
+                f"and the groups are {listed or 'none'}"
+            )
+
+
+def check_warmup(warmup_steps: int, total_steps: float | None) -> None:
+    """Raise ``ValueError`` when a warm-up of ``warmup_steps`` is longer than a run of ``total_steps`` (None: not known
+    yet, nothing to check).
+
+    Examples:
+        >>> check_warmup(10, 5)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: warmup_steps=10 is longer than the run of 5 optimizer steps: the schedule would never reach ...
+    """
+    if total_steps is not None and warmup_steps > total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps!r} is longer than the run of {total_steps:,.0f} optimizer steps: the schedule "
+            "would never reach its start_factor"
+        )
+
+
+def check_timescale(timescale: float, given: str) -> float:
+    """Return ``timescale`` (τ in optimizer steps) if it is longer than one step, else raise ``ValueError`` naming
+    what ``given`` it: lr·wd = 1/τ ≥ 1 would flip the weights' sign at every step.
+
+    Examples:
+        >>> check_timescale(0.5, "timescale_fraction=0.1 of a run of 5 steps")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: timescale_fraction=0.1 of a run of 5 steps is a decay timescale of 0.5 optimizer steps: ...
+    """
+    if timescale <= 1.0:
+        raise ValueError(
+            f"{given} is a decay timescale of {timescale:.4g} optimizer steps: lr·wd = 1/τ = {1.0 / timescale:.4g} ≥ 1 "
+            "would flip the weights' sign at every step; τ must be more than 1 step"
+        )
+    return timescale
 
 
 def _setting(name: str) -> Any:
@@ -259,10 +345,13 @@ class WeightDecayScheduler(Callback):
     r"""Schedule each param group's weight decay over training, or set it from a decay timescale.
 
     The factor multiplies each scheduled group's base coefficient (its ``"weight_decay"`` at the start of training,
-    or ``1/(lr·τ)`` with a timescale) and is
-    written into the group before every optimizer step. Groups with mode ``"none"`` or a zero coefficient are left
-    alone unless named in ``groups``. The base coefficients are saved in checkpoints, so a resumed run continues the
-    schedule where it stopped. ``lit_decay.WeightDecayMonitor`` shows the result in ``effective_decay``.
+    or ``1/(lr·τ)`` with a timescale) and is written into the group before every optimizer step. Groups with mode
+    ``"none"`` or a zero coefficient are left alone unless named in ``groups``. The base coefficients are saved in
+    checkpoints, so a resumed run continues the schedule where it stopped. ``lit_decay.WeightDecayMonitor`` logs the
+    result as ``weight_decay`` and ``effective_decay``.
+
+    ``timescale_fraction=f`` is Wang & Aitchison (2024)'s advice as one argument: τ = 1/(lr·wd) held at f·T for a
+    run of T optimizer steps, wd recomputed from the current lr before every step (through lr warm-up and decay).
 
     Args:
         schedule: ``"constant"``, ``"linear"``, ``"cosine"``, or a callable ``factor(step)`` of the 0-based
@@ -278,9 +367,16 @@ class WeightDecayScheduler(Callback):
         steps_per_epoch: optimizer steps per epoch for ``timescale_epochs`` (e.g. dataset_size / batch_size); None
             takes it from the Trainer.
         hold_timescale: recompute wd = 1/(lr·τ) from the current lr at every step (decay ∝ 1/lr), instead of once
-            from the lr at the start.
+            from the lr at the start (then τ lengthens as the lr falls). None: True with ``timescale_fraction``,
+            False with ``timescale_steps`` or ``timescale_epochs``.
+        timescale_fraction: give decay as τ = f·T, a fraction f > 0 of the run's T optimizer steps (``total_steps``,
+            else the Trainer's ``estimated_stepping_batches``), held through the lr schedule unless
+            ``hold_timescale=False``. Decoupled groups only.
 
     Example::
+
+        # τ = 1/(lr·wd) held at a tenth of the run, whatever the lr schedule does (Wang & Aitchison, 2024):
+        trainer = L.Trainer(callbacks=[lit_decay.WeightDecayScheduler(timescale_fraction=0.1)])
 
         # DINO-style: cosine ramp of weight decay from 0.04 to 0.4 over training.
         trainer = L.Trainer(callbacks=[lit_decay.WeightDecayScheduler("cosine", start_factor=1.0, end_factor=10.0)])
@@ -299,6 +395,7 @@ class WeightDecayScheduler(Callback):
     timescale_epochs = _setting("timescale_epochs")
     steps_per_epoch = _setting("steps_per_epoch")
     hold_timescale = _setting("hold_timescale")
+    timescale_fraction = _setting("timescale_fraction")
 
     # The shape's options and the timescale's, all checked by ScheduleSettings; from_timescale is the short form.
     def __init__(
@@ -313,7 +410,8 @@ class WeightDecayScheduler(Callback):
         timescale_steps: float | None = None,
         timescale_epochs: float | None = None,
         steps_per_epoch: float | None = None,
-        hold_timescale: bool = False,
+        hold_timescale: bool | None = None,
+        timescale_fraction: float | None = None,
     ) -> None:
         self.settings = ScheduleSettings(
             schedule,
@@ -326,6 +424,7 @@ class WeightDecayScheduler(Callback):
             timescale_epochs=timescale_epochs,
             steps_per_epoch=steps_per_epoch,
             hold_timescale=hold_timescale,
+            timescale_fraction=timescale_fraction,
         )
         # Plain data, saved in checkpoints: the base coefficient of each scheduled group, keyed "optimizer/group".
         self._base: dict[str, float] = {}
@@ -338,21 +437,26 @@ class WeightDecayScheduler(Callback):
         *,
         steps: float | None = None,
         epochs: float | None = None,
+        fraction: float | None = None,
         steps_per_epoch: float | None = None,
         groups: Sequence[str] | None = None,
-        hold: bool = False,
+        hold: bool | None = None,
     ) -> WeightDecayScheduler:
-        """Decay given as its timescale τ = 1/(lr·wd), in optimizer steps or in epochs (give one): each decoupled
-        group gets wd = 1/(lr·τ). The same as ``WeightDecayScheduler(timescale_steps=..., ...)``, without the
-        schedule's arguments that a timescale does not use.
+        """Decay given as its timescale τ = 1/(lr·wd), in optimizer steps, in epochs or as a fraction of the run (give
+        one): each decoupled group gets wd = 1/(lr·τ). The same as ``WeightDecayScheduler(timescale_steps=..., ...)``,
+        without the schedule's arguments that a timescale does not use.
 
         Examples:
             >>> WeightDecayScheduler.from_timescale(epochs=5.0).timescale_epochs
             5.0
+            >>> held = WeightDecayScheduler.from_timescale(fraction=0.1)
+            >>> held.timescale_fraction, held.hold_timescale
+            (0.1, True)
         """
         return cls(
             timescale_steps=steps,
             timescale_epochs=epochs,
+            timescale_fraction=fraction,
             steps_per_epoch=steps_per_epoch,
             groups=groups,
             hold_timescale=hold,
@@ -384,6 +488,8 @@ class WeightDecayScheduler(Callback):
             timescale_epochs=self.timescale_epochs,
             steps_per_epoch=self.steps_per_epoch,
             hold_timescale=self.hold_timescale,
+            # Only when given: the keys of schedulers without it stay those their checkpoints were saved under.
+            **({} if self.timescale_fraction is None else {"timescale_fraction": self.timescale_fraction}),
         )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -401,21 +507,26 @@ class WeightDecayScheduler(Callback):
     def _resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run length and timescale in steps, once the training data is set up (after any checkpoint restore)."""
         self._total = self.total_steps or 1
-        if self.total_steps is None and self.settings.needs_run_length:
+        needs_length = self.settings.needs_run_length
+        if self.total_steps is None and (needs_length or self.warmup_steps):
             manual = not pl_module.automatic_optimization
             estimated = batches_in_run(
                 float(trainer.estimated_stepping_batches),
                 max_steps=trainer.max_steps if manual else None,
                 optimizers=len(trainer.optimizers),
             )
-            if not math.isfinite(estimated):
+            if not math.isfinite(estimated) and needs_length:
+                needs = "timescale_fraction" if self.timescale_fraction is not None else f"schedule={self.schedule!r}"
                 raise ValueError(
-                    f"schedule={self.schedule!r} needs the run's length, but the Trainer has no max_steps or "
-                    "max_epochs; pass total_steps="
+                    f"{needs} needs the run's length, but the Trainer has no max_steps or max_epochs; pass total_steps="
                 )
-            self._total = int(estimated)
+            if math.isfinite(estimated):
+                check_warmup(self.warmup_steps, estimated)
+                if needs_length:
+                    self._total = int(estimated)
         from_trainer = self.timescale_epochs is not None and self.steps_per_epoch is None
-        self._timescale = self.settings.timescale(_optimizer_steps_per_epoch(trainer) if from_trainer else None)
+        per_epoch = _optimizer_steps_per_epoch(trainer) if from_trainer else None
+        self._timescale = self.settings.timescale(per_epoch, self._total)
 
     def state_dict(self) -> dict[str, Any]:
         return {"base": dict(self._base)}
@@ -453,6 +564,11 @@ class WeightDecayScheduler(Callback):
                 f"timescale_epochs={self.timescale_epochs!r} needs the optimizer steps per epoch: pass "
                 "steps_per_epoch= (within a Lightning fit it defaults to the Trainer's)"
             )
+        if self._timescale is None and self.timescale_fraction is not None:
+            raise ValueError(
+                f"timescale_fraction={self.timescale_fraction!r} needs the run's length: pass total_steps= (within a "
+                "Lightning fit it defaults to the Trainer's estimated_stepping_batches)"
+            )
         factor = self.factor(step)
         written: dict[str, float] = {}
         for index, (optimizer, names) in enumerate(zip(optimizers, group_names(list(optimizers)))):
@@ -461,9 +577,9 @@ class WeightDecayScheduler(Callback):
                 # A group once scheduled stays so (its base is in a checkpoint), whatever its coefficient now.
                 if key not in self._base and not self.settings.selects(name, rule_of(optimizer, group)):
                     continue
-                if self._timescale is not None and (self.hold_timescale or key not in self._base):
+                if self._timescale is not None and (self.settings.holds_timescale or key not in self._base):
                     # Held: the current lr. Otherwise the lr the run starts from, before any lr warmup.
-                    lr = float(group["lr"] if self.hold_timescale else group.get("initial_lr", group["lr"]))
+                    lr = float(group["lr"] if self.settings.holds_timescale else group.get("initial_lr", group["lr"]))
                     self._base[key] = timescale_coefficient(lr, self._timescale)
                 self._base.setdefault(key, rule_of(optimizer, group).strength)
                 coefficient = self._base[key] * factor

@@ -16,9 +16,12 @@ from typing import Any
 from torch.optim import Optimizer
 
 SEPARATOR = "/"
-# Tags the monitor writes beside the metrics (TensorBoard only): weight histograms and the grouping table.
+# Tags the monitor writes beside the metrics (TensorBoard only): weight histograms, the grouping summary, the
+# per-tensor table's pages and the end-of-fit decay report.
 HISTOGRAM = "histogram"
 GROUPING = "grouping"
+PARAMETERS = "parameters"
+REPORT = "report"
 
 
 @dataclass(frozen=True)
@@ -69,14 +72,15 @@ def prefixed(prefix: str, key: str) -> str:
     return SEPARATOR.join((prefix, key))
 
 
-def extra_tag(prefix: str, kind: str, group: str | None = None) -> str:
-    """The tag of something the monitor writes beside the metrics: ``HISTOGRAM`` of a group, or ``GROUPING``.
+def extra_tag(prefix: str, kind: str, part: str | None = None) -> str:
+    """The tag of something the monitor writes beside the metrics: ``HISTOGRAM`` of a group (``part``), the
+    ``GROUPING`` summary, a page (``part``, from "1") of the ``PARAMETERS`` table, or the ``REPORT``.
 
     Examples:
-        >>> extra_tag("decay", HISTOGRAM, "no_decay"), extra_tag("decay", GROUPING)
-        ('decay/histogram/no_decay', 'decay/grouping')
+        >>> extra_tag("decay", HISTOGRAM, "no_decay"), extra_tag("decay", GROUPING), extra_tag("decay", PARAMETERS, "2")
+        ('decay/histogram/no_decay', 'decay/grouping', 'decay/parameters/2')
     """
-    return SEPARATOR.join(part for part in (prefix, kind, group) if part is not None)
+    return SEPARATOR.join(piece for piece in (prefix, kind, part) if piece is not None)
 
 
 def check_prefix(prefix: Any) -> str:

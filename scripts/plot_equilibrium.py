@@ -3,7 +3,9 @@
 The quickstart's MLP is Linear → BatchNorm1d → ReLU → Linear. The first Linear's weights are followed by a
 normalization, so their scale does not matter and, under AdamW, their relative update settles at the rotational
 equilibrium √(2·η·λ·(1−β₁)/(1+β₁)) (Kosson, Messmer & Jaggi, ICML 2024): ``equilibrium`` → 1 after a few decay
-timescales τ = 1/(η·λ). The classifier head is not normalized, and its figure stays away from 1.
+timescales τ = 1/(η·λ). The classifier head is not normalized, and its figure stays away from 1. The monitor logs
+``equilibrium`` per group (the quickstart's ``decay`` group holds both tensors); per tensor it logs ``update_ratio``,
+which this script divides by the prediction.
 
 Run from the repository root (a minute or two on a 2-core CPU); the picture in the docs is of 40 epochs, twice
 the quickstart's run, so that several timescales pass: .venv/bin/python scripts/plot_equilibrium.py --epochs 40
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lit_decay
 from examples._common import DigitsDataModule, quiet_lightning
 from examples.quickstart import DigitClassifier, parse_args
+from lit_decay.diagnostics import equilibrium_update_ratio
 
 TENSORS = {
     "model.net.0.weight": "Linear followed by BatchNorm (scale-invariant)",
@@ -79,11 +82,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         columns = train(args.lr, args.weight_decay, args.epochs, Path(tmp))
     tau = 1.0 / (args.lr * args.weight_decay)
+    # constant lr and wd, Adam's default β₁ = 0.9: one prediction for every step
+    predicted = equilibrium_update_ratio(args.lr, args.weight_decay, beta1=0.9)
     figure, axis = plt.subplots(figsize=(8, 3.6), dpi=120)
     for (name, label), color in zip(TENSORS.items(), ("tab:blue", "tab:orange")):
-        series = columns[f"decay/equilibrium/decay/{name}"]
+        series = columns[f"decay/update_ratio/decay/{name}"]
         steps = sorted(series)
-        values = [series[s] for s in steps]
+        values = [series[s] / predicted for s in steps]
         axis.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
         axis.plot(steps, moving_average(values, 20), color=color, label=f"{name}: {label}")
         late = values[len(values) // 2 :]

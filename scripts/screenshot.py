@@ -10,7 +10,8 @@
 4. Stop TensorBoard, chromedriver and Chromium; every wait is bounded by a timeout.
 
 Needs Chromium, and chromedriver for the tooltip (Debian/Ubuntu: ``sudo apt-get install -y chromium
-chromium-driver``). Run from the repository root::
+chromium-driver``). Without a browser, ``scripts/plot_dashboards.py`` draws the same charts from the event files with
+matplotlib (the healthy and broken dashboards of docs/monitoring.md). Run from the repository root::
 
     .venv/bin/python scripts/screenshot.py                 # train a short run, then take the picture
     .venv/bin/python scripts/screenshot.py --logdir runs   # picture of runs that already exist
@@ -188,7 +189,7 @@ def find_chromium(explicit: str | None) -> str:
             return path
     raise SystemExit(
         "No Chromium found. On Debian/Ubuntu: sudo apt-get install -y chromium chromium-driver (or pass --chromium "
-        "PATH to a Chrome/Chromium executable)."
+        "PATH to a Chrome/Chromium executable); scripts/plot_dashboards.py draws the charts without a browser."
     )
 
 

@@ -1,23 +1,32 @@
 """lit_decay.diagnostics: the equilibrium prediction against a simulated random walk, the decay timescale against
-the run, and the progress counter; figures computed here from the formulas of the two papers, in float64."""
+the run, the progress counter, and the decay report's arithmetic; figures computed here from the formulas of the two
+papers, in float64."""
 
 from __future__ import annotations
 
+import json
 import math
+import random
 
 import pytest
 import torch
 
 from lit_decay import StepStatistics
 from lit_decay.diagnostics import (
+    REPORT_FIELDS,
     DecayProgress,
+    DecayRecord,
+    decay_report,
     decay_timescale,
     equilibrium_update_ratio,
     peak_lr,
     removable_fraction,
+    report_markdown,
+    report_text,
     timescale_advice,
     timescale_cells,
 )
+from lit_decay.modes import DECAY_MODES
 
 
 def orthogonal_noise(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -135,3 +144,136 @@ def test_decay_progress_with_a_tensor_lr_sums_on_the_device() -> None:
         progress.add("decay", lr, 0.1)
         lr.mul_(2.0)  # a scheduler moving the tensor lr in place: each step's value must be counted
     assert progress.figures()["decay"] == pytest.approx(0.001 * (1 + 2 + 4 + 8 + 16), rel=1e-6)
+
+
+def test_decay_progress_keeps_the_last_steps_rate() -> None:
+    progress = DecayProgress()
+    progress.add("decay", 0.1, 0.5)
+    progress.add("decay", torch.tensor(0.02), 0.5)
+    progress.add("head", 0.3, 0.0)
+    assert progress.last_rates() == {"decay": pytest.approx(0.01), "head": 0.0}
+    assert DecayProgress.from_state(progress.state_dict()).last_rates() == {}  # set again by the next step
+
+
+# ---- the decay report ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 7, 8, 13, 100])
+def test_record_keeps_exactly_the_last_quarter_of_equilibrium_values(count: int) -> None:
+    values = [random.Random(count).uniform(0, 2) for _ in range(count)]
+    record = DecayRecord()
+    for step, value in enumerate(values):
+        record.add(step, "decay", {"equilibrium": value}, weight_decay=0.1)
+        # never more than the quarter that can still be the last one (⌈n/4⌉ of n, n only grows)
+        assert len(record.state_dict()["decay"]["equilibrium"]) == math.ceil((step + 1) / 4)
+    assert record.equilibrium_window("decay") == values[len(values) - math.ceil(count / 4) :]
+
+
+def entry(report: dict, name: str = "decay") -> dict:
+    assert set(report[name]) == set(REPORT_FIELDS)
+    assert json.loads(json.dumps(report, allow_nan=False)) == report
+    return report[name]
+
+
+def test_report_of_a_decoupled_group_that_acted_and_held() -> None:
+    record = DecayRecord()
+    for step, (norm, eq) in enumerate([(10.0, 0.3), (8.0, 0.7), (6.0, 0.9), (5.5, 1.1), (5.4, 0.95)]):
+        record.add(step * 10 + 9, "decay", {"weight_norm": norm, "equilibrium": eq, "decay_progress": 9.0}, 0.5)
+    report = decay_report(
+        record, {"decay": DECAY_MODES["decoupled"]}, run_steps=50, progress={"decay": 10.0}, last_rates={"decay": 0.2}
+    )
+    got = entry(report)
+    assert got == {
+        "mode": "decoupled",
+        "run_steps": 50,
+        "decay_progress": 10.0,
+        "timescale_over_run": pytest.approx(0.1),  # τ = 1/0.2 = 5 steps of 50
+        "weight_norm_first": 10.0,
+        "weight_norm_last": 5.4,
+        "first_step": 9,
+        "last_step": 49,
+        "equilibrium_last": 0.95,
+        "equilibrium_mean_last_quarter": pytest.approx((1.1 + 0.95) / 2),  # ⌈5/4⌉ = 2 values
+        "equilibrium_held": True,
+        "sparsity_last": None,
+        "acted": True,
+        "advice": None,
+    }
+
+
+def test_report_says_why_equilibrium_did_not_hold_in_a_mixed_group() -> None:
+    record = DecayRecord()
+    for step in range(8):
+        record.add(step, "decay", {"equilibrium": 0.5}, 0.5)
+    modes = {"decay": DECAY_MODES["decoupled"]}
+    got = entry(decay_report(record, modes, run_steps=8, progress={"decay": 2.6}, last_rates={"decay": 0.5}))
+    assert got["acted"] is True and got["equilibrium_held"] is False and got["timescale_over_run"] == 0.25
+    assert got["advice"].startswith("equilibrium averaged 0.50 over the last quarter of the run, not 1:")
+    assert "followed by a normalization" in got["advice"] and "override" in got["advice"]
+    # τ at the end longer than the last quarter (an lr annealed towards 0): no time to settle, nothing to explain
+    slow = entry(decay_report(record, modes, run_steps=8, progress={"decay": 2.6}, last_rates={"decay": 0.1}))
+    assert slow["equilibrium_held"] is False and slow["advice"] is None
+    unknown = entry(decay_report(record, modes, run_steps=8, progress={"decay": 2.6}))
+    assert unknown["timescale_over_run"] is None and unknown["advice"] is None
+
+
+@pytest.mark.parametrize(("progress", "removed"), [(1 / 12, "8%"), (0.003, "0.3%"), (0.0, None)])
+def test_report_advice_when_decoupled_decay_did_not_act(progress: float, removed: str | None) -> None:
+    record = DecayRecord()
+    record.add(0, "decay", {"weight_norm": 3.0}, 0.01)
+    got = entry(decay_report(record, {"decay": DECAY_MODES["decoupled"]}, run_steps=100, progress={"decay": progress}))
+    assert got["acted"] is False
+    if removed is None:
+        assert got["advice"].startswith("decay applied no e-fold (lr·wd was 0 at every step)")
+    else:
+        times = f"{1 / progress:,.0f}"
+        assert got["advice"].startswith(f"τ is {times}× the run: decay removed {removed} of the weight norm;")
+    assert got["advice"].endswith("WeightDecayScheduler(timescale_fraction=0.1) would make it act.")
+
+
+def test_report_of_l2_and_l1_groups_reads_the_last_logged_timescale() -> None:
+    record = DecayRecord()
+    record.add(4, "decay", {"effective_decay": 0.5, "decay_timescale": 2.0}, 0.1)
+    record.add(9, "decay", {"effective_decay": 0.001, "decay_timescale": 1000.0}, 0.1)
+    record.add(9, "sparse", {"decay_timescale": 4.0, "sparsity": 0.25, "weight_norm": 1.0}, 0.1)
+    modes = {"decay": DECAY_MODES["l2"], "sparse": DECAY_MODES["decoupled_l1"], "no_decay": DECAY_MODES["none"]}
+    report = decay_report(record, modes, run_steps=10)
+    assert list(report) == ["decay", "sparse"]  # mode none: not decayed, not reported
+    l2 = entry(report)
+    assert l2["decay_progress"] is None and l2["timescale_over_run"] == pytest.approx(100.0)
+    assert l2["acted"] is False and l2["sparsity_last"] is None
+    assert l2["advice"].startswith("τ = 1/effective_decay is 100× the run at the last logging step: the l2 penalty")
+    assert "about 1,000× its weight_decay would bring τ to a tenth of the run" in l2["advice"]
+    sparse = entry(report, "sparse")
+    assert sparse["timescale_over_run"] == pytest.approx(0.4) and sparse["acted"] is True
+    assert sparse["sparsity_last"] == 0.25 and sparse["advice"] is None
+
+
+def test_report_leaves_out_what_was_not_logged_and_groups_never_decayed() -> None:
+    record = DecayRecord()
+    record.add(0, "decay", {"weight_norm": math.nan, "equilibrium": math.inf}, 0.0)
+    record.add(0, "frozen_decay", {}, 0.0)  # a decoupled group kept at wd = 0 all run
+    modes = {"decay": DECAY_MODES["decoupled"], "frozen_decay": DECAY_MODES["decoupled"]}
+    report = decay_report(record, modes, run_steps=5, progress={"decay": 0.01})
+    assert list(report) == ["decay"]  # it applied some decay: a scheduler set it after the logging step
+    got = entry(report)  # non-finite figures become None: JSON-safe
+    assert got["weight_norm_first"] is None and got["equilibrium_last"] is None and got["equilibrium_held"] is None
+    assert decay_report(DecayRecord(), {"d": DECAY_MODES["l2"]}, run_steps=5) == {}
+
+
+def test_report_text_and_markdown_show_the_same_table_and_advice() -> None:
+    record = DecayRecord()
+    record.add(0, "decay", {"weight_norm": 2.0}, 0.01)
+    record.add(99, "decay", {"weight_norm": 2.5}, 0.01)
+    report = decay_report(
+        record, {"decay": DECAY_MODES["decoupled"]}, run_steps=100, progress={"decay": 0.05}, last_rates={"decay": 5e-4}
+    )
+    text, markdown = report_text(report), report_markdown(report)
+    assert text.splitlines()[0] == (
+        "lit_decay: decay report after 100 optimizer steps (e-folds = decay_progress, Σ lr·wd; τ/run at the last step)"
+    )
+    assert text.splitlines()[2].split() == ["decay", "decoupled", "0.05", "20", "2", "→", "2.5", "–", "–", "no"]
+    assert "| decay | decoupled | 0.05 | 20 | 2 → 2.5 | – | – | no |" in markdown
+    advice = report["decay"]["advice"]
+    assert f"group 'decay': {advice}" in text and f"group `decay`: {advice}" in markdown
+    assert report_text({}).startswith("lit_decay: no param group was decayed")

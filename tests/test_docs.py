@@ -242,6 +242,7 @@ NAV_PAGES = {
     "modes_comparison.md",
     "grouping.md",
     "monitoring.md",
+    "choosing_weight_decay.md",
     "schedules.md",
     "performance.md",
     "api.md",

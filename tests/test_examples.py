@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lit_decay
@@ -164,47 +165,66 @@ def test_compare_modes_writes_one_run_per_mode_and_a_report_from_the_runs(tmp_pa
     assert (docs_report.stat().st_mtime_ns if docs_report.exists() else None) == docs_before
 
 
+def test_char_gpt_with_a_timescale_fraction_holds_tau_and_reports_that_decay_acted(tmp_path: Path) -> None:
+    # the example the "Choosing weight decay" page runs: τ = 0.1 · 40 = 4 steps under the cosine lr schedule
+    output = run_example("char_gpt", "--steps", "40", "--timescale-fraction", "0.1", "--logdir", str(tmp_path / "runs"))
+    logged = scalars(tmp_path / "runs" / "char_gpt" / "version_0")
+    lrs, strengths = dict(logged["lr-Adam/decay"]), dict(logged["decay/weight_decay/decay"])
+    assert sorted(strengths) == [4, 9, 14, 19, 24, 29, 34, 39]
+    for step, strength in strengths.items():
+        assert strength * lrs[step] * 4 == pytest.approx(1.0, rel=1e-5), step
+    assert lrs[4] > 10 * lrs[39] and strengths[39] > 10 * strengths[4]  # wd rises as the cosine lr falls
+    report = output.split("lit_decay: decay report after 40 optimizer steps", 1)[1]
+    assert re.search(r"^  decay +decoupled +10 +0\.1 .* yes$", report, flags=re.M)
+
+
 class _Stop(Exception):
-    """Ends a fit once the audit has run: the quickstart's full training is not needed to read it."""
+    """Ends a fit once the grouping summary is out: the quickstart's full training is not needed to read it."""
 
 
-class _StopAtTrainStart(L.Callback):
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+class _StopAfterFirstBatch(L.Callback):
+    def on_train_batch_end(self, *args: object) -> None:
         raise _Stop
 
 
-@pytest.mark.parametrize(("argv", "warns"), [(["--weight-decay", "0.05"], True), ([], False)])
-def test_quickstart_decay_timescale_audit(tmp_path: Path, argv: list[str], warns: bool) -> None:
+@pytest.mark.parametrize(("argv", "advised"), [(["--weight-decay", "0.05"], True), ([], False)])
+def test_quickstart_decay_timescale_advice(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, argv: list[str], advised: bool
+) -> None:
     # The quickstart's former wd = 0.05 gives τ = 1/(3e-3 · 0.05) ≈ 6,700 steps in a run of 440: the decay would
-    # barely act, and the audit says so. Its present defaults put τ well inside the run.
+    # barely act. The grouping summary and TensorBoard's text say so, as information: no warning. Its present
+    # defaults put τ well inside the run.
     from examples._common import DigitsDataModule
     from examples.quickstart import DigitClassifier, parse_args
 
     args = parse_args(argv)
     trainer = L.Trainer(
         max_epochs=args.epochs,
-        logger=CSVLogger(tmp_path),
-        callbacks=[lit_decay.WeightDecayMonitor(), _StopAtTrainStart()],
+        logger=TensorBoardLogger(tmp_path),
+        callbacks=[lit_decay.WeightDecayMonitor(), _StopAfterFirstBatch()],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
     )
     data = DigitsDataModule(batch_size=args.batch_size, train_size=0.8, seed=args.seed)
-    with warnings.catch_warnings(record=True) as record, pytest.raises(_Stop):
+    with warnings.catch_warnings(record=True) as record, caplog.at_level(logging.INFO), pytest.raises(_Stop):
         warnings.simplefilter("always")
         trainer.fit(DigitClassifier(lr=args.lr, weight_decay=args.weight_decay), datamodule=data)
-    messages = [str(w.message) for w in record if "decay timescale" in str(w.message)]
     assert trainer.estimated_stepping_batches == 440
-    if warns:
-        (message,) = messages
-        assert (
-            "6,667 steps" in message and "lr=0.003, weight_decay=0.05" in message and "440 optimizer steps" in message
-        )
-        assert "at most 6% of the weight norm" in message
+    assert not [w for w in record if "lit_decay" in w.filename or "timescale" in str(w.message)]
+    (summary,) = [r.getMessage() for r in caplog.records if "trainable tensors" in r.getMessage()]
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    (text,) = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("decay/grouping/text_summary")]
+    advice = (
+        "group 'decay': τ = 1/(lr·wd) = 6,667 steps is 15× the run of 440 steps: decay can remove at most 6% of the "
+        "weight norm; WeightDecayScheduler(timescale_fraction=0.1) would make it act."
+    )
+    if advised:
+        assert advice in summary and advice in text
     else:
-        assert messages == []
-        tau = 1 / (args.lr * args.weight_decay)
-        assert tau < trainer.estimated_stepping_batches / 2
+        assert "× the run" not in summary and "× the run" not in text
+        assert 1 / (args.lr * args.weight_decay) < trainer.estimated_stepping_batches / 2
 
 
 @pytest.mark.parametrize("name", ["quickstart", "char_gpt", "compare_modes"])

@@ -4,6 +4,7 @@ metrics.csv, checked against weights, gradients and optimizer state recorded at 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import re
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lit_decay
 from lit_decay import METRICS, WeightDecayMonitor
+from lit_decay.tensorboard import chart_title
 
 LR = 0.05
 OVERRIDES = [
@@ -333,36 +335,55 @@ def test_histograms(main_run: dict[str, Any]) -> None:
             assert event.histogram_value.sum_squares == pytest.approx(norm(weights) ** 2, rel=1e-5)
 
 
+def text_of(ea: EventAccumulator, tag: str) -> str:
+    (event,) = ea.Tensors(f"{tag}/text_summary")
+    return str(event.tensor_proto.string_val[0].decode())
+
+
 def test_grouping_text_summary(main_run: dict[str, Any]) -> None:
     ea = main_run["tb"]
-    assert "decay/grouping/text_summary" in ea.Tags()["tensors"]
-    (event,) = ea.Tensors("decay/grouping/text_summary")
-    text = event.tensor_proto.string_val[0].decode()
+    text = text_of(ea, "decay/grouping")
     assert "Adam implementation: fused" in text
     assert "| decay | l2 | 0.1 |" in text
     assert "| sparse | decoupled_l1 | 0.5 |" in text
-    assert "| net.1.weight | (16,) | 16 | no_decay | normalization layer LayerNorm |" in text
-    assert "| net.0.weight | (16, 4) | 64 | first | override 'first' (net.0.weight) |" in text
+    assert "| first | decoupled | 0.1 | 0.05 | 1 | 64 | 200 | 33 |" in text  # τ = 1/(0.05·0.1), run of 6 steps
+    # the per-tensor table is apart, in pages short enough for TensorBoard's text card (8 tensors: one page)
+    assert {t for t in ea.Tags()["tensors"] if t.startswith("decay/parameters")} == {"decay/parameters/1/text_summary"}
+    page = text_of(ea, "decay/parameters/1")
+    assert page.startswith("**optimizer 0: Adam**, tensors 1–8 of 8")
+    assert "| net.1.weight | (16,) | 16 | no_decay | normalization layer LayerNorm |" in page
+    assert "| net.0.weight | (16, 4) | 64 | first | override 'first' (net.0.weight) |" in page
+    assert "net.1.weight" not in text
 
 
-def custom_scalars(log_dir: str | Path) -> layout_pb2.Layout:
+def custom_scalars(log_dir: str | Path, layouts: int = 1) -> layout_pb2.Layout:
+    """The layout TensorBoard shows for a run (its latest), after checking how many the run wrote."""
     configs = [v for v in raw_values(log_dir) if v.tag == "custom_scalars__config__"]
-    assert len(configs) == 1, "one custom-scalars layout per run"
-    return layout_pb2.Layout.FromString(configs[0].tensor.string_val[0])
+    assert len(configs) == layouts, f"{len(configs)} custom-scalars layouts in {log_dir}"
+    return layout_pb2.Layout.FromString(configs[-1].tensor.string_val[0]) if configs else layout_pb2.Layout()
+
+
+def chart_metric(chart: Any) -> str:
+    """The metric a chart shows: its title starts with the metric's name."""
+    return str(chart.title).split(":")[0]
 
 
 def test_custom_scalars_layout(main_run: dict[str, Any]) -> None:
     layout = custom_scalars(main_run["tb_dir"])
     (category,) = layout.category
     assert category.title == "decay"
-    assert [chart.title for chart in category.chart] == list(METRICS)
+    # this run logs every metric (its groups have every mode), weight_decay included
+    assert [chart.title for chart in category.chart] == [chart_title(m) for m in METRICS]
+    assert "rotational equilibrium" in category.chart[METRICS.index("equilibrium")].title
     tags = set(scalars(main_run["tb"]))
     for chart in category.chart:
         (regex,) = chart.multiline.tag
-        assert regex == f"^decay/{chart.title}/(decay|no_decay|sparse|first)$"
+        metric = chart_metric(chart)
+        # a pattern that holds whatever the groups are, so the charts of runs with other groups merge
+        assert regex == f"^decay/{metric}/[^/]+$"
         # one chart holds exactly that metric's group tags, none of the per-parameter ones
         matched = {t for t in tags if re.search(regex, t)}
-        assert matched == {t for t in expected_group_tags() if t.split("/")[1] == chart.title}
+        assert matched == {t for t in expected_group_tags() if t.split("/")[1] == metric}
 
 
 # ---- options ------------------------------------------------------------------------------------------------------
@@ -384,7 +405,8 @@ def test_trainer_interval_prefix_and_metric_subset(tmp_path: Path) -> None:
         for name, group in zip(groups, recorder.steps[step][0]):
             assert logged[f"wd/weight_norm/{name}"][step] == pytest.approx(norm(group["weights"]), rel=1e-6)
     layout = custom_scalars(log_dir)
-    assert [(c.title, [ch.title for ch in c.chart]) for c in layout.category] == [("wd", ["weight_norm", "sparsity"])]
+    charts = [chart_title("weight_norm"), chart_title("sparsity")]
+    assert [(c.title, [ch.title for ch in c.chart]) for c in layout.category] == [("wd", charts)]
     assert "wd/grouping/text_summary" in ea.Tags()["tensors"]
     assert not ea.Tags()["histograms"]
 
@@ -600,7 +622,8 @@ def test_checkpoint_loads_with_weights_only(nan_run: dict[str, Any]) -> None:
     checkpoint = torch.load(nan_run["checkpoint"], weights_only=True)
     monitor = nan_run["monitor"]
     state = checkpoint["callbacks"][monitor.state_key]
-    assert state == {"warned_nonfinite": ["decay"], "decay_progress": {}}  # an l2 model: no decoupled group
+    assert state["warned_nonfinite"] == ["decay"] and state["decay_progress"] == {}  # an l2 model: no decoupled group
+    assert set(state["decay_record"]) == {"decay", "no_decay"}
     assert _plain(state)
     restored = WeightDecayMonitor()
     restored.load_state_dict(state)
@@ -787,6 +810,15 @@ def test_decay_progress_is_restored_on_resume(tmp_path: Path) -> None:
     assert progress == pytest.approx({5: 6 * LR * 0.1, 7: 8 * LR * 0.1}, rel=1e-6)
 
 
+def grouping_summaries(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The grouping summaries shown (through Lightning's rank_zero_info), not the decay report at the end."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("lit_decay:") and "trainable" in r.getMessage()
+    ]
+
+
 def test_a_timescale_longer_than_the_run_is_advice_in_the_summary_not_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -803,7 +835,7 @@ def test_a_timescale_longer_than_the_run_is_advice_in_the_summary_not_a_warning(
         _, trainer, _ = fit(tmp_path, WeightDecayMonitor(), module=Net(warmup), loggers="tb", max_steps=6)
     assert not [w for w in record if "lit_decay" in str(w.filename) or "WeightDecayMonitor" in str(w.message)]
     advice = "group 'decay': τ = 1/(lr·wd) = 1,000 steps is 1.7e+02× the run of 6 steps"
-    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lit_decay:")]
+    summary = grouping_summaries(caplog)
     assert len(summary) == 1 and advice in summary[0] and "timescale_fraction=0.1" in summary[0]
     text = [v for v in raw_values(trainer.logger.log_dir) if v.tag.startswith("decay/grouping")]
     assert advice in text[0].tensor.string_val[0].decode()
@@ -926,7 +958,7 @@ def test_group_name_with_a_slash(tmp_path: Path) -> None:
     log_dir = trainer.logger.log_dir
     tags = set(scalars(accumulator(log_dir)))
     assert {"decay/weight_norm/enc/dec", "decay/weight_norm/enc/dec/spare"} <= tags
-    (chart,) = [c for c in custom_scalars(log_dir).category[0].chart if c.title == "weight_norm"]
+    (chart,) = [c for c in custom_scalars(log_dir).category[0].chart if chart_metric(c) == "weight_norm"]
     (regex,) = chart.multiline.tag
     matched = {t for t in tags if re.search(regex, t)}
     assert matched == {"decay/weight_norm/decay", "decay/weight_norm/no_decay", "decay/weight_norm/enc/dec"}
@@ -947,7 +979,7 @@ def test_no_timescale_advice_under_a_weight_decay_scheduler(tmp_path: Path, capl
         warnings.simplefilter("always")
         trainer.fit(Net(make))
     assert audit_messages(record) == []
-    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lit_decay:")]
+    summary = grouping_summaries(caplog)
     assert len(summary) == 1 and "× the run" not in summary[0]
 
 
@@ -1033,3 +1065,227 @@ def test_fp16_run_whose_scaler_skips_the_first_step_is_not_a_fault(tmp_path: Pat
         else:
             assert ratio > 0 and decays[step] > 0, step
     assert all(math.isfinite(v) for tag, by_step in logged.items() if "grad_norm" not in tag for v in by_step.values())
+
+
+# ---- arguments that are flags --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flag", "value"), [("per_parameter", "no"), ("histograms", "yes"), ("audit", 1)])
+def test_flags_must_be_booleans(flag: str, value: Any) -> None:
+    # bool("no") is True: a string where a flag belongs would silently turn the option on
+    with pytest.raises(TypeError, match=rf"{flag} must be True or False; got {value!r}"):
+        WeightDecayMonitor(**{flag: value})
+
+
+# ---- the custom-scalars layout holds the charts of what the run logs ------------------------------------------------
+
+
+def charted(log_dir: str | Path, layouts: int = 1) -> list[str]:
+    return [chart_metric(c) for c in custom_scalars(log_dir, layouts).category[0].chart]
+
+
+@pytest.mark.parametrize(
+    ("mode", "absent"),
+    [
+        ("decoupled", {"sparsity"}),
+        ("l2", {"sparsity", "equilibrium", "decay_progress"}),
+        ("decoupled_l1", {"equilibrium", "decay_progress"}),
+    ],
+)
+def test_layout_has_a_chart_only_for_what_the_run_logs(tmp_path: Path, mode: str, absent: set[str]) -> None:
+    module = Net(lambda m: lit_decay.configure_adam(m, lr=0.01, weight_decay=0.1, mode=mode))
+    _, trainer, _ = fit(tmp_path, WeightDecayMonitor(log_every_n_steps=2), module=module)
+    log_dir = trainer.logger.log_dir
+    metrics = {t.split("/")[1] for t in scalars(accumulator(log_dir))}
+    assert charted(log_dir) == [m for m in METRICS if m not in absent]
+    assert set(charted(log_dir)) == metrics  # every logged metric has its chart, and no chart is empty
+
+
+def test_a_run_that_logs_nothing_writes_no_layout(tmp_path: Path) -> None:
+    # the first run logs; the second, in the same folder, ends before its first logging step (log_every_n_steps=50)
+    _, first, _ = fit(tmp_path, WeightDecayMonitor(log_every_n_steps=2))
+    _, second, _ = fit(tmp_path, WeightDecayMonitor())
+    assert Path(first.logger.log_dir).parent == Path(second.logger.log_dir).parent
+    assert custom_scalars(first.logger.log_dir).category
+    custom_scalars(second.logger.log_dir, layouts=0)  # TensorBoard would merge its charts in as empty duplicates
+    assert not scalars(accumulator(second.logger.log_dir))
+
+
+def test_charts_of_runs_with_other_groups_are_the_same_charts(tmp_path: Path) -> None:
+    # TensorBoard merges the layouts of the runs it shows, dropping charts equal to one it has: runs with other
+    # groups must give equal charts, or each metric is charted once per run
+    other = Net(lambda m: lit_decay.configure_adam(m, lr=0.01, weight_decay=0.1, mode="decoupled_l1"))
+    _, first, _ = fit(tmp_path, WeightDecayMonitor(log_every_n_steps=2))
+    _, second, _ = fit(tmp_path, WeightDecayMonitor(log_every_n_steps=2), module=other)
+    charts = [{c.title: c for c in custom_scalars(t.logger.log_dir).category[0].chart} for t in (first, second)]
+    assert {t: c for t, c in charts[0].items() if t in charts[1]} == {
+        t: c for t, c in charts[1].items() if t in charts[0]
+    }
+
+
+def test_a_metric_first_logged_later_gets_its_chart(tmp_path: Path) -> None:
+    # a warm-up of the decay starts at wd = 0: no decay_timescale or equilibrium at step 0, both from step 1 on
+    make = lambda m: lit_decay.configure_adam(m, lr=0.01, weight_decay=0.1, mode="decoupled")  # noqa: E731
+    scheduler = lit_decay.WeightDecayScheduler(warmup_steps=2)
+    recorder = Recorder()
+    trainer = L.Trainer(
+        max_steps=4,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=[scheduler, WeightDecayMonitor(log_every_n_steps=1), recorder],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Net(make))
+    log_dir = trainer.logger.log_dir
+    logged = scalars(accumulator(log_dir))
+    assert sorted(logged["decay/decay_timescale/decay"]) == [1, 2, 3]
+    configs = [v for v in raw_values(log_dir) if v.tag == "custom_scalars__config__"]
+    first = [chart_metric(c) for c in layout_pb2.Layout.FromString(configs[0].tensor.string_val[0]).category[0].chart]
+    assert "decay_timescale" not in first and "equilibrium" not in first
+    assert charted(log_dir, layouts=2) == [m for m in METRICS if m != "sparsity"]  # the latest, which TensorBoard shows
+
+
+# ---- the decay report at the end of fit ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def report_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("report_run")
+    tb, csv_logger = TensorBoardLogger(tmp, name="tb"), CSVLogger(tmp, name="csv")
+    monitor = WeightDecayMonitor(log_every_n_steps=1)
+    handler = _Capture()
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero.addHandler(handler)
+    try:
+        _, trainer, _ = fit(tmp, monitor, loggers=[tb, csv_logger], max_steps=12)
+    finally:
+        rank_zero.removeHandler(handler)
+    return {
+        "monitor": monitor,
+        "csv": csv_metrics(csv_logger.log_dir),
+        "tb": accumulator(tb.log_dir),
+        "messages": handler.messages,
+        "steps": trainer.global_step,
+    }
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_every_field_of_the_report_is_the_run_own_logged_figures(report_run: dict[str, Any]) -> None:
+    report, columns = report_run["monitor"].report, report_run["csv"]
+    assert json.loads(json.dumps(report, allow_nan=False)) == report  # JSON-safe
+    # every decayed group, in the optimizer's order; no_decay (mode none) is not decayed
+    assert list(report) == ["decay", "sparse", "first"]
+    steps = list(range(12))
+    for name, entry in report.items():
+        assert set(entry) == set(lit_decay.diagnostics.REPORT_FIELDS)
+        mode, _ = GROUPS[name]
+        norms = columns[f"decay/weight_norm/{name}"]
+        assert sorted(norms) == steps
+        assert entry["mode"] == mode and entry["run_steps"] == 12 == report_run["steps"]
+        assert (entry["first_step"], entry["last_step"]) == (0, 11)
+        assert entry["weight_norm_first"] == pytest.approx(norms[0], rel=1e-12)
+        assert entry["weight_norm_last"] == pytest.approx(norms[11], rel=1e-12)
+        if mode == "decoupled":
+            # counted at every step; the last step's lr·wd is its effective decay
+            assert entry["decay_progress"] == pytest.approx(columns[f"decay/decay_progress/{name}"][11], rel=1e-12)
+            tau = 1 / columns[f"decay/effective_decay/{name}"][11]
+            window = [columns[f"decay/equilibrium/{name}"][k] for k in (9, 10, 11)]  # the last quarter: 3 of 12
+            assert entry["equilibrium_last"] == pytest.approx(window[-1], rel=1e-12)
+            mean = sum(window) / 3
+            assert entry["equilibrium_mean_last_quarter"] == pytest.approx(mean, rel=1e-12)
+            assert entry["equilibrium_held"] == (abs(mean - 1) <= 0.2)
+            assert entry["acted"] == (entry["decay_progress"] >= 1)
+        else:
+            assert entry["decay_progress"] is None
+            assert entry["equilibrium_last"] is entry["equilibrium_mean_last_quarter"] is entry["equilibrium_held"]
+            assert entry["equilibrium_held"] is None
+            tau = columns[f"decay/decay_timescale/{name}"][11]
+            assert entry["acted"] == (tau <= 12)
+        assert entry["timescale_over_run"] == pytest.approx(tau / 12, rel=1e-9)
+        if mode == "decoupled_l1":
+            assert entry["sparsity_last"] == pytest.approx(columns[f"decay/sparsity/{name}"][11], rel=1e-12)
+        else:
+            assert entry["sparsity_last"] is None
+    # lr·wd = 0.05·0.1 for 12 steps: 0.06 e-folds, τ 17× the run, 1 − e^−0.06 of the norm
+    first = report["first"]
+    assert first["decay_progress"] == pytest.approx(12 * LR * 0.1) and first["acted"] is False
+    assert first["advice"] == (
+        "τ is 17× the run: decay removed 6% of the weight norm; WeightDecayScheduler(timescale_fraction=0.1) "
+        "would make it act."
+    )
+    for name in ("decay", "sparse"):
+        entry = report[name]
+        if entry["acted"] is False:
+            assert (
+                f"penalty removed little of the weight norm; about {entry['timescale_over_run'] * 10:,.0f}×"
+                in (entry["advice"])
+            )
+
+
+def test_the_report_is_shown_once_and_written_to_tensorboard(report_run: dict[str, Any]) -> None:
+    report = report_run["monitor"].report
+    (shown,) = [m for m in report_run["messages"] if "decay report" in m]
+    assert shown.startswith("lit_decay: decay report after 12 optimizer steps")
+    for name, entry in report.items():
+        assert re.search(rf"^  {name} +{entry['mode']} ", shown, flags=re.M), name
+        if entry["advice"]:
+            assert f"group {name!r}: {entry['advice']}" in shown
+    text = text_of(report_run["tb"], "decay/report")
+    assert text.startswith("**decay report after 12 optimizer steps")
+    assert "| group | mode | e-folds | τ/run |" in text and "| first | decoupled | 0.06 | 17 |" in text
+    assert report["first"]["advice"] in text
+
+
+def test_the_report_of_a_resumed_run_covers_the_whole_run(tmp_path: Path) -> None:
+    _, trainer, _ = fit(tmp_path / "a", WeightDecayMonitor(log_every_n_steps=1), loggers="csv", max_steps=4)
+    before = csv_metrics(trainer.logger.log_dir)
+    path = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(path)
+    assert _plain(torch.load(path, weights_only=True)["callbacks"][WeightDecayMonitor(log_every_n_steps=1).state_key])
+    monitor = WeightDecayMonitor(log_every_n_steps=1)
+    resumed = L.Trainer(
+        max_steps=8,
+        logger=CSVLogger(tmp_path / "b", name="csv"),
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    resumed.fit(Net(), ckpt_path=path)
+    after = csv_metrics(resumed.logger.log_dir)
+    first = monitor.report["first"]
+    assert first["run_steps"] == 8 and (first["first_step"], first["last_step"]) == (0, 7)
+    assert first["weight_norm_first"] == pytest.approx(before["decay/weight_norm/first"][0], rel=1e-12)
+    assert first["weight_norm_last"] == pytest.approx(after["decay/weight_norm/first"][7], rel=1e-12)
+    assert first["decay_progress"] == pytest.approx(8 * LR * 0.1, rel=1e-9)
+    window = [after["decay/equilibrium/first"][k] for k in (6, 7)]  # the last quarter of 8 logging steps
+    assert first["equilibrium_mean_last_quarter"] == pytest.approx(sum(window) / 2, rel=1e-12)
+
+
+# ---- a smoke run says nothing it need not ----------------------------------------------------------------------------
+
+
+def test_the_readme_usage_example_emits_no_lit_decay_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r"^```python\n(.*?)^```", readme, flags=re.M | re.S)
+    assert "WeightDecayMonitor()" in code and "trainer.fit(" in code
+    monkeypatch.chdir(tmp_path)
+    package = str(Path(lit_decay.__file__).parent)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+    ours = [
+        f"{w.filename}:{w.lineno}: {w.message}"
+        for w in record
+        if w.filename.startswith(package) or re.search(r"lit_decay|WeightDecay", str(w.message))
+    ]
+    assert ours == []

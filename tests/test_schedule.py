@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -315,6 +317,19 @@ def test_two_optimizers_in_manual_optimization_schedule_per_batch(tmp_path: Path
         ({"timescale_steps": 10.0, "timescale_epochs": 1.0}, "timescale_steps=10.0 and timescale_epochs=1.0"),
         ({"hold_timescale": True}, "hold_timescale=True needs a timescale"),
         ({"steps_per_epoch": 10.0}, "steps_per_epoch=10.0 is only used with timescale_epochs"),
+        ({"timescale_fraction": 0.0}, "timescale_fraction must be > 0; got 0.0"),
+        ({"timescale_fraction": -0.1}, "timescale_fraction must be a finite number >= 0; got -0.1"),
+        ({"timescale_fraction": float("nan")}, "timescale_fraction.*nan"),
+        ({"timescale_fraction": 0.1, "timescale_steps": 100.0}, "timescale_fraction=0.1 and timescale_steps=100.0"),
+        ({"timescale_fraction": 0.1, "timescale_epochs": 2.0}, "timescale_fraction=0.1 and timescale_epochs=2.0"),
+        ({"timescale_fraction": 0.1, "steps_per_epoch": 10.0}, "steps_per_epoch=10.0 is only used with timescale_ep"),
+        ({"groups": []}, r"groups=\[\] names no param group"),
+        ({"warmup_steps": 10, "total_steps": 5}, "warmup_steps=10 is longer than the run of 5 optimizer steps"),
+        (
+            {"timescale_steps": 0.5},
+            r"timescale_steps=0\.5 is a decay timescale of 0\.5 optimizer steps: lr·wd = 1/τ = 2",
+        ),
+        ({"timescale_fraction": 0.1, "total_steps": 5}, "timescale_fraction=0.1 of a run of 5 steps is a decay timesc"),
     ],
 )
 def test_bad_arguments_name_the_value(kwargs: dict[str, Any], match: str) -> None:
@@ -334,6 +349,21 @@ def test_inconsistent_options_fail_at_fit_start(tmp_path: Path) -> None:
         fit(tmp_path, lit_decay.WeightDecayScheduler(groups=["encoder"]))
     with pytest.raises(ValueError, match="group 'decay' has mode 'l2'"):
         fit(tmp_path, lit_decay.WeightDecayScheduler(timescale_steps=100.0), Net(mode="l2"))
+    with pytest.raises(ValueError, match="group 'decay' has mode 'l2'"):
+        fit(tmp_path, lit_decay.WeightDecayScheduler(timescale_fraction=0.1), Net(mode="l2"))
+    # nothing to schedule: silently doing nothing would leave the user believing the schedule runs
+    with pytest.raises(ValueError, match=r"covers no param group.*decay \(decoupled, weight_decay=0\), no_decay"):
+        fit(tmp_path, lit_decay.WeightDecayScheduler("cosine", end_factor=0.0), Net(weight_decay=0.0))
+    with pytest.raises(ValueError, match="covers no param group: it schedules 'decoupled' groups"):
+        fit(tmp_path, lit_decay.WeightDecayScheduler(timescale_fraction=0.1), Net(mode="none"))
+    # the Trainer's run is 16 steps: a warm-up of 20 never ends, and 0.05 of it is τ = 0.8 steps
+    with pytest.raises(ValueError, match="warmup_steps=20 is longer than the run of 16 optimizer steps"):
+        fit(tmp_path, lit_decay.WeightDecayScheduler(warmup_steps=20))
+    with pytest.raises(ValueError, match=r"timescale_fraction=0\.05 of a run of 16 steps is a decay timescale of 0\.8"):
+        fit(tmp_path, lit_decay.WeightDecayScheduler(timescale_fraction=0.05))
+    with pytest.raises(ValueError, match="timescale_fraction needs the run's length"):
+        no_length = {"max_epochs": -1, "max_steps": -1, "max_time": {"seconds": 5}}
+        fit(tmp_path, lit_decay.WeightDecayScheduler(timescale_fraction=0.1), **no_length)
     with pytest.raises(ValueError, match=r"returned -1\.0 at step 0"):
         fit(tmp_path, lit_decay.WeightDecayScheduler(lambda step: -1.0))
     with pytest.raises(ValueError, match="needs the run's length"):
@@ -381,6 +411,73 @@ def test_timescale_coefficient_and_batches_in_run() -> None:
     assert batches_in_run(80.0, max_steps=-1, optimizers=2) == 80.0
 
 
+def test_timescale_fraction_settings_without_lightning() -> None:
+    settings = ScheduleSettings(timescale_fraction=0.1)
+    assert settings.uses_timescale and settings.holds_timescale and settings.needs_run_length
+    assert settings.timescale() is None and settings.timescale(total_steps=500) == pytest.approx(50.0)
+    assert ScheduleSettings(timescale_fraction=0.1, total_steps=200).timescale(total_steps=500) == pytest.approx(20.0)
+    assert not ScheduleSettings(timescale_steps=50.0).holds_timescale
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.01, weight_decay=0.3)
+    # τ = 0.1 · 200 = 20 steps at lr 0.01: wd = 1 / (0.01 · 20)
+    held = lit_decay.WeightDecayScheduler(timescale_fraction=0.1, total_steps=200)
+    assert held.apply([optimizer], 0) == {"0/pg1": pytest.approx(5.0)}
+    optimizer.param_groups[0]["lr"] = 0.002  # an lr schedule's decay: wd follows, τ stays
+    assert held.apply([optimizer], 1) == {"0/pg1": pytest.approx(25.0)}
+    with pytest.raises(ValueError, match=r"timescale_fraction=0\.1 needs the run's length: pass total_steps="):
+        lit_decay.WeightDecayScheduler(timescale_fraction=0.1).apply([optimizer], 0)
+    # its checkpoint key has the fraction; the keys of schedulers without one are what they were
+    assert "timescale_fraction" in lit_decay.WeightDecayScheduler(timescale_fraction=0.1).state_key
+    assert "timescale_fraction" not in lit_decay.WeightDecayScheduler(timescale_steps=10.0).state_key
+
+
+def test_timescale_fraction_holds_tau_under_warmup_and_cosine_lr(tmp_path: Path) -> None:
+    """wd·lr·(0.1·T) = 1 at every step, read from the figures the run logged: the lr LearningRateMonitor logs, the
+    group's weight_decay and effective decay the WeightDecayMonitor logs."""
+    epochs = 10
+    total = epochs * BATCHES_PER_EPOCH
+
+    def warmup_cosine(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        def factor(k: int) -> float:
+            return min(1.0, (k + 1) / 10) * 0.5 * (1 + math.cos(math.pi * k / total))
+
+        return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}
+
+    monitor = lit_decay.WeightDecayMonitor(log_every_n_steps=1, metrics=["weight_decay", "effective_decay"])
+    trainer = L.Trainer(
+        callbacks=[LearningRateMonitor("step"), lit_decay.WeightDecayScheduler(timescale_fraction=0.1), monitor],
+        logger=CSVLogger(tmp_path, name="held"),
+        max_epochs=epochs,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Net(scheduler=warmup_cosine), loader())
+    columns: dict[str, dict[int, float]] = {}
+    with open(Path(trainer.logger.log_dir) / "metrics.csv", newline="") as file:
+        for row in csv.DictReader(file):
+            for key, value in row.items():
+                if key != "step" and value != "":
+                    columns.setdefault(key, {})[int(row["step"])] = float(value)
+    lr, wd, effective = (
+        columns[k] for k in ("lr-Adam/decay", "decay/weight_decay/decay", "decay/effective_decay/decay")
+    )
+    assert sorted(lr) == sorted(wd) == sorted(effective) == list(range(total))
+    tau = 0.1 * total
+    for step in range(total):
+        assert wd[step] * lr[step] * tau == pytest.approx(1.0, rel=1e-9), step
+        assert effective[step] * tau == pytest.approx(1.0, rel=1e-9), step
+    # the lr warmed up ninefold and decayed far more: wd followed it, the other way
+    assert max(lr.values()) > 9 * lr[0] and max(lr.values()) > 100 * lr[total - 1]
+    assert wd[0] > 9 * min(wd.values()) and wd[total - 1] > 100 * min(wd.values())
+    # ten e-folds, τ a tenth of the run: what the report says of it
+    report = monitor.report["decay"]
+    assert report["decay_progress"] == pytest.approx(10.0, rel=1e-9)
+    assert report["timescale_over_run"] == pytest.approx(0.1, rel=1e-9)
+    assert report["acted"] is True
+
+
 def test_from_timescale_is_the_timescale_form() -> None:
     """The timescale's own constructor gives the scheduler the keyword form gives, and refuses what it refuses."""
     a = lit_decay.WeightDecayScheduler.from_timescale(steps=200.0, groups=["decay"], hold=True)
@@ -390,3 +487,17 @@ def test_from_timescale_is_the_timescale_form() -> None:
         lit_decay.WeightDecayScheduler.from_timescale(steps=10.0, epochs=1.0)
     with pytest.raises(ValueError, match="timescale"):
         lit_decay.WeightDecayScheduler.from_timescale(steps=-1.0)
+
+
+def test_a_timescale_fraction_computed_once_from_the_starting_lr(tmp_path: Path) -> None:
+    """hold_timescale=False: wd = 1/(lr₀·f·T) once, from the lr the run starts from; τ then follows the lr."""
+
+    def halve_every_step(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {"scheduler": torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.5), "interval": "step"}
+
+    scheduler = lit_decay.WeightDecayScheduler(timescale_fraction=0.5, hold_timescale=False)
+    assert not scheduler.hold_timescale and lit_decay.WeightDecayScheduler(timescale_fraction=0.5).hold_timescale
+    assert scheduler.state_key != lit_decay.WeightDecayScheduler(timescale_fraction=0.5).state_key
+    recorder = fit(tmp_path, scheduler, Net(scheduler=halve_every_step), max_epochs=1)
+    tau = 0.5 * BATCHES_PER_EPOCH
+    assert all(seen["decay"][0] == pytest.approx(1.0 / (0.01 * tau)) for seen in recorder.seen)
