@@ -22,7 +22,7 @@ from lit_decay._checks import check_bool
 from lit_decay._tensors import is_dtensor
 from lit_decay.audit import audit_messages
 from lit_decay.diagnostics import DecayProgress, DecayRecord, decay_report, report_markdown, report_text
-from lit_decay.modes import group_names, rule_of
+from lit_decay.modes import rule_of
 from lit_decay.rules import clean_name
 from lit_decay.schedule import WeightDecayScheduler
 from lit_decay.stats import METRICS, StepStatistics, check_metrics
@@ -35,6 +35,7 @@ from lit_decay.tags import (
     TagIndex,
     check_prefix,
     extra_tag,
+    group_names,
     prefixed,
     tag,
 )
