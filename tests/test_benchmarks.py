@@ -195,7 +195,8 @@ def test_monitor_smoke_prints_both_tables(smoke: dict[str, dict[str, Any]], timi
             _positive(row[column])
     assert list(cost[0]) == COST_COLUMNS
     assert [row["mode"] for row in cost] == ["decoupled", "l2", "l1", "decoupled_l1"]
-    assert all(row["target"].startswith("≤ 1.5×") for row in cost)
+    # The smoke model is no 50M model: the target (≤ 3× at 50M parameters) does not apply to it.
+    assert all(row["target"] == "—" for row in cost)
 
     assert [row["run"] for row in fit] == ["without the monitor (reference)", "with WeightDecayMonitor (every 3 steps)"]
     assert fit[0]["ms per logging step"] == "—"
@@ -389,7 +390,7 @@ def test_gpu_check_cpu_dry_run_writes_the_report(tmp_path: Path, timing: ModuleT
         "## CUDA tests",
         "## Optimizer step, many tensors",
         "## lit_decay: Adam step time per decay mode",
-        "## Monitor logging step, many tensors",
+        "## Monitor logging step, many tensors, eager and compiled statistics",
         "## lit_decay: what WeightDecayMonitor costs",
         "## Summary",
     ]
@@ -404,6 +405,6 @@ def test_gpu_check_cpu_dry_run_writes_the_report(tmp_path: Path, timing: ModuleT
     assert [row["step"] for row in summary] == [
         "CUDA tests",
         "Optimizer step, many tensors",
-        "Monitor logging step, many tensors",
+        "Monitor logging step, many tensors, eager and compiled statistics",
     ]
     assert all(row["result"] == "passed" for row in summary)
