@@ -259,6 +259,7 @@ def _channels(tensor: torch.Tensor) -> str:
     return "(" + ", ".join("C" if size > 1 else str(size) for size in tensor.shape) + ")"
 
 
+# One check after another, each naming the entry and key it refuses: long, but each step one plain check.
 def parse_overrides(
     overrides: Iterable[Mapping[str, Any]] | None, *, mode: str = "decoupled", weight_decay: float = 0.0
 ) -> tuple[Override, ...]:

@@ -389,6 +389,20 @@ def test_custom_scalars_layout(main_run: dict[str, Any]) -> None:
 # ---- options ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("metric", ["decay_progress", "weight_decay", "equilibrium", "sparsity"])
+def test_each_metric_alone_is_logged(tmp_path: Path, metric: str) -> None:
+    """Any subset of metrics logs, each on its own: decay_progress alone (a host count, no tensor work) included."""
+    monitor = WeightDecayMonitor(log_every_n_steps=2, metrics=[metric])
+    _, trainer, _ = fit(tmp_path, monitor, loggers="csv", max_steps=6)
+    columns = csv_metrics(trainer.logger.log_dir)
+    logged = {key for key in columns if key.startswith("decay/")}
+    assert logged == {tag for tag in expected_group_tags(metrics=(metric,))}, logged
+    for key in logged:
+        assert sorted(columns[key]) == LOGGED, key
+    if metric == "decay_progress":
+        assert columns["decay/decay_progress/first"][5] == pytest.approx(6 * LR * 0.1)
+
+
 def test_trainer_interval_prefix_and_metric_subset(tmp_path: Path) -> None:
     monitor = WeightDecayMonitor(prefix="wd", metrics=["sparsity", "weight_norm"])
     recorder, trainer, _ = fit(tmp_path, monitor, max_steps=7, log_every_n_steps=3)
