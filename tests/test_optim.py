@@ -785,6 +785,26 @@ def test_mode_error_names_the_mode_whatever_the_entry_point() -> None:
             entry(Net(), weight_decay=WD, mode="adamw")
 
 
+def test_layer_decay_reaches_the_optimizer_and_groups_added_later() -> None:
+    """configure_adam(layer_decay=) gives param_groups(layer_decay=)'s groups and lrs; a backbone unfrozen later is
+    split by the same layers (numbered over the whole model)."""
+    from tests.test_grouping import Layered
+
+    model = Layered()
+    model.blocks[2].requires_grad_(False)
+    optimizer = lit_decay.configure_adam(model, lr=1.0, weight_decay=0.1, layer_decay=0.5, verbose=False)
+    expected = lit_decay.param_groups(model, lr=1.0, weight_decay=0.1, layer_decay=0.5)
+    assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [(g["name"], g["lr"]) for g in expected]
+    model.blocks[2].requires_grad_(True)
+    optimizer.add_param_group({"params": list(model.blocks[2].parameters()), "lr": 1.0})
+    added = {g["name"]: g for g in optimizer.param_groups[len(expected) :]}
+    assert {name: g["lr"] for name, g in added.items()} == {
+        "blocks.2.layer_3.decay": 0.5,
+        "blocks.2.layer_3.no_decay": 0.5,
+    }
+    assert added["blocks.2.layer_3.no_decay"]["weight_decay"] == 0.0
+
+
 def test_fused_false_is_the_for_loop_on_cpu() -> None:
     optimizer = lit_decay.configure_adam(Net(), fused=False)
     assert optimizer.defaults["fused"] is False and optimizer.defaults["foreach"] is False
