@@ -177,22 +177,26 @@ class Adam(torch.optim.Adam):
         members = [members] if isinstance(members, torch.Tensor) else list(members)
         plain = bool(members) and all(isinstance(p, torch.Tensor) for p in members)
         source = getattr(self, "grouping_source", None)
+        groups = [{**param_group, "params": members}]
         if plain and source is not None:
-            for group in self._split({**param_group, "params": members}, *source):
-                self.add_param_group(group)
-            return
-        if plain and self.param_groups and "param_names" in self.param_groups[0]:
+            groups = self._split(groups[0], *source)
+        elif plain and self.param_groups and "param_names" in self.param_groups[0]:
             raise ValueError(
                 "this optimizer's groups carry parameter names, and the added group holds plain tensors; give "
                 "(name, tensor) pairs, build the optimizer with lit_decay.configure_adam (which splits added groups "
                 "by its grouping rules), or add them with lit_decay.add_param_groups(optimizer, module)"
             )
         defaults = getattr(self, "defaults", {})
-        group = {**param_group, "params": members}
-        mode = self._check_mode(group.setdefault("decay_mode", defaults.get("decay_mode", self._mode)), "decay_mode")
-        group["decoupled_weight_decay"] = self.modes[mode].torch_term == "decoupled"
-        check_group(group, defaults, self.modes[mode])
-        super().add_param_group(group)
+        held = {id(p) for g in self.param_groups for p in g["params"]}
+        for group in groups:  # every part checked before any is added: a refused group leaves nothing behind
+            if any(id(p if isinstance(p, torch.Tensor) else p[1]) in held for p in group["params"]):
+                raise ValueError("some parameters of the added group are already in this optimizer's groups")
+            mode = group.setdefault("decay_mode", defaults.get("decay_mode", self._mode))
+            self._check_mode(mode, "decay_mode")
+            group["decoupled_weight_decay"] = self.modes[mode].torch_term == "decoupled"
+            check_group(group, defaults, self.modes[mode])
+        for group in groups:
+            super().add_param_group(group)
 
     def _split(self, group: dict[str, Any], module: nn.Module, options: GroupingOptions) -> list[dict[str, Any]]:
         added = {id(p) for p in group["params"]}
@@ -219,8 +223,7 @@ class Adam(torch.optim.Adam):
                 suffix += 1
                 name = f"{base}-{suffix}"
             taken.add(name)
-            # The added group's own settings (lr, betas...), with the split's decay keys, and its lr where an override's
-            # lr_scale scaled the added group's lr.
+            # The added group's own settings (lr, betas...), then the split's decay keys (and an lr_scale's lr).
             split.append({**settings, **made, "name": name, "params": params})
         missing = added - {id(p) for g in split for _, p in g["params"]}
         if missing:

@@ -108,6 +108,16 @@ def test_a_plain_group_added_by_hand_is_split_keeping_its_settings() -> None:
     assert len(held) == len(set(map(id, held))) == len(list(model.parameters()))
     with pytest.raises(ValueError, match=r"not trainable parameters of Model"):
         optimizer.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    # A split refused in any part adds none of it: one part would flip its weights' sign (lr·wd ≥ 1), one is fine.
+    count = len(optimizer.param_groups)
+    model.head.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"already in this optimizer"):
+        optimizer.add_param_group({"params": [model.head.weight]})
+    unfrozen = nn.Linear(2, 2)
+    model.extra = unfrozen
+    with pytest.raises(ValueError, match=r"lr·weight_decay = 2 × 1 = 2 ≥ 1"):
+        optimizer.add_param_group({"params": list(unfrozen.parameters()), "lr": 2.0, "weight_decay": 1.0})
+    assert len(optimizer.param_groups) == count
     by_hand = lit_decay.Adam(lit_decay.param_groups(Model(), weight_decay=WD))
     with pytest.raises(ValueError, match=r"carry parameter names.*plain tensors.*configure_adam"):
         by_hand.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})

@@ -854,7 +854,7 @@ class WithSparseEmbedding(nn.Module):
 
 @pytest.mark.parametrize("mode", ["l1", "decoupled_l1", "decoupled"])
 def test_sparse_embedding_is_refused_up_front(mode: str) -> None:
-    """In an L1 group torch would fail inside the L1 hook at the first step ("add(sparse, dense) is not supported"),
+    """In an L1 group torch would fail inside the L1 term at the first step ("add(sparse, dense) is not supported"),
     elsewhere in Adam's step; configure_adam names the parameter before any step, whatever its group."""
     with pytest.raises(ValueError, match=r"'tokens\.weight' gets sparse gradients \(Embedding\(sparse=True\)\)"):
         lit_decay.configure_adam(WithSparseEmbedding(), weight_decay=WD, mode=mode)
@@ -971,7 +971,7 @@ def test_errors_leave_no_optimizer_or_hooks_behind() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# No host synchronisation from the L1 hooks
+# No host synchronisation from the L1 terms
 # --------------------------------------------------------------------------------------------------------------------
 
 SYNCING = {"_local_scalar_dense", "item", "is_nonzero", "equal"}
