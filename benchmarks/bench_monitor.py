@@ -292,7 +292,8 @@ def step_table(
                 "",
                 "WeightDecayMonitor measures during the optimizer's step (a lit_decay.Adam right after torch's "
                 "arithmetic, before the mode's after-step transform), so a logging step is timed as "
-                "`StepStatistics.arm()` + `optimizer.step()` + `collect()` (all metrics, one device-to-host transfer) on an optimizer built by "
+                "`StepStatistics.arm()` + `optimizer.step()` + `collect()` (all metrics, one device-to-host "
+                "transfer) on an optimizer built by "
                 "`configure_adam(mode=...)` with the statistics attached, next to the plain `optimizer.step()` of an "
                 "identical optimizer; the monitor's cost is the difference. Reference: one `optimizer.step()` of a "
                 "hand-built `torch.optim.AdamW(param_groups(...), fused=True)` over the same groups. Peer: the usual "
