@@ -65,7 +65,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--train-sizes", type=tm.parse_counts, default=None, help="sizes of the training-step comparison; default 50M"
     )
     parser.add_argument(
-        "--parts", default="step,train", help="which tables: step (optimizer step alone), train (whole training step)"
+        "--parts",
+        default="step,train",
+        help="which tables: step (optimizer step alone), train (whole training step), terms (the L1 terms alone, in\n"
+        "each form lit_decay chose between)",
     )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01, help="the coefficient of every mode")
@@ -83,16 +86,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         {"sizes": [20_000], "train_sizes": [20_000], "shapes": tm.parse_shape_sets(SMOKE_SHAPES)},
     )
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(args.parts) - {"step", "train"})
+    unknown = sorted(set(args.parts) - {"step", "train", "terms"})
     if unknown or not args.parts:
-        parser.error(f"--parts takes step and/or train; got {args.parts}")
+        parser.error(f"--parts takes step, train and/or terms; got {args.parts}")
     for key in ("rebuilds", "repetitions"):
         if getattr(args, key) < 1:
             parser.error(f"--{key} must be at least 1")
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first steps allocate state and compile)")
-    if "step" in args.parts and not (args.sizes or args.shapes):
-        parser.error("the step table needs at least one of --sizes and --shapes")
+    if {"step", "terms"} & set(args.parts) and not (args.sizes or args.shapes):
+        parser.error("the step and terms tables need at least one of --sizes and --shapes")
     return args
 
 
@@ -237,6 +240,89 @@ def step_table(args: argparse.Namespace, device: torch.device, report: tm.Report
     return l1_first_calls
 
 
+# ---- the L1 terms alone, in each form ------------------------------------------------------------------------------
+
+
+def term_candidates(
+    workload: tm.Workload, device: torch.device, args: argparse.Namespace, rebuild: int
+) -> list[tm.Candidate]:
+    """The L1 terms alone over the decay group's tensors, in the forms lit_decay chose between, next to a fused AdamW
+    step over the whole model: the evidence for the forms ``lit_decay.modes`` runs on each device."""
+    seed = args.seed * 1000 + rebuild
+    net = workload.build(device, seed)
+    tm.fill_gradients(net, seed=seed)
+    groups = lit_decay.param_groups(net, weight_decay=args.weight_decay, mode="decoupled")
+    params = [p for _, p in groups[0]["params"]]
+    grads = [p.grad for p in params]
+    reference = torch.optim.AdamW(groups, lr=args.lr, fused=True)
+    wd, threshold = args.weight_decay, args.lr * args.weight_decay
+
+    # Each under torch.no_grad, as in lit_decay.Adam's step: the weights are leaves that require grad.
+    def batched(size: int) -> Callable[[], None]:
+        @torch.no_grad()
+        def run() -> None:
+            for ps, gs in lit_decay.modes._batches(params, grads, size=size):
+                torch._foreach_add_(gs, torch._foreach_sign(ps), alpha=wd)
+
+        return run
+
+    @torch.no_grad()
+    def one_at_a_time() -> None:
+        for p, g in zip(params, grads):
+            g.add_(torch.sign(p), alpha=wd)
+
+    @torch.no_grad()
+    def whole_group() -> None:
+        torch._foreach_add_(grads, torch._foreach_sign(params), alpha=wd)
+
+    def shrink(foreach: bool) -> Callable[[], None]:
+        @torch.no_grad()
+        def run() -> None:
+            lit_decay.modes.soft_threshold(params, threshold, foreach)
+
+        return run
+
+    built = [
+        tm.Candidate(REFERENCE, reference.step, "fused AdamW step"),
+        tm.Candidate("l1 term: one multi-tensor call over the group (CUDA/XPU form)", whole_group, "2 ops"),
+        tm.Candidate("l1 term: batches of 2**20 elements (CPU form)", batched(1 << 20), "2 ops per batch"),
+        tm.Candidate("l1 term: batches of 2**18 elements", batched(1 << 18), "2 ops per batch"),
+        tm.Candidate("l1 term: whole tensors one at a time", one_at_a_time, "2 ops per tensor"),
+        tm.Candidate("decoupled_l1 shrink: three multi-tensor ops (CUDA/XPU form)", shrink(True), "3 ops"),
+        tm.Candidate("decoupled_l1 shrink: in-place softshrink per tensor (CPU form)", shrink(False), "1 op/tensor"),
+    ]
+    return built
+
+
+def terms_table(args: argparse.Namespace, device: torch.device, report: tm.Report) -> None:
+    rows = []
+    for workload in workloads(args):
+        tm.progress(f"L1 terms, {workload.describe}")
+        samples = tm.time_candidates(
+            args, lambda rebuild, w=workload: term_candidates(w, device, args, rebuild), device, REFERENCE
+        )
+        rows += [[workload.label, *tm.summary_cells(summary)] for summary in tm.summarise(samples)]
+    table = tm.markdown_table(
+        ["params", "candidate", "work", "median ms", "min ms", "× reference", "× reference per rebuild",
+         "first call ms"],
+        rows,
+    )  # fmt: skip
+    report.add(
+        "\n".join(
+            [
+                "### The L1 terms alone, in each form",
+                "",
+                "Each sample is one form of a term over the decay group (the matrices) with filled gradients, next to "
+                "one fused AdamW step over the whole model (the reference): what `lit_decay.modes.add_sign` and "
+                "`soft_threshold` run on a CPU, what they run on CUDA/XPU, and the simpler forms they were chosen "
+                "against. The optimizer step adds the chosen term's ratio to about 1.00×.",
+                "",
+                table,
+            ]
+        )
+    )
+
+
 # ---- the whole training step -----------------------------------------------------------------------------------------
 
 
@@ -331,8 +417,8 @@ def train_table(args: argparse.Namespace, device: torch.device, report: tm.Repor
         f"Each sample is `zero_grad` + forward + MSE loss + backward + step on a batch of {args.batch} (the same "
         "synthetic model). Reference: the usual peer, `loss + λ·Σ|w|` over the decay group computed with autograd, "
         "then torch's fused Adam without weight decay, over the same groups. `l1` adds λ·sign(w) to the gradient in "
-        "a step hook instead (the same penalty, without the autograd graph); `decoupled_l1` soft-thresholds after "
-        f"the step (the proximal form, exact zeros). λ={args.weight_decay}, lr={args.lr}.",
+        "lit_decay.Adam's step instead (the same penalty, without the autograd graph); `decoupled_l1` "
+        f"soft-thresholds after the step (the proximal form, exact zeros). λ={args.weight_decay}, lr={args.lr}.",
         "",
         table,
     ]
@@ -365,7 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         first_calls += step_table(args, device, report)
     if "train" in args.parts:
         first_calls += train_table(args, device, report)
-    measured = [*(workloads(args) if "step" in args.parts else [])]
+    if "terms" in args.parts:
+        terms_table(args, device, report)
+    measured = [*(workloads(args) if {"step", "terms"} & set(args.parts) else [])]
     measured += [tm.Workload.of_size(n) for n in (args.train_sizes if "train" in args.parts else [])]
     largest = max(w.largest for w in measured)
     slowest_first = max((f for f in first_calls if not math.isnan(f)), default=math.nan)

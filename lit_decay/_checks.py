@@ -56,6 +56,18 @@ def check_betas(betas: Any) -> tuple[float, float]:
     return float(betas[0]), float(betas[1])
 
 
+def check_fused(fused: Any) -> bool | None:
+    """Return ``fused`` if it is None (fused where possible), True (require it) or False, else raise naming it.
+
+    Examples:
+        >>> check_fused(None) is None
+        True
+    """
+    if fused is not None and not _is_boolean(fused):
+        raise ValueError(f"fused={fused!r} is not valid; use None (fused where possible), True (require it) or False")
+    return None if fused is None else bool(fused)
+
+
 def check_bool(name: str, value: Any) -> bool:
     """Return ``value`` as a bool if it is one (Python's or numpy's), else raise ``TypeError`` naming it.
 

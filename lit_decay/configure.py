@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lit_decay._checks import check_betas, check_bool, check_non_negative
+from lit_decay._checks import check_betas, check_bool, check_fused, check_non_negative
 from lit_decay.diagnostics import timescale_findings
 from lit_decay.grouping import GroupingOptions, GroupingReport, plan
 from lit_decay.modes import DecayMode
@@ -162,9 +162,10 @@ def configure_adam(
     """
     # Adam's own arguments first, so that a bad one is named whatever the grouping would have said.
     verbose = check_bool("verbose", verbose)
-    check_bool("amsgrad", amsgrad), check_betas(betas), check_non_negative("eps", eps)
-    if fused not in (None, True, False):
-        raise ValueError(f"fused={fused!r} is not valid; use None (fused where possible), True (require it) or False")
+    check_bool("amsgrad", amsgrad)
+    check_betas(betas)
+    check_non_negative("eps", eps)
+    check_fused(fused)
     _check_scheduler(scheduler)
     options = GroupingOptions(weight_decay, mode, exclude_embeddings, exclude_1d, overrides, lr, layer_decay)
     grouping = plan(module, options)

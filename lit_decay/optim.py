@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam
 from torch.utils.hooks import RemovableHandle
 
-from lit_decay._checks import check_betas, check_bool, check_group, check_non_negative
+from lit_decay._checks import check_betas, check_bool, check_fused, check_group, check_non_negative
 from lit_decay._tensors import local
 from lit_decay.grouping import GroupingOptions, GroupingReport, plan, show
 from lit_decay.modes import DECAY_MODES, DecayMode
@@ -60,8 +60,7 @@ def choose_implementation(named: Iterable[tuple[str, torch.Tensor]], fused: bool
         >>> choose_implementation([("w", torch.zeros(2, requires_grad=True))], None)
         {'fused': True, 'foreach': False}
     """
-    if fused not in (None, True, False):
-        raise ValueError(f"fused={fused!r} is not valid; use None (fused where possible), True (require it) or False")
+    fused = check_fused(fused)
     named = list(named)
     devices = _supported("fused")
     blocker = next(

@@ -177,6 +177,36 @@ def test_optimizer_smoke_prints_both_tables(smoke: dict[str, dict[str, Any]], ti
     assert "The step path compiles nothing" in smoke["bench_optimizer"]["stdout"]
 
 
+TERM_ROWS = [
+    "AdamW fused (reference)",
+    "l1 term: one multi-tensor call over the group (CUDA/XPU form)",
+    "l1 term: batches of 2**20 elements (CPU form)",
+    "l1 term: batches of 2**18 elements",
+    "l1 term: whole tensors one at a time",
+    "decoupled_l1 shrink: three multi-tensor ops (CUDA/XPU form)",
+    "decoupled_l1 shrink: in-place softshrink per tensor (CPU form)",
+]
+
+
+def test_optimizer_terms_part_times_each_form_of_the_l1_terms(tmp_path: Path, timing: ModuleType) -> None:
+    """--parts terms: the forms lit_decay.modes chose between, each timed against a fused AdamW step."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_optimizer.py"), "--smoke", "--device", "cpu", "--parts", "terms"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (table,) = timing.parse_markdown_tables(result.stdout)
+    assert [row["candidate"] for row in table] == TERM_ROWS * 2  # the synthetic model, then the 20×64 set
+    for row in table:
+        assert _positive(row["× reference"]) and _positive(row["median ms"])
+    assert table[0]["× reference"] == "1.00×"
+
+
 def test_monitor_smoke_prints_both_tables(smoke: dict[str, dict[str, Any]], timing: ModuleType) -> None:
     run = smoke["bench_monitor"]
     step, cost, many_step, many_cost, fit, overhead = _checked(run, timing)

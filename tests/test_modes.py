@@ -21,14 +21,7 @@ import lit_decay
 from lit_decay.modes import DECAY_MODES, MODES, SGD, UNKNOWN, DecayMode, add_sign, rule_of, soft_threshold
 from tests.test_monitor import csv_metrics
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: OpenMP workers only spin against other processes on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_five_modes_of_the_contract() -> None:

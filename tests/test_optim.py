@@ -35,13 +35,7 @@ HEAD = {"pattern": "*head.*", "name": "head", "lr_scale": 0.5, "weight_decay": 0
 MID = {"pattern": "*body.2.weight", "name": "mid", "lr_scale": 2.0, "weight_decay": 0.2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: OpenMP workers only spin against other processes on a shared machine (~20x slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):
